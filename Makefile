@@ -1,0 +1,75 @@
+# Airlock: every entry point a person or CI needs. `make demo` and `make test`
+# each install what is missing first, so both work on a fresh Debian 12 machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+SWIFT ?= swift
+SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libelf-dev libssl-dev \
+                   busybox-static e2fsprogs cpio gcc make xz-utils
+KVM_PROBES ?= ../shared/kvm-probes
+BENCH_OUT ?= .build/bench
+
+.PHONY: all deps images kernel rootfs build build-release demo test test-unit bench-exits clean doctor
+
+all: build
+
+## deps: install the Debian packages the build needs (only those missing)
+deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" -ne 0 ]; then echo "need root to install$$missing (run as root or install them yourself)"; exit 1; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v $(SWIFT) >/dev/null || { echo "swift is not on PATH: install Swift 6.1 or newer (https://swift.org/install)"; exit 1; }
+
+## kernel: build (or take from the cache) the guest kernel and install it
+kernel: deps
+	guest-kernel/build.sh
+
+## rootfs: build the default root filesystem (ext4 and initramfs) and install it
+rootfs: deps
+	rootfs/build.sh
+
+images: kernel rootfs
+
+build: deps
+	$(SWIFT) build
+
+build-release: deps
+	$(SWIFT) build -c release
+
+doctor: build
+	$(SWIFT) run airlock doctor
+
+## demo: set everything up and boot the default guest, showing its console
+demo: images build-release
+	$$($(SWIFT) build -c release --show-bin-path)/airlock doctor
+	$$($(SWIFT) build -c release --show-bin-path)/airlock boot --timeout 300
+
+## test: set everything up and run the whole suite (VM tests included;
+## AIRLOCK_SKIP_VM_TESTS=1 leaves them out on purpose)
+test: images build
+	$(SWIFT) test
+
+## test-unit: only the tests that need no VM
+test-unit: deps
+	AIRLOCK_SKIP_VM_TESTS=1 $(SWIFT) test
+
+## bench-exits: one port-I/O exit through Airlock's run loop vs the C floor (micro.c), same run
+bench-exits: deps
+	$(SWIFT) build -c release --product airlock-bench-exits
+	mkdir -p $(BENCH_OUT)
+	gcc -O2 -DMICRO_C='"'$$(realpath $(KVM_PROBES)/micro.c)'"' -o $(BENCH_OUT)/exit-floor bench/exit-floor.c
+	@c=($$($(BENCH_OUT)/exit-floor 5 | awk '/100k out/ {sub("s","",$$5); print $$5}')); \
+	sorted=$$(printf '%s\n' "$${c[@]}" | sort -n); cmed=$$(echo "$$sorted" | sed -n 3p); \
+	echo "C floor (micro.c) 100000 out exits: median $$cmed s (min $$(echo "$$sorted" | head -1), max $$(echo "$$sorted" | tail -1))"; \
+	line=$$($$($(SWIFT) build -c release --show-bin-path)/airlock-bench-exits 100000 5); echo "$$line"; \
+	amed=$$(echo "$$line" | sed -E 's/.*median ([0-9.]+) s.*/\1/'); \
+	echo "ratio airlock/C: $$(echo "scale=3; $$amed / $$cmed" | bc)"
+
+clean:
+	rm -rf .build

@@ -1,0 +1,56 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Targets are small and have one job each; see docs/architecture.md for the map.
+let package = Package(
+    name: "Airlock",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "airlock", targets: ["AirlockCLI"]),
+        .library(name: "Airlock", targets: ["Airlock"]),
+        .library(name: "VMM", targets: ["VMM"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.0"),
+    ],
+    targets: [
+        // KVM ioctl numbers and structs; the variadic ioctl wrapped so Swift can call it.
+        .target(name: "CAirlockShim"),
+        // File-descriptor owners, errno helpers with EINTR retry, mmap regions.
+        .target(name: "AirlockOS", dependencies: ["CAirlockShim"]),
+        // Typed wrappers for /dev/kvm, the VM fd and vCPU fds (with the mmapped kvm_run).
+        .target(name: "KVM", dependencies: ["AirlockOS", "CAirlockShim"]),
+        // The only code that touches guest RAM: bounds-checked reads and writes.
+        .target(name: "GuestMemory", dependencies: ["AirlockOS"]),
+        // x86-64 Linux boot protocol: ELF and bzImage loaders, boot_params, e820, command line.
+        .target(name: "LinuxBoot", dependencies: ["GuestMemory"]),
+        // The machine: layout, CPU set-up, buses, legacy devices, exit handling, run loop.
+        .target(
+            name: "VMM",
+            dependencies: [
+                "KVM", "GuestMemory", "LinuxBoot", "AirlockOS",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // The public library: image store, host report; later the async Sandbox API.
+        .target(
+            name: "Airlock",
+            dependencies: ["VMM", "KVM", "AirlockOS", .product(name: "Crypto", package: "swift-crypto")]),
+        // Thin CLI over the libraries.
+        .executableTarget(
+            name: "AirlockCLI",
+            dependencies: [
+                "Airlock", "VMM", "AirlockOS",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // Exit-cost benchmark: the VMM's run loop against the C floor (make bench-exits).
+        .executableTarget(name: "airlock-bench-exits", dependencies: ["VMM", "KVM"]),
+
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,57 @@
+import AirlockOS
+import KVM
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `airlock doctor` reports about the host.
+public struct HostReport: Sendable {
+    public struct Check: Sendable {
+        public let name: String
+        public let ok: Bool
+        public let detail: String
+    }
+
+    public let checks: [Check]
+    public let profile: HostProfile
+    public let images: [ImageStore.Image]
+    public let imagesDirectory: String
+
+    public var allOK: Bool { checks.allSatisfy(\.ok) }
+
+    public static func gather(kvmPath: String = KVMSystem.defaultPath, store: ImageStore = ImageStore()) -> HostReport {
+        var checks: [Check] = []
+        let profile = HostProfile.detect()
+        do {
+            let kvm = try KVMSystem(path: kvmPath)
+            checks.append(Check(name: kvmPath, ok: true, detail: "present and accessible"))
+            checks.append(Check(name: "KVM API version", ok: true, detail: "\(kvm.apiVersion)"))
+            for (name, present) in kvm.requiredCapabilities() {
+                checks.append(Check(name: name, ok: present, detail: present ? "yes" : "missing"))
+            }
+        } catch {
+            checks.append(Check(name: kvmPath, ok: false, detail: error.description))
+        }
+        let images = store.installedImages()
+        let names = Set(images.map(\.name))
+        checks.append(Check(name: "guest kernel", ok: names.contains(ImageStore.kernelName),
+                            detail: names.contains(ImageStore.kernelName) ? store.kernelPath : "not installed: run 'make images'"))
+        return HostReport(checks: checks, profile: profile, images: images, imagesDirectory: store.imagesDirectory)
+    }
+
+    public var text: String {
+        var lines: [String] = []
+        for c in checks { lines.append("\(c.ok ? "ok  " : "FAIL") \(c.name): \(c.detail)") }
+        lines.append("     backend: \(profile.backend.rawValue)")
+        if profile.backend == .pvm {
+            lines.append("     host profile: kernel command line += \(profile.commandLineParameters.joined(separator: " ")); int3/fwait emulation assists on")
+        }
+        lines.append("     images in \(imagesDirectory):")
+        if images.isEmpty { lines.append("       (none: run 'make images')") }
+        for i in images {
+            lines.append("       \(i.name)  \(i.size) bytes  sha256 \(i.sha256)")
+        }
+        return lines.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,117 @@
+import Airlock
+import AirlockOS
+import ArgumentParser
+import Logging
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct AirlockCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "airlock",
+        abstract: "Run untrusted code in disposable KVM micro-VMs.",
+        subcommands: [Boot.self, Doctor.self])
+}
+
+/// Exit statuses shared by the subcommands.
+enum ExitStatus {
+    static let crash: Int32 = 2
+    static let timeout: Int32 = 124
+    static let airlockFailed: Int32 = 125
+}
+
+struct LoggingOptions: ParsableArguments {
+    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical (default: warning, or $AIRLOCK_LOG).")
+    var logLevel: String?
+
+    func bootstrap() throws {
+        let name = logLevel ?? ImageStore.processEnvironment()["AIRLOCK_LOG"] ?? "warning"
+        guard let level = Logger.Level(rawValue: name) else {
+            throw ValidationError("--log-level '\(name)' is not a level: use trace, debug, info, notice, warning, error or critical")
+        }
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+    }
+}
+
+struct Boot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Boot a Linux kernel and stream its serial console to stdout.",
+        discussion: """
+            Exits 0 when the guest shuts down or reboots, printing the system event that ended it \
+            on stderr; 2 when it crashed; 124 on --timeout; 125 when Airlock itself failed.
+            With neither --kernel nor --initrd, boots the installed kernel with the installed \
+            initramfs (see 'airlock doctor').
+            """)
+
+    @Option(help: "The guest kernel: an x86-64 vmlinux (ELF) or bzImage. Default: the installed image.")
+    var kernel: String?
+
+    @Option(help: "An initrd / initramfs to load for the kernel.")
+    var initrd: String?
+
+    @Option(help: "Extra kernel command-line parameters, appended to Airlock's defaults (\(Machine.baseCommandLine)) and the host profile's.")
+    var cmdline: String = ""
+
+    @Option(help: "Guest memory in MiB.")
+    var memory: Int = 256
+
+    @Option(help: "Stop the guest after this many seconds (exit status 124).")
+    var timeout: Double?
+
+    @OptionGroup var logging: LoggingOptions
+
+    func validate() throws {
+        guard memory >= 32 else { throw ValidationError("--memory \(memory) is too small: give at least 32 (MiB)") }
+        guard memory <= 1 << 20 else { throw ValidationError("--memory \(memory) MiB is more than 1 TiB: give the size in MiB") }
+        if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+    }
+
+    func run() throws {
+        try logging.bootstrap()
+        let store = ImageStore()
+        let kernelPath = kernel ?? store.kernelPath
+        var initrdPath = initrd
+        if kernel == nil && initrd == nil && ImageStore.exists(store.initramfsPath) { initrdPath = store.initramfsPath }
+
+        var config = MachineConfig()
+        config.memoryBytes = UInt64(memory) << 20
+        config.logger = Logger(label: "airlock.vmm")
+        do {
+            let machine = try Machine(config)
+            try machine.loadLinux(kernelPath: kernelPath, initrdPath: initrdPath, extraCommandLine: cmdline)
+            let exit = try machine.run(timeout: timeout)
+            if let event = exit.event {
+                printError("airlock: guest ended: \(event)")
+                throw ExitCode(event.kind == .crash ? ExitStatus.crash : 0)
+            }
+            printError("airlock: guest stopped after the \(timeout.map { "\($0)" } ?? "") s timeout")
+            throw ExitCode(ExitStatus.timeout)
+        } catch let error as VMMError {
+            printError("airlock: \(error)")
+            throw ExitCode(ExitStatus.airlockFailed)
+        }
+    }
+}
+
+struct Doctor: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check what this host offers Airlock: KVM, its capabilities and backend, installed images.")
+
+    func run() throws {
+        let report = HostReport.gather()
+        print(report.text)
+        if !report.allOK { throw ExitCode(1) }
+    }
+}
+
+func printError(_ message: String) {
+    var line = message
+    line.append("\n")
+    line.utf8.withContiguousStorageIfAvailable { try? AirlockOS.writeAll(fd: 2, UnsafeRawBufferPointer($0)) }
+}

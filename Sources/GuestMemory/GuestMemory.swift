@@ -1,0 +1,152 @@
+import AirlockOS
+
+/// A guest-physical address. A distinct type so host offsets and guest
+/// addresses cannot be mixed up.
+public struct GuestAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public let raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public static func < (a: GuestAddress, b: GuestAddress) -> Bool { a.raw < b.raw }
+    public var description: String { "0x" + String(raw, radix: 16) }
+
+    /// `self + offset`, or nil if it would pass 2^64.
+    public func adding(_ offset: UInt64) -> GuestAddress? {
+        let (sum, overflow) = raw.addingReportingOverflow(offset)
+        return overflow ? nil : GuestAddress(sum)
+    }
+}
+
+public enum GuestMemoryError: Error, Equatable, CustomStringConvertible, Sendable {
+    /// The range [address, address+length) is not wholly inside one RAM region.
+    case outOfBounds(address: GuestAddress, length: UInt64)
+    /// address + length passes 2^64.
+    case overflow(address: GuestAddress, length: UInt64)
+
+    public var description: String {
+        switch self {
+        case let .outOfBounds(a, l): return "guest range \(a)+0x\(String(l, radix: 16)) is outside guest RAM"
+        case let .overflow(a, l): return "guest range \(a)+0x\(String(l, radix: 16)) overflows 64 bits"
+        }
+    }
+}
+
+/// One contiguous range of guest RAM backed by one host mapping.
+public struct GuestRegion: Sendable {
+    public let start: GuestAddress
+    public let size: UInt64
+    fileprivate let mapping: MemoryMapping
+
+    /// The host virtual address of the region, as a number for KVM_SET_USER_MEMORY_REGION.
+    /// It is deliberately not a pointer: nothing outside this file dereferences guest RAM.
+    public var hostAddressForKVM: UInt64 { UInt64(UInt(bitPattern: mapping.base)) }
+
+    var end: UInt64 { start.raw + size }  // cannot overflow: checked in GuestMemory.init
+}
+
+/// Guest RAM: the only code that reads or writes it.
+///
+/// Every access names a guest range, which is checked (with overflow-checked
+/// arithmetic) to lie inside a single region before any byte is touched. A range
+/// that crosses a hole between regions is rejected, never split.
+///
+/// The guest may write its RAM concurrently with the host (from vCPUs); the host
+/// treats whatever it reads as untrusted bytes, validated by the caller.
+public final class GuestMemory: @unchecked Sendable {
+    // @unchecked: regions are immutable after init; the bytes they hold are
+    // shared with the guest by design and accessed with memcpy only.
+    public let regions: [GuestRegion]
+
+    /// Creates anonymous RAM for each (start, size); regions must not overlap.
+    public init(layout: [(start: GuestAddress, size: UInt64)]) throws {
+        var built: [GuestRegion] = []
+        for (start, size) in layout.sorted(by: { $0.start < $1.start }) {
+            guard size > 0, size % 4096 == 0, start.raw % 4096 == 0 else {
+                throw GuestMemoryError.outOfBounds(address: start, length: size)
+            }
+            guard start.adding(size) != nil else { throw GuestMemoryError.overflow(address: start, length: size) }
+            if let last = built.last, last.end > start.raw {
+                throw GuestMemoryError.outOfBounds(address: start, length: size)
+            }
+            guard let length = Int(exactly: size) else { throw GuestMemoryError.overflow(address: start, length: size) }
+            built.append(GuestRegion(start: start, size: size, mapping: try MemoryMapping.anonymous(length: length)))
+        }
+        self.regions = built
+    }
+
+    /// Total RAM in bytes.
+    public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
+
+    /// The end of the highest region (one past its last byte).
+    public var highestAddress: GuestAddress { GuestAddress(regions.last.map { $0.end } ?? 0) }
+
+    /// Checks that [address, address+length) lies inside one region; returns the
+    /// region index and the offset into it.
+    @inline(__always)
+    public func check(_ address: GuestAddress, length: UInt64) throws(GuestMemoryError) -> (region: Int, offset: Int) {
+        let (end, overflow) = address.raw.addingReportingOverflow(length)
+        if overflow { throw .overflow(address: address, length: length) }
+        for (i, r) in regions.enumerated() where address.raw >= r.start.raw && address.raw < r.end {
+            if end > r.end { break }
+            // Fits in Int: region sizes were converted to Int at init.
+            return (i, Int(address.raw - r.start.raw))
+        }
+        // A zero-length range at the very end of a region is still "inside".
+        if length == 0, regions.contains(where: { address.raw == $0.end }) { return (0, 0) }
+        throw .outOfBounds(address: address, length: length)
+    }
+
+    /// True when the whole range is guest RAM.
+    public func contains(_ address: GuestAddress, length: UInt64) -> Bool {
+        (try? check(address, length: length)) != nil
+    }
+
+    /// Copies guest bytes out to `buffer`.
+    public func read(at address: GuestAddress, into buffer: UnsafeMutableRawBufferPointer) throws(GuestMemoryError) {
+        guard buffer.count > 0 else { return }
+        let (i, offset) = try check(address, length: UInt64(buffer.count))
+        // Sound: check() proved [offset, offset+count) lies inside the mapping.
+        buffer.baseAddress!.copyMemory(from: regions[i].mapping.base + offset, byteCount: buffer.count)
+    }
+
+    /// Copies `bytes` into guest RAM.
+    public func write(at address: GuestAddress, from bytes: UnsafeRawBufferPointer) throws(GuestMemoryError) {
+        guard bytes.count > 0 else { return }
+        let (i, offset) = try check(address, length: UInt64(bytes.count))
+        // Sound: check() proved the destination lies inside the mapping.
+        (regions[i].mapping.base + offset).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+    }
+
+    public func write(_ bytes: [UInt8], at address: GuestAddress) throws(GuestMemoryError) {
+        // withUnsafeBytes is rethrows, which erases the error type; carry it out in a Result.
+        let result = bytes.withUnsafeBytes { b in Result { () throws(GuestMemoryError) in try write(at: address, from: b) } }
+        try result.get()
+    }
+
+    public func readBytes(at address: GuestAddress, count: Int) throws(GuestMemoryError) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        let result = out.withUnsafeMutableBytes { b in Result { () throws(GuestMemoryError) in try read(at: address, into: b) } }
+        try result.get()
+        return out
+    }
+
+    /// Sets `count` bytes to `value`.
+    public func fill(at address: GuestAddress, count: UInt64, value: UInt8 = 0) throws(GuestMemoryError) {
+        guard count > 0 else { return }
+        let (i, offset) = try check(address, length: count)
+        // Sound: checked above; count fits in Int because it is within a region.
+        (regions[i].mapping.base + offset).initializeMemory(as: UInt8.self, repeating: value, count: Int(count))
+    }
+
+    /// Reads a little-endian integer.
+    public func read<T: FixedWidthInteger>(_: T.Type = T.self, at address: GuestAddress) throws(GuestMemoryError) -> T {
+        let (i, offset) = try check(address, length: UInt64(MemoryLayout<T>.size))
+        // Sound: checked above; loadUnaligned because guest addresses carry no alignment promise.
+        return T(littleEndian: (regions[i].mapping.base + offset).loadUnaligned(as: T.self))
+    }
+
+    /// Writes a little-endian integer.
+    public func write<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
+        let (i, offset) = try check(address, length: UInt64(MemoryLayout<T>.size))
+        // Sound: checked above.
+        (regions[i].mapping.base + offset).storeBytes(of: value.littleEndian, toByteOffset: 0, as: T.self)
+    }
+}

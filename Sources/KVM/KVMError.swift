@@ -1,0 +1,42 @@
+import AirlockOS
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Errors from the KVM layer, phrased for the person running Airlock.
+public enum KVMError: Error, CustomStringConvertible, Sendable {
+    case deviceMissing(path: String)
+    case deviceNotAccessible(path: String, errno: Int32)
+    case unsupportedAPIVersion(Int32)
+    case missingCapability(String)
+    case ioctl(SystemError)
+
+    public var description: String {
+        switch self {
+        case let .deviceMissing(path):
+            return "\(path) does not exist: this host has no KVM. Load the kvm module (kvm_intel, kvm_amd or kvm_pvm) or run on a host with virtualization"
+        case let .deviceNotAccessible(path, errno):
+            return "\(path) is not accessible (\(String(cString: strerror(errno)))): run as root or add your user to the group that owns \(path) (often 'kvm')"
+        case let .unsupportedAPIVersion(v):
+            return "KVM API version \(v) is not 12: this kernel's KVM is not supported"
+        case let .missingCapability(name):
+            return "KVM lacks \(name), which Airlock needs: use a newer host kernel"
+        case let .ioctl(e):
+            return "KVM: \(e)"
+        }
+    }
+}
+
+@inline(__always)
+func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String, _ arg: UnsafeMutableRawPointer?) throws(KVMError) -> Int32 {
+    do {
+        return try retryingSyscall(name()) { airlockIoctlPtr(fd, request, arg) }
+    } catch { throw .ioctl(error) }
+}
+
+@inline(__always)
+func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String, value: UInt) throws(KVMError) -> Int32 {
+    do {
+        return try retryingSyscall(name()) { airlockIoctlVal(fd, request, value) }
+    } catch { throw .ioctl(error) }
+}

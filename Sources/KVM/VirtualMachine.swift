@@ -1,0 +1,83 @@
+import AirlockOS
+import CAirlockShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A KVM virtual machine file descriptor.
+public final class VirtualMachine: Sendable {
+    let fd: OwnedFileDescriptor
+    public let system: KVMSystem
+
+    init(fd: OwnedFileDescriptor, system: KVMSystem) {
+        self.fd = fd
+        self.system = system
+    }
+
+    /// KVM_SET_TSS_ADDR: three pages of guest-physical space KVM uses for the
+    /// real-mode TSS on Intel hosts; must not overlap RAM or devices.
+    public func setTSSAddress(_ address: UInt64) throws(KVMError) {
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_SET_TSS_ADDR, "KVM_SET_TSS_ADDR", value: UInt(address))
+    }
+
+    /// KVM_SET_IDENTITY_MAP_ADDR: one page for the EPT identity map on Intel hosts.
+    public func setIdentityMapAddress(_ address: UInt64) throws(KVMError) {
+        var a = address
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_SET_IDENTITY_MAP_ADDR, "KVM_SET_IDENTITY_MAP_ADDR", &a)
+    }
+
+    /// KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs.
+    public func createIRQChip() throws(KVMError) {
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_CREATE_IRQCHIP, "KVM_CREATE_IRQCHIP", value: 0)
+    }
+
+    /// KVM_CREATE_PIT2 with a dummy speaker port (no host sound path to expose).
+    public func createPIT2() throws(KVMError) {
+        var config = kvm_pit_config()
+        config.flags = UInt32(KVM_PIT_SPEAKER_DUMMY)
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_CREATE_PIT2, "KVM_CREATE_PIT2", &config)
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION for one slot.
+    public func setUserMemoryRegion(slot: UInt32, guestAddress: UInt64, size: UInt64, hostAddress: UInt64) throws(KVMError) {
+        var region = kvm_userspace_memory_region(slot: slot, flags: 0, guest_phys_addr: guestAddress,
+                                                 memory_size: size, userspace_addr: hostAddress)
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", &region)
+    }
+
+    /// KVM_IRQ_LINE: sets the level of an interrupt controller input.
+    public func setIRQLine(_ irq: UInt32, high: Bool) throws(KVMError) {
+        var level = kvm_irq_level()
+        level.irq = irq
+        level.level = high ? 1 : 0
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_IRQ_LINE, "KVM_IRQ_LINE", &level)
+    }
+
+    /// KVM_IRQFD: writing to `eventFD` injects interrupt `gsi` without a VMM round trip.
+    public func registerIRQFD(eventFD: Int32, gsi: UInt32) throws(KVMError) {
+        var irqfd = kvm_irqfd()
+        irqfd.fd = UInt32(bitPattern: eventFD)
+        irqfd.gsi = gsi
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_IRQFD, "KVM_IRQFD", &irqfd)
+    }
+
+    /// KVM_IOEVENTFD: a guest write to `address` signals `eventFD` instead of exiting.
+    public func registerIOEventFD(eventFD: Int32, address: UInt64, length: UInt32, isPIO: Bool) throws(KVMError) {
+        var e = kvm_ioeventfd()
+        e.addr = address
+        e.len = length
+        e.fd = eventFD
+        e.flags = isPIO ? UInt32(1 << kvm_ioeventfd_flag_nr_pio) : 0
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_IOEVENTFD, "KVM_IOEVENTFD", &e)
+    }
+
+    public func createVCPU(id: UInt32) throws(KVMError) -> VCPU {
+        let vcpufd = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_CREATE_VCPU, "KVM_CREATE_VCPU", value: UInt(id))
+        let owned = OwnedFileDescriptor(adopting: vcpufd)
+        let runPage: MemoryMapping
+        do {
+            runPage = try MemoryMapping.shared(fd: vcpufd, length: system.vcpuMapSize, what: "kvm_run of vCPU \(id)")
+        } catch { throw .ioctl(error) }
+        return VCPU(id: id, fd: owned, runPage: runPage)
+    }
+}

@@ -1,0 +1,43 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the host's KVM backend needs from Airlock beyond the KVM API.
+///
+/// Hardware virtualization (VT-x, AMD-V) needs nothing. A PVM backend (kvm_pvm)
+/// emulates guest kernel code, cannot filter CPUID and rejects a few
+/// instructions; see ../shared/docs/kvm-on-this-host.md. Everything that profile
+/// needs lives here, so no device model knows about it.
+public struct HostProfile: Equatable, Sendable {
+    public enum Backend: String, Equatable, Sendable {
+        case hardware = "hardware virtualization"
+        case pvm = "PVM (kvm_pvm, guest kernel emulated)"
+    }
+
+    public let backend: Backend
+
+    /// Kernel command-line parameters the backend requires.
+    public var commandLineParameters: [String] {
+        switch backend {
+        case .hardware: return []
+        case .pvm:
+            // CPUID is not filtered on PVM, so features the instruction emulator
+            // cannot execute are turned off in the guest kernel instead:
+            // xsave/xrstor (noxsave), clac/stac (smap), smep, popcnt, and
+            // cmpxchg16b (cx16) used by SLUB.
+            return ["noxsave", "clearcpuid=smap,smep,popcnt,cx16"]
+        }
+    }
+
+    /// Whether emulation failures on int3 and fwait are completed by the VMM.
+    public var emulationAssists: Bool { backend == .pvm }
+
+    public init(backend: Backend) { self.backend = backend }
+
+    /// Detects the backend from the loaded kernel modules.
+    public static func detect(sysModule: String = "/sys/module") -> HostProfile {
+        var info = stat()
+        if stat(sysModule + "/kvm_pvm", &info) == 0 { return HostProfile(backend: .pvm) }
+        return HostProfile(backend: .hardware)
+    }
+}

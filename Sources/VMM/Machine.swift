@@ -1,0 +1,246 @@
+import AirlockOS
+import CAirlockShim
+import Dispatch
+import GuestMemory
+import KVM
+import LinuxBoot
+import Logging
+import Synchronization
+
+/// Interrupt line of the in-kernel irqchip, driven with KVM_IRQ_LINE.
+struct KVMInterruptLine: InterruptLine {
+    let vm: VirtualMachine
+    let irq: UInt32
+    let logger: Logger
+    func setLevel(_ high: Bool) {
+        do { try vm.setIRQLine(irq, high: high) } catch {
+            logger.error("raising IRQ \(irq) failed: \(error)")
+        }
+    }
+}
+
+/// What a machine run ended with.
+public struct MachineExit: Sendable {
+    /// The guest's own end, or nil when the host stopped it (timeout).
+    public let event: SystemEvent?
+    public let timedOut: Bool
+    public let timings: MachineTimings
+}
+
+/// Monotonic timestamps (ns) of a machine's life, for `--json` and benchmarks.
+public struct MachineTimings: Sendable {
+    public var created: UInt64 = 0
+    public var loaded: UInt64 = 0
+    public var firstRun: UInt64 = 0
+    public var stopped: UInt64 = 0
+}
+
+/// The options a machine is built from.
+public struct MachineConfig: Sendable {
+    public var memoryBytes: UInt64 = 256 << 20
+    public var vcpuCount: Int = 1
+    public var hostProfile: HostProfile = .detect()
+    public var console: any SerialSink = FileDescriptorSink(fd: 1)
+    public var kvmPath: String = KVMSystem.defaultPath
+    public var logger = Logger(label: "airlock.vmm")
+    public init() {}
+}
+
+/// One virtual machine: KVM objects, guest memory, devices and vCPU threads.
+///
+/// Built in two steps, so the same machine can run a Linux kernel or (in tests
+/// and benchmarks) a raw 64-bit payload: `Machine(config)` creates the VM, RAM,
+/// devices and CPU state; `loadLinux` or `loadPayload` sets the entry; `run` runs it.
+public final class Machine: @unchecked Sendable {
+    // @unchecked: set-up happens on one thread before `run`; during `run` the
+    // vCPU threads touch only their own runner and the Sendable devices.
+    public let config: MachineConfig
+    public let memory: GuestMemory
+    public let vm: VirtualMachine
+    public let kvm: KVMSystem
+    let vcpus: [VCPU]
+    public private(set) var portBus = Bus(name: "port I/O")
+    public private(set) var mmioBus = Bus(name: "MMIO")
+    public let serial: Serial16550
+    private var timings = MachineTimings()
+    private let logger: Logger
+
+    /// First event reported by a device (the i8042 reset) before any vCPU reports one.
+    private let deviceEvent = Mutex<SystemEvent?>(nil)
+    private let runners = Mutex<[VCPURunner]>([])
+
+    public init(_ config: MachineConfig) throws(VMMError) {
+        self.config = config
+        self.logger = config.logger
+        timings.created = monotonicNanoseconds()
+        guard config.vcpuCount == 1 else {
+            throw .invalidConfiguration("\(config.vcpuCount) vCPUs were asked for, but Airlock runs 1 vCPU until SMP support lands: use --cpus 1")
+        }
+        guard config.memoryBytes >= Layout.minimumMemory else {
+            throw .invalidConfiguration("--memory \(config.memoryBytes >> 20) MiB is too small: give at least \(Layout.minimumMemory >> 20) MiB")
+        }
+        guard config.memoryBytes % (2 << 20) == 0 else {
+            throw .invalidConfiguration("memory must be a whole number of 2 MiB pages")
+        }
+        do {
+            kvm = try KVMSystem(path: config.kvmPath)
+            try kvm.checkRequiredCapabilities()
+            vm = try kvm.createVM()
+            try vm.setTSSAddress(Layout.tssAddress)
+            try vm.setIdentityMapAddress(Layout.identityMapAddress)
+            try vm.createIRQChip()
+            try vm.createPIT2()
+        } catch { throw .kvm(error) }
+
+        do {
+            memory = try GuestMemory(layout: Layout.ramRegions(memory: config.memoryBytes))
+        } catch let e as GuestMemoryError { throw .memory(e) } catch {
+            throw .invalidConfiguration("cannot allocate \(config.memoryBytes >> 20) MiB of guest memory: \(error)")
+        }
+        do {
+            for (slot, region) in memory.regions.enumerated() {
+                try vm.setUserMemoryRegion(slot: UInt32(slot), guestAddress: region.start.raw,
+                                           size: region.size, hostAddress: region.hostAddressForKVM)
+            }
+        } catch { throw .kvm(error) }
+
+        serial = Serial16550(interrupt: KVMInterruptLine(vm: vm, irq: LegacyPorts.com1IRQ, logger: logger),
+                             output: config.console)
+        var vcpus: [VCPU] = []
+        do {
+            let supported = try kvm.supportedCPUID()
+            for id in 0..<UInt32(config.vcpuCount) {
+                let vcpu = try vm.createVCPU(id: id)
+                try vcpu.setCPUID(CPUSetup.guestCPUID(supported, vcpuID: id, vcpuCount: UInt32(config.vcpuCount)))
+                let msrs = CPUSetup.bootMSRs()
+                let set = try vcpu.setMSRs(msrs)
+                if set < msrs.count { logger.debug("KVM accepted \(set) of \(msrs.count) boot MSRs") }
+                try vcpu.setSpecialRegisters(CPUSetup.longModeSpecialRegisters(try vcpu.specialRegisters()))
+                try vcpu.resetFPU()
+                try vcpu.setLAPICRegisters(CPUSetup.virtualWireLAPIC(try vcpu.lapicRegisters()))
+                vcpus.append(vcpu)
+            }
+        } catch { throw .kvm(error) }
+        self.vcpus = vcpus
+
+        do {
+            try CPUSetup.writeDescriptorTables(memory)
+            try CPUSetup.writeIdentityPageTables(memory)
+        } catch { throw .memory(error) }
+
+        do {
+            try portBus.insert(serial, name: "16550A UART (COM1)", base: LegacyPorts.com1, length: LegacyPorts.com1Length)
+            let i8042 = I8042(onReset: { [weak self] in
+                self?.stop(with: SystemEvent(kind: .reset, cause: .i8042Reset, vcpu: 0))
+            })
+            try portBus.insert(i8042, name: "i8042", base: LegacyPorts.i8042, length: LegacyPorts.i8042Length)
+        } catch { throw .bus(error) }
+    }
+
+    /// The kernel command line every Airlock guest gets, before the host profile's and the user's.
+    public static let baseCommandLine = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1"
+
+    /// Loads a vmlinux or bzImage, an optional initrd and the command line, and points vCPU 0 at the entry.
+    public func loadLinux(kernelPath: String, initrdPath: String?, extraCommandLine: String) throws(VMMError) {
+        let image: [UInt8]
+        do { image = try readWholeFile(kernelPath, role: "kernel") } catch {
+            throw .invalidConfiguration(error.description)
+        }
+        do {
+            let kernel = try KernelLoader.load(image, path: kernelPath, into: memory)
+            var cmdline = try KernelCommandLine(Self.baseCommandLine, capacity: Layout.commandLineCapacity)
+            for p in config.hostProfile.commandLineParameters { try cmdline.append(p) }
+            if !extraCommandLine.isEmpty { try cmdline.append(extraCommandLine) }
+
+            var params = BootParams(kernel: kernel)
+            let cmdBytes = cmdline.bytesWithNUL
+            do { try memory.write(cmdBytes, at: Layout.commandLineAddress) } catch { throw VMMError.memory(error) }
+            params.setCommandLine(address: Layout.commandLineAddress, size: UInt32(cmdBytes.count - 1))
+            if let initrdPath {
+                let initrd: [UInt8]
+                do { initrd = try readWholeFile(initrdPath, role: "initrd") } catch {
+                    throw VMMError.invalidConfiguration(error.description)
+                }
+                let at = try InitrdPlacer.place(size: UInt64(initrd.count), kernel: kernel, memory: memory, path: initrdPath)
+                do { try memory.write(initrd, at: at) } catch { throw VMMError.memory(error) }
+                params.setInitrd(address: at, size: UInt64(initrd.count))
+            }
+            try params.setE820(E820Entry.map(for: memory))
+            try params.write(to: memory, at: Layout.zeroPageAddress)
+            try setEntry(CPUSetup.entryRegisters(entry: kernel.entry))
+            logger.info("kernel \(kernelPath) (\(kernel.format)) entry \(kernel.entry), command line: \(cmdline.string)")
+        } catch let e as LinuxBootError { throw .boot(e) } catch let e as VMMError { throw e } catch {
+            throw .invalidConfiguration("\(error)")
+        }
+        timings.loaded = monotonicNanoseconds()
+    }
+
+    /// Copies raw 64-bit code to `address` and points vCPU 0 at it (tests, benchmarks).
+    public func loadPayload(_ code: [UInt8], at address: GuestAddress) throws(VMMError) {
+        do { try memory.write(code, at: address) } catch { throw .memory(error) }
+        try setEntry(CPUSetup.entryRegisters(entry: address))
+        timings.loaded = monotonicNanoseconds()
+    }
+
+    private func setEntry(_ regs: Registers) throws(VMMError) {
+        do { try vcpus[0].setRegisters(regs) } catch { throw .kvm(error) }
+    }
+
+    /// Adds a device to the MMIO bus (before `run`).
+    public func addMMIODevice(_ device: any BusDevice, name: String, base: UInt64, length: UInt64) throws(VMMError) {
+        do { try mmioBus.insert(device, name: name, base: base, length: length) } catch { throw .bus(error) }
+    }
+
+    /// Ends the run with `event` (first caller wins) and stops every vCPU.
+    public func stop(with event: SystemEvent?) {
+        if let event { deviceEvent.withLock { if $0 == nil { $0 = event } } }
+        for r in runners.withLock({ $0 }) { r.requestStop() }
+    }
+
+    /// Runs the vCPUs until the guest ends, a vCPU fails, or `timeout` seconds pass.
+    public func run(timeout: Double? = nil) throws(VMMError) -> MachineExit {
+        installKickHandler()
+        let finished = DispatchSemaphore(value: 0)
+        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: config.hostProfile.emulationAssists)
+        let built = vcpus.map { VCPURunner(vcpu: $0, handler: handler, onFinish: { _ in finished.signal() }) }
+        runners.withLock { $0 = built }
+        var started: [VCPURunner] = []
+        for r in built {
+            do { try r.start() } catch {
+                for s in started { s.requestStop(); s.join() }
+                throw error
+            }
+            started.append(r)
+        }
+
+        var timedOut = false
+        if let timeout {
+            let deadline = DispatchTime.now() + .nanoseconds(Int(timeout * 1e9))
+            timedOut = finished.wait(timeout: deadline) == .timedOut
+        } else {
+            finished.wait()
+        }
+        // The first vCPU has finished (or time ran out): stop the rest, then collect.
+        for r in built { r.requestStop() }
+        for r in built { r.join() }
+        timings.stopped = monotonicNanoseconds()
+        timings.firstRun = built.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0
+
+        var event = deviceEvent.withLock { $0 }
+        for r in built {
+            switch r.finalOutcome {
+            case let .failed(error)?:
+                if event == nil { throw error }
+            case let .event(e)?:
+                if event == nil { event = e }
+            case .stopped?, nil:
+                break
+            }
+        }
+        return MachineExit(event: event, timedOut: timedOut && event == nil, timings: timings)
+    }
+
+    private func installKickHandler() {
+        _ = airlock_install_kick_handler(kickSignal)
+    }
+}

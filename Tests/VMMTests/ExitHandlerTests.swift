@@ -1,0 +1,180 @@
+import KVM
+import Synchronization
+import Testing
+@testable import VMM
+
+/// A vCPU without KVM: registers and events in memory, calls recorded.
+final class FakeVCPU: VCPUControl {
+    let id: UInt32 = 0
+    var regs = Registers()
+    var injected: [UInt8] = []
+    var pending = false
+    func registers() throws(KVMError) -> Registers { regs }
+    func setRegisters(_ r: Registers) throws(KVMError) { regs = r }
+    func injectException(vector: UInt8) throws(KVMError) { injected.append(vector) }
+    func hasPendingEvent() throws(KVMError) -> Bool { pending }
+}
+
+/// A bus device that records accesses and answers reads with a fixed value.
+final class Recorder: BusDevice {
+    let log = Mutex<[String]>([])
+    let answer: UInt64
+    init(answer: UInt64 = 0x1122_3344_5566_7788) { self.answer = answer }
+    func read(offset: UInt64, size: Int) -> UInt64 { log.withLock { $0.append("r \(offset) \(size)") }; return answer }
+    func write(offset: UInt64, size: Int, value: UInt64) {
+        log.withLock { $0.append("w \(offset) \(size) \(String(value, radix: 16))") }
+    }
+    var entries: [String] { log.withLock { $0 } }
+}
+
+@Suite struct ExitHandlerTests {
+    func handler(assists: Bool = true, port: Recorder = Recorder(), mmio: Recorder = Recorder()) throws -> ExitHandler {
+        var p = Bus(name: "ports")
+        try p.insert(port, name: "rec", base: 0x3F8, length: 8)
+        var m = Bus(name: "mmio")
+        try m.insert(mmio, name: "rec", base: 0xD000_0000, length: 0x1000)
+        return ExitHandler(portBus: p, mmioBus: m, emulationAssists: assists)
+    }
+
+    @Test func portWritesReachTheDeviceWithRelativeOffsets() throws {
+        let dev = Recorder()
+        let h = try handler(port: dev)
+        var data: [UInt8] = [0x41, 0x42, 0x43]
+        let action = try data.withUnsafeMutableBytes { try h.handle(.io(port: 0x3F9, size: 1, count: 3, direction: .write), data: $0, vcpu: FakeVCPU()) }
+        #expect(action == .resume)
+        #expect(dev.entries == ["w 1 1 41", "w 1 1 42", "w 1 1 43"])
+    }
+
+    @Test func portReadsFillTheDataAreaLittleEndian() throws {
+        let h = try handler(port: Recorder(answer: 0xAABB_CCDD))
+        var data = [UInt8](repeating: 0, count: 4)
+        _ = try data.withUnsafeMutableBytes { try h.handle(.io(port: 0x3F8, size: 4, count: 1, direction: .read), data: $0, vcpu: FakeVCPU()) }
+        #expect(data == [0xDD, 0xCC, 0xBB, 0xAA])
+    }
+
+    @Test func unclaimedPortsReadAllOnes() throws {
+        let h = try handler()
+        var data = [UInt8](repeating: 0, count: 2)
+        _ = try data.withUnsafeMutableBytes { try h.handle(.io(port: 0x80, size: 2, count: 1, direction: .read), data: $0, vcpu: FakeVCPU()) }
+        #expect(data == [0xFF, 0xFF])
+    }
+
+    @Test func malformedIOExitsTouchNothing() throws {
+        let dev = Recorder()
+        let h = try handler(port: dev)
+        var data = [UInt8](repeating: 7, count: 4)
+        for (size, count) in [(3, 1), (8, 1), (1, 5), (4, 2), (1, 0), (0, 1)] {
+            _ = try data.withUnsafeMutableBytes { try h.handle(.io(port: 0x3F8, size: size, count: count, direction: .read), data: $0, vcpu: FakeVCPU()) }
+        }
+        #expect(dev.entries.isEmpty && data == [7, 7, 7, 7])
+    }
+
+    @Test func mmioGoesToTheMMIOBus() throws {
+        let dev = Recorder()
+        let h = try handler(mmio: dev)
+        var data: [UInt8] = [1, 2, 3, 4, 0, 0, 0, 0]
+        _ = try data.withUnsafeMutableBytes { try h.handle(.mmio(address: 0xD000_0070, length: 4, direction: .write), data: $0, vcpu: FakeVCPU()) }
+        _ = try data.withUnsafeMutableBytes { try h.handle(.mmio(address: 0xD000_0000, length: 8, direction: .read), data: $0, vcpu: FakeVCPU()) }
+        #expect(dev.entries == ["w 112 4 4030201", "r 0 8"])
+        #expect(data == [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11])
+    }
+
+    @Test func haltWithInterruptsOffAndNothingPendingEndsTheRun() throws {
+        let h = try handler()
+        let vcpu = FakeVCPU()
+        vcpu.regs.rip = 0x1234
+        vcpu.regs.rflags = 0x2
+        let action = try h.handle(.hlt, data: .init(start: nil, count: 0), vcpu: vcpu)
+        #expect(action == .stop(SystemEvent(kind: .crash, cause: .haltedForever(rip: 0x1234), vcpu: 0)))
+        vcpu.regs.rflags = 0x202
+        #expect(try h.handle(.hlt, data: .init(start: nil, count: 0), vcpu: vcpu) == .resume)
+        vcpu.regs.rflags = 0x2
+        vcpu.pending = true
+        #expect(try h.handle(.hlt, data: .init(start: nil, count: 0), vcpu: vcpu) == .resume)
+    }
+
+    @Test func everyGuestEndBecomesASystemEvent() throws {
+        let h = try handler()
+        let vcpu = FakeVCPU()
+        vcpu.regs.rip = 0xFFFF_FFFF_8100_0000
+        let none = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+        #expect(try h.handle(.shutdown, data: none, vcpu: vcpu) == .stop(SystemEvent(kind: .reset, cause: .tripleFault(rip: 0xFFFF_FFFF_8100_0000), vcpu: 0)))
+        #expect(try h.handle(.systemEvent(type: 1, data: [0]), data: none, vcpu: vcpu) == .stop(SystemEvent(kind: .shutdown, cause: .kvmSystemEvent(type: 1, data: [0]), vcpu: 0)))
+        #expect(try h.handle(.systemEvent(type: 2, data: []), data: none, vcpu: vcpu) == .stop(SystemEvent(kind: .reset, cause: .kvmSystemEvent(type: 2, data: []), vcpu: 0)))
+        if case let .stop(e) = try h.handle(.systemEvent(type: 3, data: [7]), data: none, vcpu: vcpu) {
+            #expect(e.kind == .crash)
+            #expect(e.description == "crash on vCPU 0: KVM_SYSTEM_EVENT_CRASH data 0x7")
+        } else { Issue.record("crash event not stopped") }
+    }
+
+    /// data[0] flags, data[1] = length byte then instruction bytes.
+    static func emulationFailure(_ bytes: [UInt8]) -> VCPUExit {
+        var raw = [UInt8(bytes.count)] + bytes
+        raw += [UInt8](repeating: 0, count: 16 - raw.count)
+        let w1 = raw[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << UInt64(8 * $1.offset) }
+        let w2 = raw[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << UInt64(8 * $1.offset) }
+        return .internalError(suberror: 1, data: [1, w1, w2])
+    }
+
+    @Test func failedInstructionBytesAreDecoded() {
+        guard case let .internalError(_, data) = Self.emulationFailure([0x0F, 0x01, 0xCA]) else { return }
+        #expect(ExitHandler.failedInstruction(data) == [0x0F, 0x01, 0xCA])
+        #expect(ExitHandler.failedInstruction([1]) == [])
+        #expect(ExitHandler.failedInstruction([1, 0xFF]).count == 7)  // a lying length is clamped to what is there
+    }
+
+    @Test func int3AssistAdvancesRIPAndInjectsBreakpoint() throws {
+        let h = try handler(assists: true)
+        let vcpu = FakeVCPU()
+        vcpu.regs.rip = 0x1000
+        #expect(try h.handle(Self.emulationFailure([0xCC]), data: .init(start: nil, count: 0), vcpu: vcpu) == .resume)
+        #expect(vcpu.regs.rip == 0x1001 && vcpu.injected == [3])
+    }
+
+    @Test func fwaitAssistOnlyAdvancesRIP() throws {
+        let h = try handler(assists: true)
+        let vcpu = FakeVCPU()
+        vcpu.regs.rip = 0x2000
+        #expect(try h.handle(Self.emulationFailure([0x9B]), data: .init(start: nil, count: 0), vcpu: vcpu) == .resume)
+        #expect(vcpu.regs.rip == 0x2001 && vcpu.injected.isEmpty)
+    }
+
+    @Test func otherEmulationFailuresEndWithTheBytesAndRIP() throws {
+        let h = try handler(assists: true)
+        let vcpu = FakeVCPU()
+        vcpu.regs.rip = 0xFFFF_FFFF_8123_4567
+        #expect(throws: VMMError.self) { try h.handle(Self.emulationFailure([0x0F, 0xC7, 0x0E]), data: .init(start: nil, count: 0), vcpu: vcpu) }
+        do {
+            _ = try h.handle(Self.emulationFailure([0x0F, 0xC7, 0x0E]), data: .init(start: nil, count: 0), vcpu: vcpu)
+        } catch {
+            #expect(error.description.contains("0xffffffff81234567") && error.description.contains("0f c7 0e"))
+        }
+    }
+
+    @Test func assistsAreOffOnHardwareHosts() throws {
+        let h = try handler(assists: false)
+        let vcpu = FakeVCPU()
+        #expect(throws: VMMError.self) { try h.handle(Self.emulationFailure([0xCC]), data: .init(start: nil, count: 0), vcpu: vcpu) }
+        #expect(vcpu.injected.isEmpty && vcpu.regs.rip == 0)
+    }
+
+    @Test func unknownExitsNameTheExitAndRIP() throws {
+        let h = try handler()
+        let vcpu = FakeVCPU()
+        vcpu.regs.rip = 0xABC
+        do {
+            _ = try h.handle(.unhandled(reason: 42), data: .init(start: nil, count: 0), vcpu: vcpu)
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.description.contains("exit reason 42") && error.description.contains("0xabc"))
+        }
+    }
+
+    @Test func hostProfileAppliesOnlyOnPVM() {
+        #expect(HostProfile(backend: .hardware).commandLineParameters.isEmpty)
+        #expect(!HostProfile(backend: .hardware).emulationAssists)
+        let pvm = HostProfile(backend: .pvm)
+        #expect(pvm.commandLineParameters.contains("noxsave") && pvm.emulationAssists)
+        #expect(HostProfile.detect(sysModule: "/nonexistent").backend == .hardware)
+    }
+}
