@@ -86,4 +86,26 @@ struct PayloadKVMTests {
             "\(error)".contains("48 0f c7 0e") && "\(error)".contains("RIP 0x100000")
         }
     }
+
+    @Test func badKernelFilesAreClearErrors() throws {
+        let m = try Self.machine(console: BufferSink())
+        #expect { try m.loadLinux(kernelPath: "/nonexistent/vmlinux", initrdPath: nil, extraCommandLine: "") } throws: { error in
+            "\(error)".contains("/nonexistent/vmlinux") && "\(error)".contains("does not exist")
+        }
+        #expect { try m.loadLinux(kernelPath: "/etc/hostname", initrdPath: nil, extraCommandLine: "") } throws: { error in
+            "\(error)".contains("/etc/hostname")
+        }
+        #expect { try m.loadLinux(kernelPath: "/tmp", initrdPath: nil, extraCommandLine: "") } throws: { error in
+            "\(error)".contains("directory")
+        }
+    }
+
+    @Test func tooLittleMemoryOrTooManyCPUsAreRejected() {
+        var config = MachineConfig()
+        config.memoryBytes = 16 << 20
+        #expect { try Machine(config) } throws: { "\($0)".contains("too small") }
+        config.memoryBytes = 64 << 20
+        config.vcpuCount = 2
+        #expect { try Machine(config) } throws: { "\($0)".contains("1 vCPU") }
+    }
 }

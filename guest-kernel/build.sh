@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Builds Airlock's guest kernel (vmlinux) from Debian's linux-source-6.1 with
+# the config fragment and patches in this directory, caches it outside the
+# clone, and installs it as $AIRLOCK_HOME/images/vmlinux.
+#
+# Cache: ${AIRLOCK_CACHE:-$XDG_CACHE_HOME/airlock}/kernel/<key>/ where key is a
+# SHA-256 over this script, the fragment, every patch and the source package's
+# version. A second run with the same inputs skips the build.
+# Progress goes to stderr; the installed path is the last line on stdout.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+cache_root=${AIRLOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/airlock}
+images=${AIRLOCK_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/airlock}/images
+source_tarball=/usr/src/linux-source-6.1.tar.xz
+deps=(linux-source-6.1 bc bison flex libelf-dev libssl-dev gcc make xz-utils)
+
+log() { echo "guest-kernel: $*" >&2; }
+
+missing=()
+for p in "${deps[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" -eq 0 ] || { log "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})"; exit 1; }
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
+key=$( { echo "linux-source-6.1 $version"; cat "$0" "$here/airlock.config" "$here"/patches/*.patch; } | sha256sum | cut -c1-16)
+cached="$cache_root/kernel/$key"
+
+install_image() {
+    mkdir -p "$images"
+    cp "$cached/vmlinux" "$images/.vmlinux.tmp.$$"
+    mv -f "$images/.vmlinux.tmp.$$" "$images/vmlinux"
+    cp "$cached/System.map" "$images/.System.map.tmp.$$"
+    mv -f "$images/.System.map.tmp.$$" "$images/vmlinux.System.map"
+    echo "$images/vmlinux"
+}
+
+if [ -f "$cached/vmlinux" ]; then
+    log "cache hit ($cached)"
+    install_image
+    exit 0
+fi
+
+work="$cache_root/kernel/build-$key"
+rm -rf "$work"
+mkdir -p "$work"
+start=$(date +%s)
+log "unpacking linux-source-6.1 $version into $work"
+tar -xf "$source_tarball" -C "$work"
+src="$work/linux-source-6.1"
+for p in "$here"/patches/*.patch; do
+    log "applying $(basename "$p")"
+    patch -p1 -s -d "$src" < "$p"
+done
+
+log "configuring: tinyconfig + airlock.config"
+make -s -C "$src" ARCH=x86_64 tinyconfig >"$work/build.log" 2>&1
+"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$here/airlock.config" >>"$work/build.log" 2>&1
+make -s -C "$src" ARCH=x86_64 olddefconfig >>"$work/build.log" 2>&1
+
+# Kconfig silently drops options whose dependencies are off: check that every
+# option the fragment sets (or unsets) made it into the final .config.
+bad=0
+while IFS= read -r line; do
+    case "$line" in
+        CONFIG_*=*)
+            opt=${line%%=*}
+            grep -qx "$line" "$src/.config" || { log "option $line did not survive (final: $(grep -E "^$opt=|^# $opt is not set" "$src/.config" || echo absent))"; bad=1; } ;;
+        "# CONFIG_"*" is not set")
+            opt=${line#\# }; opt=${opt%% *}
+            if grep -q "^$opt=" "$src/.config"; then log "option $opt should be off but is $(grep "^$opt=" "$src/.config")"; bad=1; fi ;;
+    esac
+done < "$here/airlock.config"
+[ $bad -eq 0 ] || { log "the config fragment does not apply cleanly: fix guest-kernel/airlock.config"; exit 1; }
+
+log "building vmlinux with $(nproc) jobs (log: $work/build.log)"
+if ! make -C "$src" ARCH=x86_64 -j"$(nproc)" vmlinux >>"$work/build.log" 2>&1; then
+    tail -40 "$work/build.log" >&2
+    log "kernel build failed; full log in $work/build.log"
+    exit 1
+fi
+
+mkdir -p "$cached.tmp"
+cp "$src/vmlinux" "$src/System.map" "$src/.config" "$cached.tmp/"
+rm -rf "$cached"
+mv "$cached.tmp" "$cached"
+rm -rf "$work"
+log "built in $(( $(date +%s) - start )) s: $(stat -c %s "$cached/vmlinux") bytes"
+install_image
