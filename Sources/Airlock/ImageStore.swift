@@ -8,14 +8,14 @@ import Glibc
 ///
 /// `$AIRLOCK_HOME/images/` (default `$XDG_DATA_HOME/airlock`, or
 /// `~/.local/share/airlock`) holds `vmlinux`, `rootfs.ext4` and
-/// `initramfs.cpio.gz`, put there by `make images` (guest-kernel/build.sh and
+/// `initramfs.cpio`, put there by `make images` (guest-kernel/build.sh and
 /// rootfs/build.sh). The CLI finds them without flags.
 public struct ImageStore: Sendable {
     public let home: String
 
     public static let kernelName = "vmlinux"
     public static let rootfsName = "rootfs.ext4"
-    public static let initramfsName = "initramfs.cpio.gz"
+    public static let initramfsName = "initramfs.cpio"
 
     public init(environment: [String: String] = ImageStore.processEnvironment()) {
         if let h = environment["AIRLOCK_HOME"], !h.isEmpty {

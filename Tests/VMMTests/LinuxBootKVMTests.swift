@@ -17,7 +17,7 @@ struct LinuxBootKVMTests {
     @Test(.timeLimit(.minutes(5)))
     func kernelBootsToUserSpaceAndRebootsCleanly() throws {
         let kernel = Self.imagesDirectory + "/vmlinux"
-        let initrd = Self.imagesDirectory + "/initramfs.cpio.gz"
+        let initrd = Self.imagesDirectory + "/initramfs.cpio"
         try #require(FileManager.default.fileExists(atPath: kernel), "no guest kernel at \(kernel): run 'make images' first")
         try #require(FileManager.default.fileExists(atPath: initrd), "no initramfs at \(initrd): run 'make images' first")
 
