@@ -178,3 +178,25 @@ final class Recorder: BusDevice {
         #expect(HostProfile.detect(sysModule: "/nonexistent").backend == .hardware)
     }
 }
+
+@Suite struct KVMDeviceErrorTests {
+    @Test func missingDevKVMSaysWhatToDo() {
+        do {
+            _ = try KVMSystem(path: "/nonexistent/kvm")
+            Issue.record("opened a device that does not exist")
+        } catch {
+            #expect(error.description.contains("/nonexistent/kvm does not exist"))
+            #expect(error.description.contains("kvm module"))
+        }
+    }
+
+    @Test func inaccessibleDevKVMSaysWhatToDo() {
+        // /proc/version is not a KVM device: opening it O_RDWR fails with EACCES.
+        do {
+            _ = try KVMSystem(path: "/proc/version")
+            Issue.record("opened /proc/version as KVM")
+        } catch {
+            #expect(error.description.contains("not accessible") || error.description.contains("KVM"))
+        }
+    }
+}
