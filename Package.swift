@@ -26,11 +26,15 @@ let package = Package(
         .target(name: "GuestMemory", dependencies: ["AirlockOS"]),
         // x86-64 Linux boot protocol: ELF and bzImage loaders, boot_params, e820, command line.
         .target(name: "LinuxBoot", dependencies: ["GuestMemory"]),
+        // Virtio 1.x over MMIO: split virtqueues with chain validation, the transport.
+        .target(name: "Virtio", dependencies: ["GuestMemory"]),
+        // Device models behind the transport: block (file-backed).
+        .target(name: "VirtioDevices", dependencies: ["Virtio", "GuestMemory", "AirlockOS"]),
         // The machine: layout, CPU set-up, buses, legacy devices, exit handling, run loop.
         .target(
             name: "VMM",
             dependencies: [
-                "KVM", "GuestMemory", "LinuxBoot", "AirlockOS",
+                "KVM", "GuestMemory", "LinuxBoot", "AirlockOS", "Virtio", "VirtioDevices",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // The public library: image store, host report; later the async Sandbox API.
@@ -50,7 +54,8 @@ let package = Package(
 
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioDevices", "GuestMemory"]),
     ],
     swiftLanguageModes: [.v6]
 )

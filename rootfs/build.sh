@@ -78,6 +78,12 @@ root:x:0:
 airlock:x:1000:
 nogroup:x:65534:
 GROUP
+cat > "$stage/etc/fstab" <<'FSTAB'
+proc   /proc proc  defaults       0 0
+sysfs  /sys  sysfs defaults       0 0
+tmpfs  /tmp  tmpfs mode=1777      0 0
+tmpfs  /run  tmpfs mode=755       0 0
+FSTAB
 echo airlock > "$stage/etc/hostname"
 printf '127.0.0.1 localhost airlock\n' > "$stage/etc/hosts"
 cat > "$stage/etc/profile" <<'PROFILE'

@@ -45,8 +45,8 @@ struct Boot: ParsableCommand {
         discussion: """
             Exits 0 when the guest shuts down or reboots, printing the system event that ended it \
             on stderr; 2 when it crashed; 124 on --timeout; 125 when Airlock itself failed.
-            With neither --kernel nor --initrd, boots the installed kernel with the installed \
-            initramfs (see 'airlock doctor').
+            With no --kernel, --initrd or --rootfs, boots the installed kernel with the installed \
+            root filesystem on /dev/vda (see 'airlock doctor').
             """)
 
     @Option(help: "The guest kernel: an x86-64 vmlinux (ELF) or bzImage. Default: the installed image.")
@@ -54,6 +54,12 @@ struct Boot: ParsableCommand {
 
     @Option(help: "An initrd / initramfs to load for the kernel.")
     var initrd: String?
+
+    @Option(help: "A root filesystem image (ext4) attached read-only as /dev/vda and mounted as / (root=/dev/vda). Default: the installed rootfs.ext4, unless --kernel or --initrd is given.")
+    var rootfs: String?
+
+    @Option(name: .customLong("disk"), help: "An extra disk image, attached read-write as the next /dev/vdX (repeatable).")
+    var disks: [String] = []
 
     @Option(help: "Extra kernel command-line parameters, appended to Airlock's defaults (\(Machine.baseCommandLine)) and the host profile's.")
     var cmdline: String = ""
@@ -76,15 +82,19 @@ struct Boot: ParsableCommand {
         try logging.bootstrap()
         let store = ImageStore()
         let kernelPath = kernel ?? store.kernelPath
-        var initrdPath = initrd
-        if kernel == nil && initrd == nil && ImageStore.exists(store.initramfsPath) { initrdPath = store.initramfsPath }
+        var rootfsPath = rootfs
+        if kernel == nil && initrd == nil && rootfs == nil { rootfsPath = store.rootfsPath }
+        var extra = cmdline
+        if rootfsPath != nil { extra = "root=/dev/vda ro rootfstype=ext4 " + extra }
 
         var config = MachineConfig()
         config.memoryBytes = UInt64(memory) << 20
         config.logger = Logger(label: "airlock.vmm")
         do {
             let machine = try Machine(config)
-            try machine.loadLinux(kernelPath: kernelPath, initrdPath: initrdPath, extraCommandLine: cmdline)
+            if let rootfsPath { try machine.addBlockDevice(path: rootfsPath, readOnly: true) }
+            for d in disks { try machine.addBlockDevice(path: d, readOnly: false) }
+            try machine.loadLinux(kernelPath: kernelPath, initrdPath: initrd, extraCommandLine: extra)
             let exit = try machine.run(timeout: timeout)
             if let event = exit.event {
                 printError("airlock: guest ended: \(event)")

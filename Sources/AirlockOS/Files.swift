@@ -8,6 +8,12 @@ public struct FileAccessError: Error, CustomStringConvertible, Sendable {
     public let role: String
     public let underlying: SystemError
 
+    public init(path: String, role: String, underlying: SystemError) {
+        self.path = path
+        self.role = role
+        self.underlying = underlying
+    }
+
     public var description: String {
         switch underlying.errno {
         case ENOENT: return "\(role) '\(path)' does not exist: check the path, or build the default images with 'make images'"

@@ -149,4 +149,17 @@ public final class GuestMemory: @unchecked Sendable {
         // Sound: checked above.
         (regions[i].mapping.base + offset).storeBytes(of: value.littleEndian, toByteOffset: 0, as: T.self)
     }
+
+    /// Lends the host bytes of a checked guest range to `body`, for I/O straight
+    /// between a host file and guest RAM (virtio-blk). The pointer is valid only
+    /// inside `body` and must not be kept; the guest may change the bytes at any time.
+    public func withMutableBytes<R>(at address: GuestAddress, length: UInt64,
+                                    _ body: (UnsafeMutableRawBufferPointer) throws -> R) throws -> R {
+        let (i, offset) = try check(address, length: length)
+        guard length > 0 else { return try body(UnsafeMutableRawBufferPointer(start: nil, count: 0)) }
+        // Sound: check() proved [offset, offset+length) lies inside region i's mapping,
+        // which lives as long as self; length fits in Int because the region's size does.
+        return try body(UnsafeMutableRawBufferPointer(start: regions[i].mapping.base + offset, count: Int(length)))
+    }
 }
+

@@ -98,7 +98,7 @@ public final class VCPU: @unchecked Sendable {
         case AIRLOCK_KVM_EXIT_MMIO:
             let length = min(Int(r.mmio.len), 8)
             // Sound: mmio.data is an 8-byte array inside kvm_run, which lies inside the mapping.
-            let dataOffset = MemoryLayout<kvm_run>.offset(of: \kvm_run.mmio.data) ?? 0
+            let dataOffset = Int(airlock_kvm_run_mmio_data_offset())
             return try body(UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(runStruct) + dataOffset, count: length))
         default:
             return try body(UnsafeMutableRawBufferPointer(start: nil, count: 0))
@@ -110,7 +110,7 @@ public final class VCPU: @unchecked Sendable {
     public func requestImmediateExit() {
         // A plain byte store; KVM reads it on each entry. Races are benign: at worst
         // the guest runs until its next exit, and the signal that follows interrupts it.
-        UnsafeMutableRawPointer(runStruct).storeBytes(of: 1, toByteOffset: MemoryLayout<kvm_run>.offset(of: \kvm_run.immediate_exit)!, as: UInt8.self)
+        UnsafeMutableRawPointer(runStruct).storeBytes(of: 1, toByteOffset: Int(airlock_kvm_run_immediate_exit_offset()), as: UInt8.self)
     }
 
     // MARK: State

@@ -28,6 +28,11 @@ public enum Layout {
     /// Start of the 32-bit MMIO window (virtio-mmio devices live here); RAM above it is moved past 4 GiB.
     public static let mmioWindowStart: UInt64 = 0xC000_0000
     public static let mmioWindowEnd: UInt64 = 0x1_0000_0000
+    /// virtio-mmio devices: one 4 KiB window each from here, inside the MMIO window.
+    public static let virtioMMIOBase: UInt64 = 0xD000_0000
+    /// Their interrupts: ISA lines the PIC has free (4 is the UART's).
+    public static let virtioIRQs: [UInt32] = [5, 6, 7, 9, 10, 11, 12, 14, 15]
+
     /// KVM's private pages for the real-mode TSS and EPT identity map, just below the BIOS area at the top of 4 GiB.
     public static let tssAddress: UInt64 = 0xFFFB_D000
     public static let identityMapAddress: UInt64 = 0xFFFB_C000

@@ -6,6 +6,8 @@ import KVM
 import LinuxBoot
 import Logging
 import Synchronization
+import Virtio
+import VirtioDevices
 
 /// Interrupt line of the in-kernel irqchip, driven with KVM_IRQ_LINE.
 struct KVMInterruptLine: InterruptLine {
@@ -17,6 +19,14 @@ struct KVMInterruptLine: InterruptLine {
             logger.error("raising IRQ \(irq) failed: \(error)")
         }
     }
+}
+
+/// Puts a virtio-mmio transport on the MMIO bus.
+final class VirtioMMIODevice: BusDevice {
+    let transport: MMIOTransport
+    init(_ transport: MMIOTransport) { self.transport = transport }
+    func read(offset: UInt64, size: Int) -> UInt64 { transport.read(offset: offset, size: size) }
+    func write(offset: UInt64, size: Int, value: UInt64) { transport.write(offset: offset, size: size, value: value) }
 }
 
 /// What a machine run ended with.
@@ -64,6 +74,11 @@ public final class Machine: @unchecked Sendable {
     public let serial: Serial16550
     private var timings = MachineTimings()
     private let logger: Logger
+
+    /// virtio-mmio devices added so far, announced on the kernel command line.
+    private var virtioDevices: [(base: UInt64, irq: UInt32)] = []
+    /// The block devices, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
+    public private(set) var blockDevices: [BlockDevice] = []
 
     /// First event reported by a device (the i8042 reset) before any vCPU reports one.
     private let deviceEvent = Mutex<SystemEvent?>(nil)
@@ -150,6 +165,9 @@ public final class Machine: @unchecked Sendable {
             let kernel = try KernelLoader.load(image, path: kernelPath, into: memory)
             var cmdline = try KernelCommandLine(Self.baseCommandLine, capacity: Layout.commandLineCapacity)
             for p in config.hostProfile.commandLineParameters { try cmdline.append(p) }
+            for d in virtioDevices {
+                try cmdline.append("virtio_mmio.device=4K@0x\(String(d.base, radix: 16)):\(d.irq)")
+            }
             if !extraCommandLine.isEmpty { try cmdline.append(extraCommandLine) }
 
             var params = BootParams(kernel: kernel)
@@ -184,6 +202,34 @@ public final class Machine: @unchecked Sendable {
 
     private func setEntry(_ regs: Registers) throws(VMMError) {
         do { try vcpus[0].setRegisters(regs) } catch { throw .kvm(error) }
+    }
+
+    /// Adds a virtio-blk disk backed by `path` (before `loadLinux`): the first is
+    /// /dev/vda, the next /dev/vdb, and so on.
+    @discardableResult
+    public func addBlockDevice(path: String, readOnly: Bool) throws(VMMError) -> BlockDevice {
+        let device: BlockDevice
+        do { device = try BlockDevice(path: path, readOnly: readOnly) } catch {
+            throw .invalidConfiguration(error.description)
+        }
+        try addVirtioDevice(device)
+        blockDevices.append(device)
+        return device
+    }
+
+    /// Puts a virtio device behind an MMIO transport in the next free slot, with its own IRQ.
+    func addVirtioDevice(_ device: any VirtioDevice) throws(VMMError) {
+        let index = UInt64(virtioDevices.count)
+        guard index < UInt64(Layout.virtioIRQs.count) else {
+            throw .invalidConfiguration("too many virtio devices: at most \(Layout.virtioIRQs.count)")
+        }
+        let base = Layout.virtioMMIOBase + index * MMIOTransport.windowSize
+        let irq = Layout.virtioIRQs[Int(index)]
+        let transport = MMIOTransport(device: device, memory: memory,
+                                      interrupt: KVMInterruptLine(vm: vm, irq: irq, logger: logger))
+        try addMMIODevice(VirtioMMIODevice(transport), name: "virtio-mmio \(device.deviceID) #\(index)",
+                          base: base, length: MMIOTransport.windowSize)
+        virtioDevices.append((base, irq))
     }
 
     /// Adds a device to the MMIO bus (before `run`).

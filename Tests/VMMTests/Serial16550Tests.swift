@@ -1,4 +1,5 @@
 import Synchronization
+import Virtio
 import Testing
 @testable import VMM
 

@@ -91,6 +91,15 @@ struct airlock_msrs {
 };
 _Static_assert(__builtin_offsetof(struct airlock_msrs, entries) == __builtin_offsetof(struct kvm_msrs, entries), "kvm_msrs layout");
 
+// Offsets into struct kvm_run of fields inside its anonymous union, which
+// Swift's MemoryLayout.offset(of:) cannot reach.
+static inline unsigned long airlock_kvm_run_mmio_data_offset(void) {
+    return __builtin_offsetof(struct kvm_run, mmio.data);
+}
+static inline unsigned long airlock_kvm_run_immediate_exit_offset(void) {
+    return __builtin_offsetof(struct kvm_run, immediate_exit);
+}
+
 // The kick signal's handler does nothing: its only job is to make a blocked
 // KVM_RUN return EINTR. SA_RESTART is left off on purpose.
 int airlock_install_kick_handler(int signo);

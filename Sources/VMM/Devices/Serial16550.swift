@@ -1,4 +1,5 @@
 import Synchronization
+import Virtio
 
 /// Where a UART's transmitted bytes go (stdout, a capture buffer).
 public protocol SerialSink: Sendable {
