@@ -15,15 +15,7 @@ all: build
 
 ## deps: install the Debian packages the build needs (only those missing)
 deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  if [ "$$(id -u)" -ne 0 ]; then echo "need root to install$$missing (run as root or install them yourself)"; exit 1; fi; \
-	  DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	scripts/ensure-packages.sh $(SYSTEM_PACKAGES)
 	@command -v $(SWIFT) >/dev/null || { echo "swift is not on PATH: install Swift 6.1 or newer (https://swift.org/install)"; exit 1; }
 
 ## kernel: build (or take from the cache) the guest kernel and install it

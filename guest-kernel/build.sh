@@ -13,24 +13,20 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache_root=${AIRLOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/airlock}
 images=${AIRLOCK_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/airlock}/images
 source_tarball=/usr/src/linux-source-6.1.tar.xz
-deps=(linux-source-6.1 bc bison flex libelf-dev libssl-dev gcc make xz-utils)
+deps=(linux-source-6.1 bc bison flex libelf-dev libssl-dev gcc make xz-utils binutils util-linux)
 
 log() { echo "guest-kernel: $*" >&2; }
 
-missing=()
-for p in "${deps[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" -eq 0 ] || { log "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})"; exit 1; }
-    log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-fi
+"$here/../scripts/ensure-packages.sh" "${deps[@]}"
 
 version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 key=$( { echo "linux-source-6.1 $version"; cat "$0" "$here/airlock.config" "$here"/patches/*.patch; } | sha256sum | cut -c1-16)
 cached="$cache_root/kernel/$key"
+
+# One build per key at a time: a second run waits, then finds the cache filled.
+mkdir -p "$cache_root/kernel"
+exec 9>"$cache_root/kernel/.lock-$key"
+flock 9
 
 install_image() {
     mkdir -p "$images"
@@ -86,10 +82,19 @@ if ! make -C "$src" ARCH=x86_64 -j"$(nproc)" vmlinux >>"$work/build.log" 2>&1; t
     exit 1
 fi
 
+# The VMM loads vmlinux by its PT_LOAD segments at their physical addresses:
+# check they are there and physical (below 4 GiB), then drop the symbol table
+# (about 1 MB; System.map keeps the addresses).
+loads=$(readelf -lW "$src/vmlinux" | awk '$1 == "LOAD" { print $4 }')
+[ -n "$loads" ] || { log "vmlinux has no PT_LOAD segments"; exit 1; }
+for paddr in $loads; do
+    (( paddr >= 0 && paddr < 0x100000000 )) || { log "vmlinux PT_LOAD at physical address $paddr: not a physical load address"; exit 1; }
+done
 mkdir -p "$cached.tmp"
-cp "$src/vmlinux" "$src/System.map" "$src/.config" "$cached.tmp/"
+strip --strip-all -o "$cached.tmp/vmlinux" "$src/vmlinux"
+cp "$src/System.map" "$src/.config" "$cached.tmp/"
 rm -rf "$cached"
 mv "$cached.tmp" "$cached"
 rm -rf "$work"
-log "built in $(( $(date +%s) - start )) s: $(stat -c %s "$cached/vmlinux") bytes"
+log "built in $(( $(date +%s) - start )) s: vmlinux $(stat -c %s "$cached/vmlinux") bytes"
 install_image

@@ -26,16 +26,7 @@ done
 
 log() { echo "rootfs: $*" >&2; }
 deps=(busybox-static e2fsprogs cpio)
-missing=()
-for p in "${deps[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" -eq 0 ] || { log "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})"; exit 1; }
-    log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-fi
+"$here/../scripts/ensure-packages.sh" "${deps[@]}"
 
 key=$( { cat "$0" "$init"; dpkg-query -W -f='${Version}' busybox-static; } | sha256sum | cut -c1-16)
 stamp="$out/.rootfs.stamp"
