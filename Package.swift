@@ -51,6 +51,8 @@ let package = Package(
             ]),
         // Exit-cost benchmark: the VMM's run loop against the C floor (make bench-exits).
         .executableTarget(name: "airlock-bench-exits", dependencies: ["VMM", "KVM"]),
+        // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).
+        .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS"]),
 
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory"]),

@@ -160,8 +160,9 @@ public final class MMIOTransport: @unchecked Sendable {
             // Reset: forget everything the driver set up.
             device.reset()
             let queues = s.queues.map { q -> SplitQueue in var q = q; q.reset(); return q }
+            let errors = s.queueErrors  // a diagnostic count, kept across resets
             s = State(queues: queues)
-            s.configGeneration = 0
+            s.queueErrors = errors
             return
         }
         var new = v
