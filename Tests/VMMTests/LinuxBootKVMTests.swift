@@ -9,12 +9,7 @@ import Testing
 /// transmit interrupts, the virtio-mmio transport and the block device.
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct LinuxBootKVMTests {
-    static var imagesDirectory: String {
-        let env = ProcessInfo.processInfo.environment
-        if let h = env["AIRLOCK_HOME"], !h.isEmpty { return h + "/images" }
-        if let d = env["XDG_DATA_HOME"], !d.isEmpty { return d + "/airlock/images" }
-        return (env["HOME"] ?? "/root") + "/.local/share/airlock/images"
-    }
+    static var imagesDirectory: String { VMTests.imagesDirectory }
 
     @Test(.timeLimit(.minutes(5)))
     func kernelBootsToUserSpaceAndRebootsCleanly() throws {
@@ -46,5 +41,40 @@ struct LinuxBootKVMTests {
         // Read-only means the backing file is untouched, byte for byte.
         #expect(try Data(contentsOf: URL(fileURLWithPath: rootfs)) == before)
         #expect(exit.event?.cause == .i8042Reset, "ended with \(String(describing: exit.event)), timed out: \(exit.timedOut)\n\(text.suffix(3000))")
+    }
+
+    /// Data the guest writes to a read-write disk and flushes (dd conv=fsync:
+    /// the driver's FLUSH becomes fsync) is in the backing file, byte for byte,
+    /// once the VM has ended.
+    @Test(.timeLimit(.minutes(5)))
+    func flushedWritesAreDurable() throws {
+        let kernel = Self.imagesDirectory + "/vmlinux"
+        try #require(FileManager.default.fileExists(atPath: kernel), "no guest kernel at \(kernel): run 'make images' first")
+        let image = try VMTests.rootfs(withInit: """
+            #!/bin/sh
+            dd if=/bin/busybox of=/dev/vdb bs=64k count=4 conv=fsync 2>/dev/console
+            echo "AIRLOCK-WROTE" > /dev/console
+            reboot -f
+            """)
+        defer { try? FileManager.default.removeItem(at: image.directory) }
+        let scratch = image.directory.appendingPathComponent("scratch.img")
+        try Data(count: 4 << 20).write(to: scratch)
+
+        let console = BufferSink(limit: 4 << 20)
+        var config = MachineConfig()
+        config.memoryBytes = 128 << 20
+        config.console = console
+        let machine = try Machine(config)
+        try machine.addBlockDevice(path: image.path, readOnly: true)
+        try machine.addBlockDevice(path: scratch.path, readOnly: false)
+        try machine.loadLinux(kernelPath: kernel, initrdPath: nil, extraCommandLine: "root=/dev/vda ro rootfstype=ext4")
+        let exit = try machine.run(timeout: 240)
+        #expect(exit.event?.cause == .i8042Reset, "\(console.text.suffix(2000))")
+        #expect(console.text.contains("AIRLOCK-WROTE"))
+
+        let written = try Data(contentsOf: scratch)
+        let expected = try Data(contentsOf: URL(fileURLWithPath: "/bin/busybox")).prefix(256 << 10)
+        #expect(written.prefix(expected.count) == expected, "the disk does not hold what the guest wrote")
+        #expect(written.dropFirst(expected.count).allSatisfy { $0 == 0 })
     }
 }
