@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel rootfs build build-release demo test test-unit bench-exits fuzz-virtio clean doctor
+.PHONY: all deps images kernel rootfs build build-release demo test test-unit bench-exits bench-blk fuzz-virtio clean doctor
 
 all: build
 
@@ -62,6 +62,11 @@ bench-exits: deps
 	line=$$($$($(SWIFT) build -c release --show-bin-path)/airlock-bench-exits 100000 5); echo "$$line"; \
 	amed=$$(echo "$$line" | sed -E 's/.*median ([0-9.]+) s.*/\1/'); \
 	echo "ratio airlock/C: $$(echo "scale=3; $$amed / $$cmed" | bc)"
+
+## bench-blk: virtio-blk sequential read in the guest vs the host's read of the same file (BLK_MIB, default 256)
+BLK_MIB ?= 256
+bench-blk: images
+	bench/blk-throughput.sh $(BLK_MIB)
 
 ## fuzz-virtio: a seeded random driver against the virtio transport, chain parser and block device
 FUZZ_ITERATIONS ?= 1000000

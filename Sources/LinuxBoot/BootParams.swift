@@ -1,56 +1,31 @@
 import GuestMemory
 
-/// E820 memory types the guest is told about.
-public enum E820Type: UInt32, Sendable {
-    case ram = 1
-    case reserved = 2
-}
-
-public struct E820Entry: Equatable, Sendable {
-    public var address: UInt64
-    public var size: UInt64
-    public var type: E820Type
-
-    public init(address: UInt64, size: UInt64, type: E820Type) {
-        self.address = address; self.size = size; self.type = type
-    }
-
-    /// The end of conventional memory, where the EBDA and BIOS area begin on a PC.
-    public static let lowMemoryEnd: UInt64 = 0x9_FC00
-    public static let highMemoryStart: UInt64 = 0x10_0000
-
-    /// The guest's memory map: low RAM, the legacy BIOS hole reserved, RAM from
-    /// 1 MiB to the end of the first region, and every further region as RAM.
-    public static func map(for memory: GuestMemory) -> [E820Entry] {
-        var entries: [E820Entry] = []
-        for (i, r) in memory.regions.enumerated() {
-            if i == 0 && r.start.raw == 0 && r.size > highMemoryStart {
-                entries.append(E820Entry(address: 0, size: lowMemoryEnd, type: .ram))
-                entries.append(E820Entry(address: lowMemoryEnd, size: highMemoryStart - lowMemoryEnd, type: .reserved))
-                entries.append(E820Entry(address: highMemoryStart, size: r.size - highMemoryStart, type: .ram))
-            } else {
-                entries.append(E820Entry(address: r.start.raw, size: r.size, type: .ram))
-            }
-        }
-        return entries
-    }
-}
-
-/// The 4 KiB "zero page" (struct boot_params) handed to the kernel in RSI.
+/// The 4 KiB "zero page" (struct boot_params) whose address the kernel gets in RSI.
 ///
-/// Field offsets follow the boot protocol (Documentation/arch/x86/boot.rst and
-/// arch/x86/include/uapi/asm/bootparam.h); the tests pin each one.
+/// Built as plain bytes with named offsets rather than a Swift struct mirroring
+/// the C layout, because the C struct is packed and Swift has no packed layout;
+/// the offsets come from Documentation/arch/x86/boot.rst and
+/// arch/x86/include/uapi/asm/bootparam.h, and the tests pin each one.
 public struct BootParams: Sendable {
     public static let size = 4096
 
-    // Offsets into boot_params.
+    // boot_params fields outside the setup header.
     public static let extRamdiskImage = 0x0C0
     public static let extRamdiskSize = 0x0C4
     public static let extCmdLinePtr = 0x0C8
     public static let e820Entries = 0x1E8
+    /// If non-zero, the kernel assumes a loader that copied garbage and clears fields; we leave it 0.
+    public static let sentinel = 0x1EF
+    public static let e820Table = 0x2D0
+    public static let e820MaxEntries = 128
+    public static let e820EntrySize = 20
+
+    // The setup header (struct setup_header), at its boot_params offsets.
     public static let setupHeader = 0x1F1
     public static let setupSects = 0x1F1
+    public static let syssize = 0x1F4
     public static let bootFlag = 0x1FE
+    public static let jump = 0x200
     public static let header = 0x202
     public static let version = 0x206
     public static let typeOfLoader = 0x210
@@ -61,59 +36,77 @@ public struct BootParams: Sendable {
     public static let cmdLinePtr = 0x228
     public static let initrdAddrMax = 0x22C
     public static let kernelAlignment = 0x230
+    public static let relocatableKernel = 0x234
     public static let xloadflags = 0x236
     public static let cmdlineSize = 0x238
-    public static let e820Table = 0x2D0
-    public static let e820MaxEntries = 128
-    public static let e820EntrySize = 20
+    public static let hardwareSubarch = 0x23C
+    public static let hardwareSubarchData = 0x240
+    public static let setupData = 0x250
+    public static let prefAddress = 0x258
+    public static let initSize = 0x260
+    /// Where boot_params stops reserving room for the setup header (edd_mbr_sig_buffer follows).
+    public static let setupHeaderLimit = 0x290
 
     // loadflags bits.
     public static let loadedHigh: UInt8 = 0x01
     public static let canUseHeap: UInt8 = 0x80
 
-    public private(set) var bytes = [UInt8](repeating: 0, count: BootParams.size)
+    /// "HdrS", little-endian.
+    static let headerMagic: UInt32 = 0x5372_6448
+    /// What a vmlinux gets as its protocol version: 2.15, the newest that this header layout describes.
+    static let synthesizedVersion: UInt16 = 0x020F
+    /// "Undefined" loader: no registered loader ID applies to a VMM.
+    static let loaderUndefined: UInt8 = 0xFF
+    /// boot.rst's example: heap end 0xE000 from the real-mode base, stored minus 0x200.
+    static let heapEnd: UInt16 = 0xDE00
 
+    public private(set) var bytes = [UInt8](repeating: 0, count: BootParams.size)
+    /// True for a vmlinux: the header was made here, not copied from the kernel image.
+    let headerIsSynthesized: Bool
+
+    /// A zero page for `kernel`: its own setup header for a bzImage, a minimal
+    /// synthesized one for a vmlinux (which has none but whose early code still
+    /// reads a few header fields), plus the fields every loader must set.
     public init(kernel: LoadedKernel) {
+        headerIsSynthesized = kernel.setupHeader == nil
         if let header = kernel.setupHeader {
-            // bzImage: the kernel's own setup header, then the loader's fields on top.
-            let n = min(header.count, Self.size - Self.setupHeader)
+            let n = min(header.count, Self.setupHeaderLimit - Self.setupHeader)
             bytes.replaceSubrange(Self.setupHeader..<(Self.setupHeader + n), with: header.prefix(n))
+            // Fields the loader owns: whatever the image file holds there is not ours to pass on.
+            put(UInt32(0), at: Self.ramdiskImage)
+            put(UInt32(0), at: Self.ramdiskSize)
+            put(UInt32(0), at: Self.cmdLinePtr)
+            put(UInt32(0), at: Self.hardwareSubarch)  // 0: a normal PC
+            put(UInt64(0), at: Self.hardwareSubarchData)
+            put(UInt64(0), at: Self.setupData)  // no setup_data list
             bytes[Self.loadFlags] |= Self.canUseHeap
-            put(UInt16(0xDE00), at: Self.heapEndPtr)  // heap end relative to the real-mode code, as boot.rst suggests
+            put(Self.heapEnd, at: Self.heapEndPtr)
         } else {
-            // vmlinux carries no setup header: write the fields the kernel checks.
             put(UInt16(0xAA55), at: Self.bootFlag)
-            put(UInt32(0x5372_6448), at: Self.header)  // "HdrS"
-            put(UInt16(0x020F), at: Self.version)
-            put(UInt32(0x100_0000), at: Self.kernelAlignment)
+            put(Self.headerMagic, at: Self.header)
+            put(Self.synthesizedVersion, at: Self.version)
+            put(UInt32(0x100_0000), at: Self.kernelAlignment)  // x86-64's CONFIG_PHYSICAL_ALIGN default
         }
-        bytes[Self.typeOfLoader] = 0xFF  // "undefined" loader
+        bytes[Self.typeOfLoader] = Self.loaderUndefined
         bytes[Self.loadFlags] |= Self.loadedHigh
     }
 
-    /// Little-endian store into the page.
-    mutating func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-        for i in 0..<MemoryLayout<T>.size { bytes[offset + i] = UInt8(truncatingIfNeeded: value >> T(8 * i)) }
-    }
-
-    func get<T: FixedWidthInteger>(_: T.Type, at offset: Int) -> T {
-        var v: T = 0
-        for i in 0..<MemoryLayout<T>.size { v |= T(bytes[offset + i]) << T(8 * i) }
-        return v
-    }
-
-    /// The highest address the kernel accepts for the initrd (bzImage header; 2 GiB - 1 for old protocols).
+    /// The highest address the kernel accepts for the initrd.
     public var initrdAddressMax: UInt64 {
         let v = get(UInt32.self, at: Self.initrdAddrMax)
-        return v == 0 ? 0x7FFF_FFFF : UInt64(v)
+        return v == 0 ? 0x37FF_FFFF : UInt64(v)
     }
 
+    /// Points the kernel at its command line: `size` bytes, NUL excluded. A
+    /// bzImage's cmdline_size is left alone (it is the kernel's limit, for the
+    /// loader to read); a vmlinux's synthesized header gets the actual length.
     public mutating func setCommandLine(address: GuestAddress, size: UInt32) {
         put(UInt32(truncatingIfNeeded: address.raw), at: Self.cmdLinePtr)
         put(UInt32(truncatingIfNeeded: address.raw >> 32), at: Self.extCmdLinePtr)
-        put(size, at: Self.cmdlineSize)
+        if headerIsSynthesized { put(size, at: Self.cmdlineSize) }
     }
 
+    /// Tells the kernel where the initrd is; the high halves go to the ext_ fields.
     public mutating func setInitrd(address: GuestAddress, size: UInt64) {
         put(UInt32(truncatingIfNeeded: address.raw), at: Self.ramdiskImage)
         put(UInt32(truncatingIfNeeded: size), at: Self.ramdiskSize)
@@ -121,41 +114,34 @@ public struct BootParams: Sendable {
         put(UInt32(truncatingIfNeeded: size >> 32), at: Self.extRamdiskSize)
     }
 
+    /// The guest's physical memory map, which the kernel trusts as its only source of RAM ranges.
     public mutating func setE820(_ entries: [E820Entry]) throws(LinuxBootError) {
-        guard entries.count <= Self.e820MaxEntries else { throw .tooManyMemoryRanges(entries.count) }
-        bytes[Self.e820Entries] = UInt8(entries.count)
+        guard entries.count <= Self.e820MaxEntries else { throw .tooManyE820Entries(count: entries.count) }
+        let table = Self.e820Table..<(Self.e820Table + Self.e820MaxEntries * Self.e820EntrySize)
+        bytes.replaceSubrange(table, with: repeatElement(0, count: table.count))  // no stale entries from an earlier call
         for (i, e) in entries.enumerated() {
             let at = Self.e820Table + i * Self.e820EntrySize
             put(e.address, at: at)
             put(e.size, at: at + 8)
             put(e.type.rawValue, at: at + 16)
         }
+        bytes[Self.e820Entries] = UInt8(entries.count)
     }
 
+    /// Copies the page into guest RAM.
     public func write(to memory: GuestMemory, at address: GuestAddress) throws(LinuxBootError) {
-        do { try memory.write(bytes, at: address) } catch { throw .memory(error) }
+        do { try memory.write(bytes, at: address) } catch { throw .bootParamsOutsideMemory(address: address) }
     }
-}
 
-/// Chooses where the initrd goes.
-public enum InitrdPlacer {
-    /// The highest page-aligned address where `size` bytes fit inside one RAM
-    /// region, above the kernel, below 4 GiB and below the kernel's initrd limit.
-    public static func place(size: UInt64, kernel: LoadedKernel, memory: GuestMemory, path: String,
-                             maxAddress: UInt64? = nil) throws(LinuxBootError) -> GuestAddress {
-        let limit = min(maxAddress ?? (kernel.setupHeader != nil ? BootParams(kernel: kernel).initrdAddressMax : 0xFFFF_FFFF), 0xFFFF_FFFF)
-        var best: UInt64?
-        var room: UInt64 = 0
-        for r in memory.regions {
-            let low = max(r.start.raw, (kernel.end.raw + 0xFFF) & ~0xFFF)
-            let high = min(r.start.raw + r.size, limit &+ 1)  // one past the last usable byte
-            guard high > low else { continue }
-            room = max(room, high - low)
-            guard size <= high - low else { continue }
-            let at = (high - size) & ~UInt64(0xFFF)
-            if at >= low { best = max(best ?? 0, at) }
-        }
-        guard let best else { throw .initrdDoesNotFit(path: path, size: size, room: room) }
-        return GuestAddress(best)
+    /// Little-endian store. Offsets are this file's constants, always inside the page.
+    mutating func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+        for i in 0..<MemoryLayout<T>.size { bytes[offset + i] = UInt8(truncatingIfNeeded: value >> (8 * i)) }
+    }
+
+    /// Little-endian load, for tests and derived properties.
+    func get<T: FixedWidthInteger>(_: T.Type, at offset: Int) -> T {
+        var value: T = 0
+        for i in 0..<MemoryLayout<T>.size { value |= T(bytes[offset + i]) << (8 * i) }
+        return value
     }
 }

@@ -1,154 +1,244 @@
 import GuestMemory
 
-public enum KernelFormat: String, Sendable { case elf = "ELF vmlinux", bzImage }
+/// Which of the two x86-64 kernel formats was booted; the zero page differs between them.
+public enum KernelFormat: String, Sendable {
+    case elf = "ELF vmlinux"
+    case bzImage
+}
 
-/// A kernel copied into guest memory.
+/// A kernel copied into guest memory, and what the rest of the boot needs to know about it.
 public struct LoadedKernel: Sendable {
     public let format: KernelFormat
-    /// The 64-bit entry point (physical).
+    /// The 64-bit entry point, physical. ELF: e_entry (x86-64 vmlinux links it at
+    /// phys_startup_64). bzImage: load address + 0x200, per the 64-bit boot protocol.
     public let entry: GuestAddress
     /// Lowest byte loaded.
     public let start: GuestAddress
-    /// One past the highest byte loaded, bss included.
+    /// One past the highest byte the kernel occupies before it runs: ELF bss
+    /// included; for a bzImage, the end of the area it decompresses into
+    /// (init_size from its runtime start), which nothing else may overlap.
     public let end: GuestAddress
-    /// bzImage only: the setup header (boot_params offsets 0x1F1 up to its end), copied into the zero page.
+    /// bzImage only: the setup header (from boot_params offset 0x1F1 to the end
+    /// its jump instruction at 0x200 announces), to copy into the zero page.
     public let setupHeader: [UInt8]?
-}
 
-/// Little-endian field reads from an untrusted file; every read is bounds-checked.
-struct FileBytes {
-    let bytes: [UInt8]
-    let path: String
-
-    var count: UInt64 { UInt64(bytes.count) }
-
-    func range(_ offset: UInt64, _ length: UInt64, _ what: @autoclosure () -> String) throws(LinuxBootError) -> Range<Int> {
-        let (end, overflow) = offset.addingReportingOverflow(length)
-        guard !overflow else { throw .malformed(path: path, reason: "\(what()) at offset \(LinuxBootError.hex(offset)) + \(LinuxBootError.hex(length)) overflows") }
-        guard end <= count else { throw .truncated(path: path, what: what(), needed: end, fileSize: count) }
-        return Int(offset)..<Int(end)
+    /// The highest address the initrd may occupy: the bzImage's initrd_addr_max,
+    /// or 4 GiB - 1 for a vmlinux, whose header does not say.
+    public var initrdAddressMax: UInt64 {
+        guard let h = setupHeader else { return 0xFFFF_FFFF }
+        let v = Self.field(UInt32.self, BootParams.initrdAddrMax, in: h) ?? 0
+        // boot.rst: a kernel with no value there accepts up to 0x37FFFFFF.
+        return v == 0 ? 0x37FF_FFFF : UInt64(v)
     }
 
-    func integer<T: FixedWidthInteger>(_: T.Type, at offset: UInt64, _ what: @autoclosure () -> String) throws(LinuxBootError) -> T {
-        let r = try range(offset, UInt64(MemoryLayout<T>.size), what())
-        var v: T = 0
-        for (i, b) in bytes[r].enumerated() { v |= T(b) << T(8 * i) }
-        return v
+    /// bzImage only: the longest command line the kernel accepts, NUL excluded (cmdline_size).
+    public var maxCommandLineLength: Int? {
+        guard let h = setupHeader, let v = Self.field(UInt32.self, BootParams.cmdlineSize, in: h) else { return nil }
+        return Int(v)
+    }
+
+    /// The boot protocol version, e.g. 0x020F; nil for a vmlinux.
+    public var bootProtocolVersion: UInt16? {
+        setupHeader.flatMap { Self.field(UInt16.self, BootParams.version, in: $0) }
+    }
+
+    /// A little-endian field of the setup header, addressed by its boot_params offset.
+    static func field<T: FixedWidthInteger>(_: T.Type, _ offset: Int, in header: [UInt8]) -> T? {
+        let at = offset - BootParams.setupHeader
+        guard at >= 0, at + MemoryLayout<T>.size <= header.count else { return nil }
+        var value: T = 0
+        for i in 0..<MemoryLayout<T>.size { value |= T(header[at + i]) << (8 * i) }
+        return value
     }
 }
 
+/// The front door for kernel images: recognises the format, validates the
+/// whole file, and only then copies it into guest memory, so a rejected file
+/// leaves guest RAM untouched.
 public enum KernelLoader {
-    /// Recognises an ELF vmlinux or a bzImage, validates it and copies it into guest memory.
+    /// Detects ELF vs bzImage, validates everything, copies into guest memory.
+    /// `path` is only used in error messages.
     public static func load(_ image: [UInt8], path: String, into memory: GuestMemory) throws(LinuxBootError) -> LoadedKernel {
-        let file = FileBytes(bytes: image, path: path)
-        if image.count >= 4, image[0] == 0x7F, image[1] == 0x45, image[2] == 0x4C, image[3] == 0x46 {
-            return try loadELF(file, memory: memory)
+        let file = UntrustedFile(bytes: image, path: path)
+        if image.starts(with: ELFLoader.magic) {
+            return try ELFLoader.load(file, into: memory)
         }
-        if image.count >= 0x206, image[0x202] == 0x48, image[0x203] == 0x64, image[0x204] == 0x72, image[0x205] == 0x53 {
-            return try loadBzImage(file, memory: memory)
+        if BzImageLoader.hasSetupHeaderSignature(image) {
+            return try BzImageLoader.load(file, into: memory)
         }
-        throw .unknownFormat(path: path, firstBytes: Array(image.prefix(8)))
+        throw .unrecognizedKernel(path: path, firstBytes: Array(image.prefix(8)))
     }
 
+    /// Where a bzImage's protected-mode code goes: the classic high-load address.
+    public static let bzImageLoadAddress: UInt64 = BzImageLoader.loadAddress
+}
+
+/// ELF64 vmlinux: copy each PT_LOAD segment to its physical address, zero its bss.
+enum ELFLoader {
+    static let magic: [UInt8] = [0x7F, 0x45, 0x4C, 0x46]  // "\x7FELF"
+    static let headerSize: UInt64 = 64
+    static let programHeaderSize: UInt16 = 56
+    /// A vmlinux has a handful; the bound keeps a hostile e_phnum from costing anything.
     static let maxProgramHeaders: UInt16 = 64
 
-    static func loadELF(_ f: FileBytes, memory: GuestMemory) throws(LinuxBootError) -> LoadedKernel {
-        let path = f.path
-        _ = try f.range(0, 64, "the ELF header")
-        guard f.bytes[4] == 2 else { throw .unsupportedELF(path: path, reason: "it is a 32-bit ELF (class \(f.bytes[4])); Airlock boots 64-bit kernels") }
-        guard f.bytes[5] == 1 else { throw .unsupportedELF(path: path, reason: "it is big-endian") }
-        let machine = try f.integer(UInt16.self, at: 18, "e_machine")
-        guard machine == 62 else { throw .unsupportedELF(path: path, reason: "e_machine is \(machine), not x86-64 (62)") }
-        let entry = try f.integer(UInt64.self, at: 24, "e_entry")
-        let phoff = try f.integer(UInt64.self, at: 32, "e_phoff")
-        let phentsize = try f.integer(UInt16.self, at: 54, "e_phentsize")
-        let phnum = try f.integer(UInt16.self, at: 56, "e_phnum")
-        guard phentsize == 56 else { throw .malformed(path: path, reason: "program header size is \(phentsize), not 56") }
-        guard phnum > 0, phnum <= maxProgramHeaders else {
-            throw .malformed(path: path, reason: "\(phnum) program headers (expected 1 to \(maxProgramHeaders))")
-        }
-        _ = try f.range(phoff, UInt64(phnum) * 56, "the program header table")
+    static let classELF64: UInt8 = 2
+    static let dataLittleEndian: UInt8 = 1
+    static let typeExecutable: UInt16 = 2
+    static let machineX86_64: UInt16 = 62
+    static let typeLoad: UInt32 = 1
 
-        struct Segment { let index: Int; let offset: UInt64; let paddr: UInt64; let filesz: UInt64; let memsz: UInt64 }
-        var segments: [Segment] = []
-        for i in 0..<Int(phnum) {
-            let h = phoff + UInt64(i) * 56  // inside the file: checked above
-            guard try f.integer(UInt32.self, at: h, "p_type") == 1 else { continue }  // PT_LOAD
-            let s = Segment(index: i,
-                            offset: try f.integer(UInt64.self, at: h + 8, "p_offset"),
-                            paddr: try f.integer(UInt64.self, at: h + 24, "p_paddr"),
-                            filesz: try f.integer(UInt64.self, at: h + 32, "p_filesz"),
-                            memsz: try f.integer(UInt64.self, at: h + 40, "p_memsz"))
-            guard s.filesz <= s.memsz else {
-                throw .malformed(path: path, reason: "segment \(i) has more file bytes (\(LinuxBootError.hex(s.filesz))) than memory bytes (\(LinuxBootError.hex(s.memsz)))")
-            }
-            _ = try f.range(s.offset, s.filesz, "segment \(i)")
-            guard memory.contains(GuestAddress(s.paddr), length: s.memsz) else {
-                throw .segmentOutsideMemory(path: path, segment: i, address: s.paddr, size: s.memsz, ramEnd: memory.highestAddress.raw)
-            }
-            segments.append(s)
-        }
-        guard !segments.isEmpty else { throw .malformed(path: path, reason: "no loadable (PT_LOAD) segments") }
-        // x86-64 vmlinux links ENTRY(phys_startup_64): e_entry is physical and must be inside what we load.
-        guard segments.contains(where: { entry >= $0.paddr && entry - $0.paddr < $0.memsz }) else {
-            throw .malformed(path: path, reason: "entry point \(LinuxBootError.hex(entry)) is outside every loadable segment")
-        }
-        // Everything is validated; only now touch guest memory.
-        do {
-            for s in segments {
-                let r = try f.range(s.offset, s.filesz, "segment \(s.index)")
-                let result = f.bytes[r].withUnsafeBytes { b in
-                    Result { () throws(GuestMemoryError) in try memory.write(at: GuestAddress(s.paddr), from: b) }
-                }
-                try result.get()
-                try memory.fill(at: GuestAddress(s.paddr + s.filesz), count: s.memsz - s.filesz)
-            }
-        } catch let e as GuestMemoryError { throw .memory(e) } catch { throw .malformed(path: path, reason: "\(error)") }
-        let start = segments.map(\.paddr).min()!
-        let end = segments.map { $0.paddr + $0.memsz }.max()!  // no overflow: memory.contains checked it
-        return LoadedKernel(format: .elf, entry: GuestAddress(entry), start: GuestAddress(start), end: GuestAddress(end), setupHeader: nil)
+    struct Segment {
+        let index: Int
+        let fileOffset: UInt64
+        let address: UInt64
+        let fileSize: UInt64
+        let memorySize: UInt64
+        var end: UInt64 { address + memorySize }  // no overflow: checked before a Segment is made
     }
 
-    /// Where the protected-mode part of a bzImage goes: the classic 1 MiB high-load address.
-    public static let bzImageLoadAddress: UInt64 = 0x10_0000
-    /// The oldest boot protocol with the 64-bit entry (2.12 added xloadflags).
-    static let minimumBootProtocol: UInt16 = 0x020C
-
-    static func loadBzImage(_ f: FileBytes, memory: GuestMemory) throws(LinuxBootError) -> LoadedKernel {
+    static func load(_ f: UntrustedFile, into memory: GuestMemory) throws(LinuxBootError) -> LoadedKernel {
         let path = f.path
-        let bootFlag = try f.integer(UInt16.self, at: 0x1FE, "boot_flag")
-        guard bootFlag == 0xAA55 else { throw .unsupportedBzImage(path: path, reason: "boot_flag is \(LinuxBootError.hex(UInt64(bootFlag))), not 0xaa55") }
-        let version = try f.integer(UInt16.self, at: 0x206, "the boot protocol version")
-        guard version >= minimumBootProtocol else {
-            throw .unsupportedBzImage(path: path, reason: "boot protocol \(version >> 8).\(version & 0xFF) is older than 2.12, which the 64-bit entry needs")
+        func invalid(_ p: ELFProblem) -> LinuxBootError { .invalidELF(path: path, problem: p) }
+
+        let header = try f.slice(0, length: headerSize, "the ELF header")
+        let base = header.startIndex
+        guard header[base + 4] == classELF64 else { throw invalid(.notELF64(elfClass: header[base + 4])) }
+        guard header[base + 5] == dataLittleEndian else { throw invalid(.notLittleEndian(encoding: header[base + 5])) }
+        let type = try f.read(UInt16.self, at: 16, "e_type")
+        let machine = try f.read(UInt16.self, at: 18, "e_machine")
+        guard machine == machineX86_64 else { throw invalid(.notX86_64(machine: machine)) }
+        guard type == typeExecutable else { throw invalid(.notExecutable(type: type)) }
+        let entry = try f.read(UInt64.self, at: 24, "e_entry")
+        let tableOffset = try f.read(UInt64.self, at: 32, "e_phoff")
+        let entrySize = try f.read(UInt16.self, at: 54, "e_phentsize")
+        let count = try f.read(UInt16.self, at: 56, "e_phnum")
+        guard entrySize == programHeaderSize else { throw invalid(.programHeaderSize(entrySize)) }
+        guard count >= 1, count <= maxProgramHeaders else { throw invalid(.programHeaderCount(count)) }
+        // count * 56 <= 3584: cannot overflow. The table itself must lie inside the file.
+        _ = try f.range(tableOffset, length: UInt64(count) * UInt64(programHeaderSize),
+                        "the program header table (\(count) entries)")
+
+        var segments: [Segment] = []
+        for i in 0..<Int(count) {
+            let h = tableOffset + UInt64(i) * UInt64(programHeaderSize)  // inside the file: checked above
+            guard try f.read(UInt32.self, at: h, "program header \(i)") == typeLoad else { continue }
+            let fileOffset = try f.read(UInt64.self, at: h + 8, "program header \(i)")
+            let address = try f.read(UInt64.self, at: h + 24, "program header \(i)")  // p_paddr
+            let fileSize = try f.read(UInt64.self, at: h + 32, "program header \(i)")
+            let memorySize = try f.read(UInt64.self, at: h + 40, "program header \(i)")
+            guard fileSize <= memorySize else {
+                throw invalid(.fileSizeExceedsMemorySize(segment: i, fileSize: fileSize, memorySize: memorySize))
+            }
+            _ = try f.range(fileOffset, length: fileSize, "segment \(i)")
+            if memorySize == 0 { continue }  // nothing to load
+            if address.addingReportingOverflow(memorySize).overflow {
+                throw .rangeOverflows(path: path, what: "segment \(i)'s physical range", offset: address, length: memorySize)
+            }
+            guard memory.contains(GuestAddress(address), length: memorySize) else {
+                throw .segmentOutsideMemory(path: path, segment: i, address: address, size: memorySize,
+                                            ramEnd: memory.highestAddress.raw)
+            }
+            segments.append(Segment(index: i, fileOffset: fileOffset, address: address, fileSize: fileSize, memorySize: memorySize))
         }
-        let xloadflags = try f.integer(UInt16.self, at: 0x236, "xloadflags")
-        guard xloadflags & 1 != 0 else {
-            throw .unsupportedBzImage(path: path, reason: "it lacks XLF_KERNEL_64 (no 64-bit entry point); build it for x86-64")
+        guard !segments.isEmpty else { throw invalid(.noLoadableSegment) }
+        guard segments.contains(where: { entry >= $0.address && entry < $0.end }) else {
+            throw invalid(.entryOutsideSegments(entry: entry))
         }
-        let headerEnd = 0x202 + UInt64(try f.integer(UInt8.self, at: 0x201, "the setup header length"))
-        let header = Array(f.bytes[try f.range(0x1F1, headerEnd - 0x1F1, "the setup header")])
-        var setupSectors = UInt64(try f.integer(UInt8.self, at: 0x1F1, "setup_sects"))
-        if setupSectors == 0 { setupSectors = 4 }
-        let kernelOffset = (setupSectors + 1) * 512
-        guard kernelOffset < f.count else {
-            throw .truncated(path: path, what: "the protected-mode kernel after \(setupSectors) setup sectors", needed: kernelOffset + 1, fileSize: f.count)
+
+        // Everything is validated; only now is guest memory written.
+        for s in segments {
+            try GuestMemoryWriter.copy(try f.slice(s.fileOffset, length: s.fileSize, "segment \(s.index)"),
+                                       to: s.address, memory: memory, path: path)
+            // The bss: RAM may hold anything (a reused VM, a previous load), and the kernel expects zeros.
+            try GuestMemoryWriter.zero(at: s.address + s.fileSize, count: s.memorySize - s.fileSize, memory: memory, path: path)
         }
-        let size = f.count - kernelOffset
-        // init_size: the memory the kernel needs from its load address while it decompresses
-        // and runs; nothing else (the initrd) may be placed there.
-        let initSize = UInt64(try f.integer(UInt32.self, at: 0x260, "init_size"))
-        let footprint = max(size, initSize)
-        guard memory.contains(GuestAddress(bzImageLoadAddress), length: footprint) else {
-            throw .segmentOutsideMemory(path: path, segment: 0, address: bzImageLoadAddress, size: footprint, ramEnd: memory.highestAddress.raw)
+        let start = segments.map(\.address).min()!  // non-empty: checked above
+        let end = segments.map(\.end).max()!
+        return LoadedKernel(format: .elf, entry: GuestAddress(entry), start: GuestAddress(start),
+                            end: GuestAddress(end), setupHeader: nil)
+    }
+}
+
+/// bzImage: real-mode setup sectors (skipped: we use the 64-bit entry), then the
+/// protected-mode code, which goes to 1 MiB and decompresses itself.
+enum BzImageLoader {
+    static let loadAddress: UInt64 = 0x10_0000
+    /// The 64-bit entry is this far into the protected-mode code (boot.rst, "64-bit BOOT PROTOCOL").
+    static let entryOffset: UInt64 = 0x200
+    /// 2.12 introduced xloadflags, which is how a kernel says it has the 64-bit entry.
+    static let minimumProtocol: UInt16 = 0x020C
+    /// The 2.12 header runs through handover_offset (0x264..0x268).
+    static let minimumHeaderEnd: UInt64 = 0x268
+    /// boot_params reserves 0x1F1..<0x290 for the setup header; a longer claim is not copied.
+    static let maximumHeaderEnd: UInt64 = 0x290
+    static let signature: [UInt8] = Array("HdrS".utf8)
+
+    static let loadedHigh: UInt8 = 0x01
+    static let xlfKernel64: UInt16 = 0x01
+
+    static func hasSetupHeaderSignature(_ image: [UInt8]) -> Bool {
+        image.count >= 0x206 && image[0x202..<0x206].elementsEqual(signature)
+    }
+
+    static func load(_ f: UntrustedFile, into memory: GuestMemory) throws(LinuxBootError) -> LoadedKernel {
+        let path = f.path
+        func invalid(_ p: BzImageProblem) -> LinuxBootError { .invalidBzImage(path: path, problem: p) }
+
+        let bootFlag = try f.read(UInt16.self, at: 0x1FE, "boot_flag")
+        guard bootFlag == 0xAA55 else { throw invalid(.badBootFlag(bootFlag)) }
+        let version = try f.read(UInt16.self, at: 0x206, "the boot protocol version")
+        guard version >= minimumProtocol else { throw invalid(.protocolTooOld(version: version)) }
+        // The jump at 0x200 is "jmp short" over the header: its offset byte is the header length past 0x202.
+        let headerEnd = 0x202 + UInt64(try f.read(UInt8.self, at: 0x201, "the setup header length"))
+        guard headerEnd >= minimumHeaderEnd else { throw invalid(.setupHeaderTooShort(end: headerEnd)) }
+        let header = Array(try f.slice(0x1F1, length: min(headerEnd, maximumHeaderEnd) - 0x1F1, "the setup header"))
+        func field<T: FixedWidthInteger>(_: T.Type, _ offset: Int) -> T {
+            LoadedKernel.field(T.self, offset, in: header)!  // every offset read lies below minimumHeaderEnd
         }
-        let r = try f.range(kernelOffset, size, "the protected-mode kernel")
-        let result = f.bytes[r].withUnsafeBytes { b in
-            Result { () throws(GuestMemoryError) in try memory.write(at: GuestAddress(bzImageLoadAddress), from: b) }
+
+        guard field(UInt8.self, BootParams.loadFlags) & loadedHigh != 0 else { throw invalid(.notLoadedHigh) }
+        guard field(UInt16.self, BootParams.xloadflags) & xlfKernel64 != 0 else { throw invalid(.no64BitEntry) }
+
+        var setupSectors = UInt64(field(UInt8.self, BootParams.setupSects))
+        if setupSectors == 0 { setupSectors = 4 }  // boot.rst: 0 means 4, for very old kernels
+        let codeOffset = (setupSectors + 1) * 512  // at most 0x20000
+        // syssize counts the protected-mode code in 16-byte paragraphs; a file shorter than that was cut off.
+        let declaredSize = UInt64(field(UInt32.self, BootParams.syssize)) * 16
+        let codeSize = f.size > codeOffset ? f.size - codeOffset : 0
+        // It must at least reach past the 64-bit entry, which is where the vCPU starts.
+        _ = try f.range(codeOffset, length: max(declaredSize, entryOffset + 1),
+                        "the protected-mode kernel after \(setupSectors) setup sectors")
+
+        // The kernel relocates itself before decompressing: to pref_address if it
+        // is not relocatable, else to its load address rounded up to kernel_alignment
+        // but never below pref_address. From there it needs init_size bytes.
+        // (boot.rst, init_size; the kernel's compressed/head_64.S.)
+        let relocatable = field(UInt8.self, BootParams.relocatableKernel) != 0
+        let alignment = field(UInt32.self, BootParams.kernelAlignment)
+        let preferred = field(UInt64.self, BootParams.prefAddress)
+        let initSize = UInt64(field(UInt32.self, BootParams.initSize))
+        let runtimeStart: UInt64
+        if relocatable {
+            guard alignment != 0, alignment & (alignment - 1) == 0 else { throw invalid(.badKernelAlignment(alignment)) }
+            let mask = UInt64(alignment) - 1
+            let (bumped, overflow) = max(loadAddress, preferred).addingReportingOverflow(mask)
+            if overflow { throw .rangeOverflows(path: path, what: "pref_address", offset: preferred, length: mask) }
+            runtimeStart = bumped & ~mask
+        } else {
+            runtimeStart = preferred == 0 ? loadAddress : preferred
         }
-        do { try result.get() } catch { throw .memory(error) }
-        return LoadedKernel(format: .bzImage, entry: GuestAddress(bzImageLoadAddress + 0x200),
-                            start: GuestAddress(bzImageLoadAddress), end: GuestAddress(bzImageLoadAddress + footprint),
-                            setupHeader: header)
+        let (runtimeEnd, overflow) = runtimeStart.addingReportingOverflow(initSize)
+        if overflow { throw .rangeOverflows(path: path, what: "the decompression area", offset: runtimeStart, length: initSize) }
+        let end = max(loadAddress + codeSize, runtimeEnd)  // loadAddress + codeSize < 2^64: codeSize is an array count
+        // Below the load address is the VMM's (zero page, command line, page tables).
+        guard runtimeStart >= loadAddress else { throw invalid(.runsBelowLoadAddress(runtimeStart)) }
+        guard memory.contains(GuestAddress(loadAddress), length: end - loadAddress) else {
+            throw .bzImageOutsideMemory(path: path, address: loadAddress, size: end - loadAddress, ramEnd: memory.highestAddress.raw)
+        }
+
+        try GuestMemoryWriter.copy(try f.slice(codeOffset, length: codeSize, "the protected-mode kernel"),
+                                   to: loadAddress, memory: memory, path: path)
+        return LoadedKernel(format: .bzImage, entry: GuestAddress(loadAddress + entryOffset), start: GuestAddress(loadAddress),
+                            end: GuestAddress(end), setupHeader: header)
     }
 }

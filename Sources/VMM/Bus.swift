@@ -80,7 +80,8 @@ public struct Bus: Sendable {
         let e = entries[low - 1]
         let offset = address - e.base
         // An access that starts inside and runs past the end belongs to no device.
-        guard size > 0, offset <= e.length - UInt64(size), UInt64(size) <= e.length else { return nil }
+        // The size check comes first: it keeps the subtraction from underflowing.
+        guard size > 0, UInt64(size) <= e.length, offset <= e.length - UInt64(size) else { return nil }
         return (e.device, offset)
     }
 

@@ -3,127 +3,110 @@ import Testing
 @testable import LinuxBoot
 
 @Suite struct BootParamsTests {
-    static let elfKernel = LoadedKernel(format: .elf, entry: GuestAddress(0x100_0000), start: GuestAddress(0x100_0000),
-                                        end: GuestAddress(0x200_0000), setupHeader: nil)
+    static let vmlinux = LoadedKernel(format: .elf, entry: GuestAddress(0x100_0000), start: GuestAddress(0x100_0000),
+                                      end: GuestAddress(0x200_0000), setupHeader: nil)
 
-    func u16(_ b: [UInt8], _ o: Int) -> UInt16 { UInt16(b[o]) | UInt16(b[o + 1]) << 8 }
-    func u32(_ b: [UInt8], _ o: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(b[o + $1]) << (8 * UInt32($1)) } }
-    func u64(_ b: [UInt8], _ o: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(b[o + $1]) << (8 * UInt64($1)) } }
-
-    @Test func fieldOffsetsMatchTheBootProtocol() {
-        // Pinned against Documentation/arch/x86/boot.rst and uapi/asm/bootparam.h.
-        #expect(BootParams.extRamdiskImage == 0x0C0 && BootParams.extRamdiskSize == 0x0C4 && BootParams.extCmdLinePtr == 0x0C8)
-        #expect(BootParams.e820Entries == 0x1E8 && BootParams.setupSects == 0x1F1 && BootParams.bootFlag == 0x1FE)
-        #expect(BootParams.header == 0x202 && BootParams.version == 0x206 && BootParams.typeOfLoader == 0x210)
-        #expect(BootParams.loadFlags == 0x211 && BootParams.ramdiskImage == 0x218 && BootParams.ramdiskSize == 0x21C)
-        #expect(BootParams.heapEndPtr == 0x224 && BootParams.cmdLinePtr == 0x228 && BootParams.initrdAddrMax == 0x22C)
-        #expect(BootParams.kernelAlignment == 0x230 && BootParams.xloadflags == 0x236 && BootParams.cmdlineSize == 0x238)
-        #expect(BootParams.e820Table == 0x2D0 && BootParams.e820EntrySize == 20 && BootParams.e820MaxEntries == 128)
-        #expect(BootParams.e820Table + 128 * 20 <= 0xCD0)  // e820_table ends before the next field (eddbuf at 0xD00)
+    /// The offsets, pinned to Documentation/arch/x86/boot.rst and uapi/asm/bootparam.h.
+    @Test func namedOffsetsMatchTheBootProtocol() {
+        let pinned: [(Int, Int)] = [
+            (BootParams.extRamdiskImage, 0x0C0), (BootParams.extRamdiskSize, 0x0C4), (BootParams.extCmdLinePtr, 0x0C8),
+            (BootParams.e820Entries, 0x1E8), (BootParams.sentinel, 0x1EF), (BootParams.setupSects, 0x1F1),
+            (BootParams.syssize, 0x1F4), (BootParams.bootFlag, 0x1FE), (BootParams.jump, 0x200), (BootParams.header, 0x202),
+            (BootParams.version, 0x206), (BootParams.typeOfLoader, 0x210), (BootParams.loadFlags, 0x211),
+            (BootParams.ramdiskImage, 0x218), (BootParams.ramdiskSize, 0x21C), (BootParams.heapEndPtr, 0x224),
+            (BootParams.cmdLinePtr, 0x228), (BootParams.initrdAddrMax, 0x22C), (BootParams.kernelAlignment, 0x230),
+            (BootParams.relocatableKernel, 0x234), (BootParams.xloadflags, 0x236), (BootParams.cmdlineSize, 0x238),
+            (BootParams.hardwareSubarch, 0x23C), (BootParams.hardwareSubarchData, 0x240), (BootParams.setupData, 0x250),
+            (BootParams.prefAddress, 0x258), (BootParams.initSize, 0x260), (BootParams.setupHeaderLimit, 0x290),
+            (BootParams.e820Table, 0x2D0), (BootParams.e820EntrySize, 20), (BootParams.e820MaxEntries, 128),
+        ]
+        for (actual, expected) in pinned { #expect(actual == expected) }
+        // The e820 table ends before eddbuf (0xD00), and the page is 4 KiB.
+        #expect(BootParams.e820Table + BootParams.e820MaxEntries * BootParams.e820EntrySize == 0xCD0)
+        #expect(BootParams.size == 4096)
     }
 
-    @Test func vmlinuxGetsAMinimalHeader() {
-        let p = BootParams(kernel: Self.elfKernel).bytes
-        #expect(p.count == 4096)
-        #expect(u16(p, 0x1FE) == 0xAA55)
-        #expect(u32(p, 0x202) == 0x5372_6448)
-        #expect(u16(p, 0x206) >= 0x020C)
-        #expect(p[0x210] == 0xFF)
-        #expect(p[0x211] & 0x01 == 0x01)
-    }
-
-    @Test func commandLineInitrdAndE820LandAtTheirOffsets() throws {
-        var params = BootParams(kernel: Self.elfKernel)
-        params.setCommandLine(address: GuestAddress(0x20000), size: 42)
-        params.setInitrd(address: GuestAddress(0x1_2345_6000), size: 0x1_0000_0123)
+    /// Every setter's value, read back at the protocol's raw offsets (not the named constants).
+    @Test func fieldsLandAtTheirOffsets() throws {
+        var params = BootParams(kernel: Self.vmlinux)
+        params.setCommandLine(address: GuestAddress(0x1_0002_0000), size: 42)
+        params.setInitrd(address: GuestAddress(0x2_3456_7000), size: 0x1_0000_0123)
         try params.setE820([E820Entry(address: 0, size: 0x9FC00, type: .ram),
-                            E820Entry(address: 0x9FC00, size: 0x60400, type: .reserved)])
+                            E820Entry(address: 0x9FC00, size: 0x60400, type: .reserved),
+                            E820Entry(address: 0x1_0000_0000, size: 0x4000_0000, type: .acpi)])
         let p = params.bytes
-        #expect(u32(p, 0x228) == 0x20000 && u32(p, 0xC8) == 0 && u32(p, 0x238) == 42)
-        #expect(u32(p, 0x218) == 0x2345_6000 && u32(p, 0xC0) == 1)
-        #expect(u32(p, 0x21C) == 0x123 && u32(p, 0xC4) == 1)
-        #expect(p[0x1E8] == 2)
-        #expect(u64(p, 0x2D0) == 0 && u64(p, 0x2D8) == 0x9FC00 && u32(p, 0x2E0) == 1)
-        #expect(u64(p, 0x2E4) == 0x9FC00 && u64(p, 0x2EC) == 0x60400 && u32(p, 0x2F4) == 2)
+        #expect(p.count == 4096)
+        #expect(readLE(UInt32.self, p, 0x228) == 0x0002_0000 && readLE(UInt32.self, p, 0x0C8) == 1)  // cmd_line_ptr, ext_
+        #expect(readLE(UInt32.self, p, 0x238) == 42)  // cmdline_size: the length, for a vmlinux
+        #expect(readLE(UInt32.self, p, 0x218) == 0x3456_7000 && readLE(UInt32.self, p, 0x0C0) == 2)  // ramdisk_image, ext_
+        #expect(readLE(UInt32.self, p, 0x21C) == 0x123 && readLE(UInt32.self, p, 0x0C4) == 1)  // ramdisk_size, ext_
+        #expect(p[0x1E8] == 3)
+        #expect(readLE(UInt64.self, p, 0x2D0) == 0 && readLE(UInt64.self, p, 0x2D8) == 0x9FC00 && readLE(UInt32.self, p, 0x2E0) == 1)
+        #expect(readLE(UInt64.self, p, 0x2E4) == 0x9FC00 && readLE(UInt64.self, p, 0x2EC) == 0x60400 && readLE(UInt32.self, p, 0x2F4) == 2)
+        #expect(readLE(UInt64.self, p, 0x2F8) == 0x1_0000_0000 && readLE(UInt64.self, p, 0x300) == 0x4000_0000)
+        #expect(readLE(UInt32.self, p, 0x308) == 3)
+        #expect(p[0x1EF] == 0)  // sentinel: left clear so the kernel does not wipe ext_ fields
     }
 
-    @Test func tooManyE820EntriesAreRejected() {
-        var params = BootParams(kernel: Self.elfKernel)
-        let many = (0..<129).map { E820Entry(address: UInt64($0) << 20, size: 4096, type: .ram) }
-        #expect(throws: LinuxBootError.tooManyMemoryRanges(129)) { try params.setE820(many) }
+    @Test func aVmlinuxGetsASynthesizedHeader() {
+        let p = BootParams(kernel: Self.vmlinux).bytes
+        #expect(readLE(UInt16.self, p, 0x1FE) == 0xAA55)
+        #expect(Array(p[0x202..<0x206]) == Array("HdrS".utf8))
+        #expect(readLE(UInt16.self, p, 0x206) == 0x020F)
+        #expect(p[0x210] == 0xFF)  // type_of_loader: undefined
+        #expect(p[0x211] == 0x01)  // LOADED_HIGH only: no real-mode heap for a vmlinux
+        #expect(readLE(UInt32.self, p, 0x230) == 0x100_0000)
+        #expect(readLE(UInt16.self, p, 0x224) == 0)
+        // Nothing else is set: everything outside the few fields above is zero.
+        let set: Set<Int> = [0x1FE, 0x1FF, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, 0x210, 0x211, 0x230, 0x231, 0x232, 0x233]
+        #expect(p.indices.allSatisfy { set.contains($0) || p[$0] == 0 })
     }
 
-    @Test func e820MapReservesTheBIOSHoleAndListsHighRAM() throws {
-        let memory = try GuestMemory(layout: [(GuestAddress(0), 64 << 20), (GuestAddress(1 << 32), 2 << 20)])
-        let map = E820Entry.map(for: memory)
-        #expect(map == [E820Entry(address: 0, size: 0x9FC00, type: .ram),
-                        E820Entry(address: 0x9FC00, size: 0x100000 - 0x9FC00, type: .reserved),
-                        E820Entry(address: 0x100000, size: (64 << 20) - 0x100000, type: .ram),
-                        E820Entry(address: 1 << 32, size: 2 << 20, type: .ram)])
+    @Test func aBzImageKeepsItsHeaderAndGetsTheLoaderFields() throws {
+        var image = BzImage.build()
+        // Junk in fields the loader owns must not reach the kernel.
+        image.replaceSubrange(0x218..<0x220, with: [UInt8](repeating: 0x77, count: 8))  // ramdisk_image, ramdisk_size
+        image.replaceSubrange(0x228..<0x22C, with: [UInt8](repeating: 0x77, count: 4))  // cmd_line_ptr
+        image.replaceSubrange(0x250..<0x258, with: [UInt8](repeating: 0x77, count: 8))  // setup_data
+        let k = try KernelLoader.load(image, path: "bz", into: testMemory())
+        var params = BootParams(kernel: k)
+        params.setCommandLine(address: GuestAddress(0x20000), size: 100)
+        let p = params.bytes
+        #expect(p[0x1F1] == 2)  // setup_sects, from the image
+        #expect(readLE(UInt16.self, p, 0x1FE) == 0xAA55 && Array(p[0x202..<0x206]) == Array("HdrS".utf8))
+        #expect(readLE(UInt16.self, p, 0x206) == 0x020F && readLE(UInt16.self, p, 0x236) == 1)
+        #expect(p[0x210] == 0xFF)
+        #expect(p[0x211] == 0x81)  // LOADED_HIGH | CAN_USE_HEAP
+        #expect(readLE(UInt16.self, p, 0x224) == 0xDE00)
+        #expect(readLE(UInt32.self, p, 0x22C) == 0x7FFF_FFFF && readLE(UInt32.self, p, 0x230) == 0x20_0000)
+        #expect(readLE(UInt32.self, p, 0x238) == 0x7FF)  // cmdline_size stays the kernel's limit
+        #expect(readLE(UInt32.self, p, 0x228) == 0x20000)
+        #expect(readLE(UInt64.self, p, 0x218) == 0 && readLE(UInt64.self, p, 0x250) == 0)
+        #expect(params.initrdAddressMax == 0x7FFF_FFFF)
     }
 
-    @Test func initrdGoesHighPageAlignedAndAboveTheKernel() throws {
-        let memory = try GuestMemory(layout: [(GuestAddress(0), 64 << 20)])
-        let at = try InitrdPlacer.place(size: 1_000_001, kernel: Self.elfKernel, memory: memory, path: "initrd")
-        #expect(at.raw % 4096 == 0)
-        #expect(at.raw + 1_000_001 <= 64 << 20)
-        #expect(at.raw >= 0x200_0000)
-        #expect(at.raw > (64 << 20) - 1_000_001 - 4096)
+    @Test func e820TableHolds128EntriesAndNoMore() throws {
+        var params = BootParams(kernel: Self.vmlinux)
+        let full = (0..<128).map { E820Entry(address: UInt64($0) << 20, size: 4096, type: .ram) }
+        try params.setE820(full)
+        #expect(params.bytes[0x1E8] == 128)
+        #expect(readLE(UInt64.self, params.bytes, 0x2D0 + 127 * 20) == 127 << 20)
+        let many = full + [E820Entry(address: 1 << 40, size: 4096, type: .ram)]
+        #expect(throws: LinuxBootError.tooManyE820Entries(count: 129)) { try params.setE820(many) }
+        #expect(params.bytes[0x1E8] == 128)  // unchanged by the refused call
+        // A shorter map replaces a longer one completely.
+        try params.setE820([E820Entry(address: 0, size: 4096, type: .ram)])
+        #expect(params.bytes[0x1E8] == 1 && params.bytes[(0x2D0 + 20)..<0xCD0].allSatisfy { $0 == 0 })
     }
 
-    @Test func initrdThatDoesNotFitIsAClearError() throws {
-        let memory = try GuestMemory(layout: [(GuestAddress(0), 64 << 20)])
-        #expect(throws: LinuxBootError.self) {
-            try InitrdPlacer.place(size: 40 << 20, kernel: Self.elfKernel, memory: memory, path: "/x/initrd")
+    @Test func writesThePageIntoGuestMemory() throws {
+        let m = try testMemory()
+        var params = BootParams(kernel: Self.vmlinux)
+        try params.setE820(E820Entry.e820Map(memory: m))
+        try params.write(to: m, at: GuestAddress(0x7000))
+        #expect(try m.readBytes(at: GuestAddress(0x7000), count: 4096) == params.bytes)
+        #expect(throws: LinuxBootError.bootParamsOutsideMemory(address: GuestAddress((64 << 20) - 100))) {
+            try params.write(to: m, at: GuestAddress((64 << 20) - 100))
         }
-        do {
-            _ = try InitrdPlacer.place(size: 40 << 20, kernel: Self.elfKernel, memory: memory, path: "/x/initrd")
-        } catch {
-            #expect(error.description.contains("/x/initrd") && error.description.contains("--memory"))
-        }
-    }
-
-    @Test func initrdStaysBelowTheKernelsLimit() throws {
-        let memory = try GuestMemory(layout: [(GuestAddress(0), 64 << 20)])
-        let at = try InitrdPlacer.place(size: 4096, kernel: Self.elfKernel, memory: memory, path: "i", maxAddress: 0x2FF_FFFF)
-        #expect(at.raw + 4096 <= 0x300_0000)
-    }
-}
-
-@Suite struct KernelCommandLineTests {
-    @Test func appendsWithSingleSpaces() throws {
-        var c = try KernelCommandLine("console=ttyS0")
-        try c.append("  reboot=k panic=-1 ")
-        try c.append("")
-        try c.append(key: "root", value: "/dev/vda")
-        #expect(c.string == "console=ttyS0 reboot=k panic=-1 root=/dev/vda")
-        #expect(c.bytesWithNUL.last == 0 && c.bytesWithNUL.count == c.string.utf8.count + 1)
-        #expect(c.contains(key: "panic") && c.contains(key: "console") && !c.contains(key: "pani"))
-    }
-
-    @Test func quotesValuesWithSpaces() throws {
-        var c = try KernelCommandLine()
-        try c.append(key: "airlock.msg", value: "hello world")
-        #expect(c.string == "airlock.msg=\"hello world\"")
-        #expect(throws: LinuxBootError.self) { try c.append(key: "bad key", value: "x") }
-        #expect(throws: LinuxBootError.self) { try c.append(key: "k", value: "a\"b") }
-    }
-
-    @Test func rejectsNULBytes() throws {
-        var c = try KernelCommandLine()
-        #expect(throws: LinuxBootError.self) { try c.append("a\u{0}b") }
-    }
-
-    @Test func capacityIsExactIncludingTheNUL() throws {
-        var c = try KernelCommandLine()
-        try c.append(String(repeating: "a", count: 2047))
-        #expect(c.bytesWithNUL.count == 2048)
-        var d = try KernelCommandLine()
-        #expect(throws: LinuxBootError.commandLineTooLong(length: 2048, capacity: 2048)) {
-            try d.append(String(repeating: "a", count: 2048))
-        }
-        var e = try KernelCommandLine(String(repeating: "b", count: 2040))
-        #expect(throws: LinuxBootError.self) { try e.append("1234567") }  // 2040 + space + 7 = 2048 > 2047
-        #expect(e.string.count == 2040)  // a refused append leaves the line as it was
     }
 }
