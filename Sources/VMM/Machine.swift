@@ -217,8 +217,18 @@ public final class Machine: @unchecked Sendable {
         return device
     }
 
+    /// Adds a multiport virtio-console (before `loadLinux`). Port n of the k-th
+    /// virtio device appears in the guest as /dev/vport{k}p{n}, named by its spec.
+    /// Feed host input with `console.queueInput` and then `transport.serviceQueue`.
+    @discardableResult
+    public func addConsoleDevice(ports: [ConsoleDevice.PortSpec]) throws(VMMError) -> (console: ConsoleDevice, transport: MMIOTransport) {
+        let console = ConsoleDevice(ports: ports)
+        return (console, try addVirtioDevice(console))
+    }
+
     /// Puts a virtio device behind an MMIO transport in the next free slot, with its own IRQ.
-    func addVirtioDevice(_ device: any VirtioDevice) throws(VMMError) {
+    @discardableResult
+    func addVirtioDevice(_ device: any VirtioDevice) throws(VMMError) -> MMIOTransport {
         let index = UInt64(virtioDevices.count)
         guard index < UInt64(Layout.virtioIRQs.count) else {
             throw .invalidConfiguration("too many virtio devices: at most \(Layout.virtioIRQs.count)")
@@ -230,6 +240,7 @@ public final class Machine: @unchecked Sendable {
         try addMMIODevice(VirtioMMIODevice(transport), name: "virtio-mmio \(device.deviceID) #\(index)",
                           base: base, length: MMIOTransport.windowSize)
         virtioDevices.append((base, irq))
+        return transport
     }
 
     /// Adds a device to the MMIO bus (before `run`).

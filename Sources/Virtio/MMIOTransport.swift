@@ -133,11 +133,7 @@ public final class MMIOTransport: @unchecked Sendable {
             case Register.queueNotify:
                 guard s.status & VirtioStatus.driverOK != 0, s.status & VirtioStatus.deviceNeedsReset == 0,
                       Int(v) < s.queues.count, s.queues[Int(v)].ready else { return }
-                let q = Int(v)
-                let result = device.process(queue: q, &s.queues[q], memory: memory)
-                if result.returnedBuffers { s.interruptStatus |= 1 }  // used buffer notification
-                s.queueErrors += result.malformedChains
-                if result.ringError != nil { noteQueueError(&s) }
+                service(&s, queue: Int(v))
             case Register.interruptACK:
                 s.interruptStatus &= ~v
             case Register.status:
@@ -147,6 +143,25 @@ public final class MMIOTransport: @unchecked Sendable {
             }
             updateLine(&s)
         }
+    }
+
+    /// Has the device serve `queue` now, on the host's initiative (input arrived
+    /// for the guest): the same as a driver notification, but ignored until the
+    /// driver has set DRIVER_OK and made the queue ready.
+    public func serviceQueue(_ queue: Int) {
+        state.withLock { s in
+            guard s.status & VirtioStatus.driverOK != 0, s.status & VirtioStatus.deviceNeedsReset == 0,
+                  queue >= 0, queue < s.queues.count, s.queues[queue].ready else { return }
+            service(&s, queue: queue)
+            updateLine(&s)
+        }
+    }
+
+    private func service(_ s: inout State, queue: Int) {
+        let result = device.process(queue: queue, queues: &s.queues, memory: memory)
+        if result.returnedBuffers { s.interruptStatus |= 1 }  // used buffer notification
+        s.queueErrors += result.malformedChains
+        if result.ringError != nil { noteQueueError(&s) }
     }
 
     /// Marks a queue error: the driver must reset the device to use it again.

@@ -39,14 +39,22 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func writeConfig(offset: Int, size: Int, value: UInt64)
     /// The driver set DRIVER_OK with these features.
     func activate(features: UInt64)
-    /// Serves what the driver made available on queue `index`.
-    func process(queue index: Int, _ queue: inout SplitQueue, memory: GuestMemory) -> QueueProcessing
+    /// Serves what the driver made available on queue `index`. All queues are
+    /// passed because some devices answer on another queue (virtio-console's
+    /// control messages); only ready queues may be used.
+    func process(queue index: Int, queues: inout [SplitQueue], memory: GuestMemory) -> QueueProcessing
     /// The driver reset the device: forget negotiated state.
     func reset()
 }
 
 /// What one round of queue processing did.
 public struct QueueProcessing: Equatable, Sendable {
+    public mutating func merge(_ other: QueueProcessing) {
+        returnedBuffers = returnedBuffers || other.returnedBuffers
+        malformedChains += other.malformedChains
+        ringError = ringError ?? other.ringError
+    }
+
     /// Buffers went back to the driver: raise the used-buffer interrupt.
     public var returnedBuffers = false
     /// Chains that failed validation; each was returned unused (0 bytes written).

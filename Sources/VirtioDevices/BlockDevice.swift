@@ -90,8 +90,8 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     public func activate(features: UInt64) {}
     public func reset() {}
 
-    public func process(queue index: Int, _ queue: inout SplitQueue, memory: GuestMemory) -> QueueProcessing {
-        queue.drain(memory: memory) { chain in serve(chain, memory: memory) }
+    public func process(queue index: Int, queues: inout [SplitQueue], memory: GuestMemory) -> QueueProcessing {
+        queues[index].drain(memory: memory) { chain in serve(chain, memory: memory) }
     }
 
     /// Serves one request; returns the bytes written into the chain (data + status).

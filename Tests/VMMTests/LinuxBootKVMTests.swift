@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import VirtioDevices
 @testable import VMM
 
 /// Boots the installed guest kernel (make images) with the default root
@@ -45,15 +46,17 @@ struct LinuxBootKVMTests {
 
     /// Data the guest writes to a read-write disk and flushes (dd conv=fsync:
     /// the driver's FLUSH becomes fsync) is in the backing file, byte for byte,
-    /// once the VM has ended.
+    /// once the VM has ended; and what it writes to a virtio-console port
+    /// reaches that port's host output. One boot serves both checks.
     @Test(.timeLimit(.minutes(5)))
-    func flushedWritesAreDurable() throws {
+    func flushedWritesAreDurableAndConsolePortsCarryOutput() throws {
         let kernel = Self.imagesDirectory + "/vmlinux"
         try #require(FileManager.default.fileExists(atPath: kernel), "no guest kernel at \(kernel): run 'make images' first")
         let image = try VMTests.rootfs(withInit: """
             #!/bin/sh
             dd if=/bin/busybox of=/dev/vdb bs=64k count=4 conv=fsync 2>/dev/console
             echo "AIRLOCK-WROTE" > /dev/console
+            echo "out through virtio-console" > /dev/vport2p1
             reboot -f
             """)
         defer { try? FileManager.default.removeItem(at: image.directory) }
@@ -67,10 +70,14 @@ struct LinuxBootKVMTests {
         let machine = try Machine(config)
         try machine.addBlockDevice(path: image.path, readOnly: true)
         try machine.addBlockDevice(path: scratch.path, readOnly: false)
+        let portOutput = BoundedCapture(limit: 4096)
+        try machine.addConsoleDevice(ports: [.init(name: "airlock.control", output: nil),
+                                             .init(name: "airlock.stdout", output: portOutput)])
         try machine.loadLinux(kernelPath: kernel, initrdPath: nil, extraCommandLine: "root=/dev/vda ro rootfstype=ext4")
         let exit = try machine.run(timeout: 240)
         #expect(exit.event?.cause == .i8042Reset, "\(console.text.suffix(2000))")
         #expect(console.text.contains("AIRLOCK-WROTE"))
+        #expect(String(decoding: portOutput.bytes, as: UTF8.self) == "out through virtio-console\n", "\(console.text.suffix(2000))")
 
         let written = try Data(contentsOf: scratch)
         let expected = try Data(contentsOf: URL(fileURLWithPath: "/bin/busybox")).prefix(256 << 10)
