@@ -60,7 +60,7 @@ bench-exits: deps
 	sorted=$$(printf '%s\n' "$${c[@]}" | sort -n); cmed=$$(echo "$$sorted" | sed -n 3p); \
 	echo "C floor (micro.c) 100000 out exits: median $$cmed s (min $$(echo "$$sorted" | head -1), max $$(echo "$$sorted" | tail -1))"; \
 	line=$$($$($(SWIFT) build -c release --show-bin-path)/airlock-bench-exits 100000 5); echo "$$line"; \
-	amed=$$(echo "$$line" | sed -E 's/.*median ([0-9.]+) s.*/\1/'); \
+	amed=$$(echo "$$line" | head -1 | sed -E 's/.*median ([0-9.]+) s.*/\1/'); \
 	echo "ratio airlock/C: $$(echo "scale=3; $$amed / $$cmed" | bc)"
 
 ## bench-blk: virtio-blk sequential read in the guest vs the host's read of the same file (BLK_MIB, default 256)

@@ -27,6 +27,7 @@ func payload(_ n: Int) -> [UInt8] {
 }
 
 var samples: [Double] = []
+var startups: [Double] = []
 for _ in 0..<rounds {
     var config = MachineConfig()
     config.memoryBytes = 64 << 20
@@ -41,6 +42,7 @@ for _ in 0..<rounds {
         }
         let seconds = Double(result.timings.stopped - result.timings.firstRun) / 1e9
         samples.append(seconds)
+        startups.append(Double(result.timings.firstRun - result.timings.created) / 1e6)
     } catch {
         print("airlock-bench-exits: \(error)")
         exit(1)
@@ -49,6 +51,9 @@ for _ in 0..<rounds {
 samples.sort()
 let median = samples[samples.count / 2]
 print("airlock \(exits) out exits: median \(format3(median)) s (min \(format3(samples.first!)), max \(format3(samples.last!))) = \(format3(median / Double(exits) * 1e6)) us/exit")
+
+startups.sort()
+print("machine creation to first KVM_RUN (64 MiB, payload machine): median \(format3(startups[startups.count / 2])) ms (min \(format3(startups.first!)), max \(format3(startups.last!)))")
 
 func format3(_ v: Double) -> String {
     let scaled = (v * 10000).rounded() / 10000
