@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel rootfs build build-release demo test test-unit bench-exits bench-blk fuzz-virtio clean doctor
+.PHONY: all deps images kernel rootfs rootfs-debian build build-release demo test test-unit bench-exits bench-blk fuzz-virtio clean doctor
 
 all: build
 
@@ -27,6 +27,10 @@ rootfs: deps
 	rootfs/build.sh
 
 images: kernel rootfs
+
+## rootfs-debian: optional Debian minbase image with python3 (debootstrap; needs the Debian mirror)
+rootfs-debian: deps
+	rootfs/build-debian.sh
 
 build: deps
 	$(SWIFT) build
