@@ -50,7 +50,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // Exit-cost benchmark: the VMM's run loop against the C floor (make bench-exits).
-        .executableTarget(name: "airlock-bench-exits", dependencies: ["VMM", "KVM"]),
+        .executableTarget(name: "airlock-bench-exits", dependencies: ["VMM", "KVM", "VirtioDevices"]),
         // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).
         .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS"]),
 

@@ -50,7 +50,7 @@ public struct MachineConfig: Sendable {
     public var memoryBytes: UInt64 = 256 << 20
     public var vcpuCount: Int = 1
     public var hostProfile: HostProfile = .detect()
-    public var console: any SerialSink = FileDescriptorSink(fd: 1)
+    public var console: any ConsoleOutput = FileDescriptorSink(fd: 1)
     public var kvmPath: String = KVMSystem.defaultPath
     public var logger = Logger(label: "airlock.vmm")
     public init() {}

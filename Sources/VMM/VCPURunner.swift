@@ -44,8 +44,8 @@ final class VCPURunner: @unchecked Sendable {
         self.onFinish = onFinish
     }
 
-    var finalOutcome: VCPOutcomeSnapshot { outcome.withLock { $0 } }
-    typealias VCPOutcomeSnapshot = VCPUOutcome?
+    /// How the thread ended; nil until it has.
+    var finalOutcome: VCPUOutcome? { outcome.withLock { $0 } }
 
     func start() throws(VMMError) {
         state.withLock { $0 = .running }

@@ -5,8 +5,9 @@ import Virtio
 import Glibc
 #endif
 
-/// Where a console port's guest output goes. Called with the transport's lock
-/// held, on a vCPU thread: it must not block (buffer, or drop and count).
+/// Where a guest's console output goes: a virtio-console port, or the UART.
+/// Called on a vCPU thread with the device's lock held: it must not call back
+/// into the device, and should not block (buffer, or drop and count).
 public protocol ConsoleOutput: Sendable {
     func write(_ bytes: UnsafeRawBufferPointer)
 }
@@ -25,6 +26,7 @@ public final class BoundedCapture: ConsoleOutput {
     }
     public var bytes: [UInt8] { state.withLock { $0.bytes } }
     public var droppedBytes: Int { state.withLock { $0.dropped } }
+    public var text: String { String(decoding: bytes, as: UTF8.self) }
 }
 
 /// virtio-console with VIRTIO_CONSOLE_F_MULTIPORT (virtio 1.2 section 5.3):

@@ -4,6 +4,7 @@
 // (mov rcx, N; L: out 0x80, al; dec rcx; jnz L) on a machine built the way
 // Airlock builds every machine, then ends it with an i8042 reset. Prints one
 // line the benchmark script compares with the C floor measured in the same run.
+import VirtioDevices
 import AirlockOS
 #if canImport(Glibc)
 import Glibc
@@ -31,7 +32,7 @@ var startups: [Double] = []
 for _ in 0..<rounds {
     var config = MachineConfig()
     config.memoryBytes = 64 << 20
-    config.console = BufferSink(limit: 0)
+    config.console = BoundedCapture(limit: 0)
     do {
         let machine = try Machine(config)
         try machine.loadPayload(payload(exits), at: GuestAddress(0x10_0000))

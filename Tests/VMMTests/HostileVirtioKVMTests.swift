@@ -105,7 +105,7 @@ struct HostileVirtioKVMTests {
         disk[512] = 0x5A  // first byte of sector 1
         try disk.write(to: URL(fileURLWithPath: path))
 
-        let console = BufferSink()
+        let console = BoundedCapture(limit: 1 << 20)
         var config = MachineConfig()
         config.memoryBytes = 64 << 20
         config.console = console

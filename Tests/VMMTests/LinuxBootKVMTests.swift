@@ -20,7 +20,7 @@ struct LinuxBootKVMTests {
         try #require(FileManager.default.fileExists(atPath: rootfs), "no root filesystem at \(rootfs): run 'make images' first")
         let before = try Data(contentsOf: URL(fileURLWithPath: rootfs))
 
-        let console = BufferSink(limit: 4 << 20)
+        let console = BoundedCapture(limit: 4 << 20)
         var config = MachineConfig()
         config.memoryBytes = 128 << 20
         config.console = console
@@ -63,7 +63,7 @@ struct LinuxBootKVMTests {
         let scratch = image.directory.appendingPathComponent("scratch.img")
         try Data(count: 4 << 20).write(to: scratch)
 
-        let console = BufferSink(limit: 4 << 20)
+        let console = BoundedCapture(limit: 4 << 20)
         var config = MachineConfig()
         config.memoryBytes = 128 << 20
         config.console = console

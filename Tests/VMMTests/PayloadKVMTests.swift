@@ -1,3 +1,4 @@
+import VirtioDevices
 import GuestMemory
 import KVM
 import Testing
@@ -9,7 +10,7 @@ import Testing
 struct PayloadKVMTests {
     static let entry = GuestAddress(0x10_0000)
 
-    static func machine(console: BufferSink) throws -> Machine {
+    static func machine(console: BoundedCapture) throws -> Machine {
         var config = MachineConfig()
         config.memoryBytes = 64 << 20
         config.console = console
@@ -36,7 +37,7 @@ struct PayloadKVMTests {
     }()
 
     @Test func consoleBytesAndTheResetEvent() throws {
-        let console = BufferSink()
+        let console = BoundedCapture(limit: 1 << 20)
         let m = try Self.machine(console: console)
         try m.loadPayload(Self.hello, at: Self.entry)
         let exit = try m.run(timeout: 30)
@@ -50,7 +51,7 @@ struct PayloadKVMTests {
         // On PVM the int3 reaches the VMM as an emulation failure and the assist
         // injects #BP; on hardware the CPU raises it. Either way the empty IDT
         // turns it into a triple fault.
-        let m = try Self.machine(console: BufferSink())
+        let m = try Self.machine(console: BoundedCapture(limit: 1 << 20))
         try m.loadPayload([0xCC, 0xF4], at: Self.entry)
         let exit = try m.run(timeout: 30)
         guard case .tripleFault? = exit.event?.cause else {
@@ -61,14 +62,14 @@ struct PayloadKVMTests {
     }
 
     @Test func fwaitIsCompletedAndTheGuestGoesOn() throws {
-        let m = try Self.machine(console: BufferSink())
+        let m = try Self.machine(console: BoundedCapture(limit: 1 << 20))
         try m.loadPayload([0x9B, 0xB0, 0xFE, 0xE6, 0x64, 0xF4], at: Self.entry)
         let exit = try m.run(timeout: 30)
         #expect(exit.event?.cause == .i8042Reset)
     }
 
     @Test func aSpinningGuestIsStoppedAtTheTimeout() throws {
-        let m = try Self.machine(console: BufferSink())
+        let m = try Self.machine(console: BoundedCapture(limit: 1 << 20))
         try m.loadPayload([0xEB, 0xFE], at: Self.entry)  // jmp $
         let start = ContinuousClock.now
         let exit = try m.run(timeout: 1)
@@ -80,7 +81,7 @@ struct PayloadKVMTests {
         // cmpxchg16b [rsi] is one of the instructions PVM's emulator rejects; on
         // hardware it runs and faults differently, so only check PVM's path.
         guard HostProfile.detect().backend == .pvm else { return }
-        let m = try Self.machine(console: BufferSink())
+        let m = try Self.machine(console: BoundedCapture(limit: 1 << 20))
         try m.loadPayload([0x48, 0x0F, 0xC7, 0x0E, 0xF4], at: Self.entry)
         #expect { try m.run(timeout: 30) } throws: { error in
             "\(error)".contains("48 0f c7 0e") && "\(error)".contains("RIP 0x100000")
@@ -88,7 +89,7 @@ struct PayloadKVMTests {
     }
 
     @Test func badKernelFilesAreClearErrors() throws {
-        let m = try Self.machine(console: BufferSink())
+        let m = try Self.machine(console: BoundedCapture(limit: 1 << 20))
         #expect { try m.loadLinux(kernelPath: "/nonexistent/vmlinux", initrdPath: nil, extraCommandLine: "") } throws: { error in
             "\(error)".contains("/nonexistent/vmlinux") && "\(error)".contains("does not exist")
         }

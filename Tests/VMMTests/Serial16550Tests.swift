@@ -1,3 +1,4 @@
+import VirtioDevices
 import Synchronization
 import Testing
 import Virtio
@@ -44,7 +45,7 @@ private final class EdgeLatchingLine: InterruptLine {
     }
 }
 
-private final class UARTCaptureSink: SerialSink {
+private final class UARTCaptureSink: ConsoleOutput {
     private let buffer = Mutex<[UInt8]>([])
     func write(_ bytes: UnsafeRawBufferPointer) { buffer.withLock { $0.append(contentsOf: bytes) } }
     var bytes: [UInt8] { buffer.withLock { $0 } }

@@ -1,13 +1,6 @@
 import Synchronization
 import Virtio
-
-/// Where a UART's transmitted bytes go (stdout, a capture buffer).
-///
-/// The UART calls `write` while holding its own lock (see `Serial16550`), so
-/// an implementation must never call back into the UART that feeds it.
-public protocol SerialSink: Sendable {
-    func write(_ bytes: UnsafeRawBufferPointer)
-}
+import VirtioDevices
 
 /// A 16550A UART as Linux's 8250 driver expects to find it (COM1: 8 ports at
 /// 0x3F8, IRQ 4).
@@ -161,9 +154,9 @@ public final class Serial16550: BusDevice {
 
     private let state = Mutex(State())
     private let interrupt: any InterruptLine
-    private let output: any SerialSink
+    private let output: any ConsoleOutput
 
-    public init(interrupt: any InterruptLine, output: any SerialSink) {
+    public init(interrupt: any InterruptLine, output: any ConsoleOutput) {
         self.interrupt = interrupt
         self.output = output
     }
