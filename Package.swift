@@ -37,10 +37,31 @@ let package = Package(
                 "KVM", "GuestMemory", "LinuxBoot", "AirlockOS", "Virtio", "VirtioDevices",
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        // The public library: image store, host report; later the async Sandbox API.
+        // Host-guest messages and framing, shared by the VMM side and the guest agent. No Foundation.
+        .target(name: "AgentProtocol"),
+        // The few libc calls the agent needs that Swift cannot make safely: vfork+exec with uid/gid/cwd.
+        .target(name: "CAgentShim"),
+        // The guest agent's logic (PID 1): mounts, ports, running the command, reaping, reporting.
+        .target(name: "AgentCore", dependencies: ["AgentProtocol", "CAgentShim"]),
+        // The guest's PID 1: a thin static executable over AgentCore, installed into the rootfs.
+        .executableTarget(
+            name: "airlock-init", dependencies: ["AgentCore"],
+            linkerSettings: [.unsafeFlags(["-static-executable"])]),
+        // Read-only look-ups in an ext4 image (does the rootfs hold the agent?), without mounting it.
+        .target(name: "RootFS", dependencies: ["AirlockOS"]),
+        // libseccomp and libcap (Debian's -dev packages), through pkg-config.
+        .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
+        .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
+        // The jail around every VMM: fds, rlimits, cgroups, namespaces, pivot_root, capabilities, seccomp.
+        .target(name: "Jailer", dependencies: ["AirlockOS", "CSeccomp", "CCap"]),
+        // The public library: image store, host report, the async Sandbox API.
         .target(
             name: "Airlock",
-            dependencies: ["VMM", "KVM", "AirlockOS", .product(name: "Crypto", package: "swift-crypto")]),
+            dependencies: [
+                "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         // Thin CLI over the libraries.
         .executableTarget(
             name: "AirlockCLI",
@@ -58,6 +79,11 @@ let package = Package(
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioDevices", "GuestMemory"]),
+        .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"]),
+        .testTarget(name: "AgentCoreTests", dependencies: ["AgentCore", "AgentProtocol"]),
+        .testTarget(name: "RootFSTests", dependencies: ["RootFS"]),
+        .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS"]),
+        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices"]),
     ],
     swiftLanguageModes: [.v6]
 )

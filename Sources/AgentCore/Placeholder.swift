@@ -1,0 +1,2 @@
+import AgentProtocol
+public enum AgentCorePlaceholder {}

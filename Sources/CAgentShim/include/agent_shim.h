@@ -1,0 +1,3 @@
+#ifndef AIRLOCK_AGENT_SHIM_H
+#define AIRLOCK_AGENT_SHIM_H
+#endif

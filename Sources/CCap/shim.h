@@ -1,0 +1,2 @@
+// libcap, from Debian's libcap-dev.
+#include <sys/capability.h>

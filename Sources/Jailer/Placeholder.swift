@@ -1,0 +1,2 @@
+// Placeholder until the jailer lands.
+enum JailerPlaceholder {}

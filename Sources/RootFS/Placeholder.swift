@@ -1,0 +1,2 @@
+// Placeholder until the ext4 reader lands.
+enum RootFSPlaceholder {}

@@ -1,0 +1,2 @@
+import AgentCore
+print("airlock-init")
