@@ -53,6 +53,9 @@ public struct MachineConfig: Sendable {
     public var console: any ConsoleOutput = FileDescriptorSink(fd: 1)
     public var kvmPath: String = KVMSystem.defaultPath
     public var logger = Logger(label: "airlock.vmm")
+    /// Runs first on each vCPU thread, before its first KVM_RUN (the jailer
+    /// installs the vCPU seccomp filter here); an error fails that vCPU.
+    public var vcpuThreadSetup: (@Sendable (_ vcpu: UInt32) throws -> Void)?
     public init() {}
 }
 
@@ -259,7 +262,9 @@ public final class Machine: @unchecked Sendable {
         installKickHandler()
         let finished = DispatchSemaphore(value: 0)
         let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: config.hostProfile.emulationAssists)
-        let built = vcpus.map { VCPURunner(vcpu: $0, handler: handler, onFinish: { _ in finished.signal() }) }
+        let built = vcpus.map {
+            VCPURunner(vcpu: $0, handler: handler, threadSetup: config.vcpuThreadSetup, onFinish: { _ in finished.signal() })
+        }
         runners.withLock { $0 = built }
         var started: [VCPURunner] = []
         for r in built {

@@ -38,9 +38,14 @@ final class VCPURunner: @unchecked Sendable {
     /// Set when the first KVM_RUN is entered (monotonic ns), for start-up timing.
     let firstRunAt = Atomic<UInt64>(0)
 
-    init(vcpu: VCPU, handler: ExitHandler, onFinish: @escaping @Sendable (VCPURunner) -> Void) {
+    /// Runs on the vCPU thread before the first KVM_RUN (seccomp, in a jail).
+    private let threadSetup: (@Sendable (UInt32) throws -> Void)?
+
+    init(vcpu: VCPU, handler: ExitHandler, threadSetup: (@Sendable (UInt32) throws -> Void)? = nil,
+         onFinish: @escaping @Sendable (VCPURunner) -> Void) {
         self.vcpu = vcpu
         self.handler = handler
+        self.threadSetup = threadSetup
         self.onFinish = onFinish
     }
 
@@ -99,8 +104,13 @@ final class VCPURunner: @unchecked Sendable {
     private func runUntilStop() -> VCPUOutcome {
         let handler = self.handler
         let vcpu = self.vcpu
-        firstRunAt.store(monotonicNanoseconds(), ordering: .relaxed)
         do {
+            if let threadSetup {
+                do { try threadSetup(vcpu.id) } catch {
+                    return .failed(.thread("vCPU \(vcpu.id) thread set-up failed: \(error)"))
+                }
+            }
+            firstRunAt.store(monotonicNanoseconds(), ordering: .relaxed)
             while true {
                 if state.withLock({ $0 }) == .stopping { return .stopped }
                 let exit = try vcpu.run()
