@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel rootfs rootfs-debian build build-release demo test test-unit bench-exits bench-blk fuzz-virtio clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench-exits bench-blk fuzz-virtio clean doctor
 
 all: build
 
@@ -22,9 +22,17 @@ deps:
 kernel: deps
 	guest-kernel/build.sh
 
-## rootfs: build the default root filesystem (ext4 and initramfs) and install it
-rootfs: deps
-	rootfs/build.sh
+## agent: build the guest agent (airlock-init), a static executable, stripped
+AGENT := .build/agent/airlock-init
+agent: deps
+	$(SWIFT) build -c release --product airlock-init
+	mkdir -p $(dir $(AGENT))
+	strip -o $(AGENT).tmp $$($(SWIFT) build -c release --show-bin-path)/airlock-init
+	mv -f $(AGENT).tmp $(AGENT)
+
+## rootfs: build the default root filesystem (ext4 and initramfs, with the agent) and install it
+rootfs: deps agent
+	rootfs/build.sh --agent $(AGENT)
 
 images: kernel rootfs
 
@@ -41,10 +49,10 @@ build-release: deps
 doctor: build
 	$(SWIFT) run airlock doctor
 
-## demo: set everything up and boot the default guest, showing its console
+## demo: set everything up and run a command in a fresh VM
 demo: images build-release
 	$$($(SWIFT) build -c release --show-bin-path)/airlock doctor
-	$$($(SWIFT) build -c release --show-bin-path)/airlock boot --timeout 300
+	$$($(SWIFT) build -c release --show-bin-path)/airlock run -- sh -c 'echo "hello from $$(uname -sr) in a micro-VM"; cat /proc/cpuinfo | grep -m1 "model name"' 
 
 ## test: set everything up and run the whole suite (VM tests included;
 ## AIRLOCK_SKIP_VM_TESTS=1 leaves them out on purpose)

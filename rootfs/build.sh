@@ -8,26 +8,32 @@
 #                        hardware virtualization and other boot loaders)
 # and installs them into $AIRLOCK_HOME/images.
 #
-#   rootfs/build.sh [--init PATH] [--out DIR]
+#   rootfs/build.sh [--agent PATH] [--init PATH] [--out DIR]
 #
-# --init PATH installs PATH (the guest agent, a static binary) as /sbin/init;
-# without it a placeholder init mounts the basics, prints AIRLOCK-READY and
-# reboots. The build is skipped when a stamp of its inputs matches.
+# --agent PATH installs PATH (airlock-init, Airlock's guest agent: a static
+# binary) as /sbin/airlock-init, which `airlock run` boots with
+# init=/sbin/airlock-init. --init PATH installs PATH as /sbin/init, what a
+# plain boot (`airlock boot`) runs; without it a placeholder init mounts the
+# basics, prints AIRLOCK-READY and reboots. The build is skipped when a stamp
+# of its inputs matches.
 # Progress goes to stderr; the images' paths are the last lines on stdout.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 out=${AIRLOCK_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/airlock}/images
 init="$here/placeholder-init"
+agent=""
 while [ $# -gt 0 ]; do
     case "$1" in
+        --agent) agent=${2:?--agent needs a path}; shift 2 ;;
         --init) init=${2:?--init needs a path}; shift 2 ;;
         --out) out=${2:?--out needs a directory}; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-        *) echo "rootfs/build.sh: unknown option '$1' (use --init PATH or --out DIR)" >&2; exit 2 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "rootfs/build.sh: unknown option '$1' (use --agent PATH, --init PATH or --out DIR)" >&2; exit 2 ;;
     esac
 done
 [ -f "$init" ] || { echo "rootfs/build.sh: --init '$init' is not a file" >&2; exit 2; }
+[ -z "$agent" ] || [ -f "$agent" ] || { echo "rootfs/build.sh: --agent '$agent' is not a file: build it with 'make agent'" >&2; exit 2; }
 
 log() { echo "rootfs: $*" >&2; }
 deps=(busybox-static e2fsprogs cpio gzip util-linux)
@@ -36,9 +42,9 @@ deps=(busybox-static e2fsprogs cpio gzip util-linux)
 images=(rootfs.ext4 initramfs.cpio initramfs.cpio.gz)
 print_paths() { for f in "${images[@]}"; do echo "$out/$f"; done; }
 
-# The key covers everything the images are made of: this script, the init it
-# installs and the busybox it copies.
-key=$( { cat "$0" "$init"; dpkg-query -W -f='${Version}' busybox-static; } | sha256sum | cut -c1-64)
+# The key covers everything the images are made of: this script, the init and
+# agent it installs and the busybox it copies.
+key=$( { cat "$0" "$init" ${agent:+"$agent"}; dpkg-query -W -f='${Version}' busybox-static; } | sha256sum | cut -c1-64)
 stamp="$out/.rootfs.stamp"
 mkdir -p "$out"
 exec 9>"$out/.rootfs.lock"
@@ -72,6 +78,7 @@ done
 rm -f "$stage/sbin/init"
 install -m 0755 "$init" "$stage/sbin/init"
 ln -s /sbin/init "$stage/init"   # rdinit=/init when booted as an initramfs
+[ -z "$agent" ] || install -m 0755 "$agent" "$stage/sbin/airlock-init"
 
 # /dev/console, so that init has stdin, stdout and stderr when booted as an
 # initramfs (no devtmpfs is mounted on /dev before the first init then; on a
@@ -141,7 +148,9 @@ E2FSPROGS_FAKE_TIME=$epoch mke2fs -q -F -t ext4 -O ^has_journal -L airlock-root 
     log "warning: debugfs could not reset inode times (the image is fine, only less reproducible)"
 mv -f "$out/.rootfs.ext4.tmp.$$" "$out/rootfs.ext4"
 
-(cd "$stage" && find . -print0 | LC_ALL=C sort -z |
+# The agent stays out of the initramfs: `airlock run` boots from the disk, and
+# unpacking 7 MB more in an emulated guest kernel would cost a minute.
+(cd "$stage" && find . ! -path ./sbin/airlock-init -print0 | LC_ALL=C sort -z |
     cpio --null -o -H newc "${cpio_owner[@]}" --reproducible --quiet) > "$out/.initramfs.cpio.tmp.$$"
 gzip -9 -n -c "$out/.initramfs.cpio.tmp.$$" > "$out/.initramfs.cpio.gz.tmp.$$"
 mv -f "$out/.initramfs.cpio.tmp.$$" "$out/initramfs.cpio"

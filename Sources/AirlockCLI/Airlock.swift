@@ -12,7 +12,7 @@ struct AirlockCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "airlock",
         abstract: "Run untrusted code in disposable KVM micro-VMs.",
-        subcommands: [Boot.self, Doctor.self])
+        subcommands: [Run.self, Boot.self, Doctor.self])
 }
 
 /// Exit statuses shared by the subcommands.

@@ -114,6 +114,11 @@ public struct BootParams: Sendable {
         put(UInt32(truncatingIfNeeded: size >> 32), at: Self.extRamdiskSize)
     }
 
+    /// Points the kernel at the first node of a setup_data list (0: none).
+    public mutating func setSetupData(address: GuestAddress) {
+        put(address.raw, at: Self.setupData)
+    }
+
     /// The guest's physical memory map, which the kernel trusts as its only source of RAM ranges.
     public mutating func setE820(_ entries: [E820Entry]) throws(LinuxBootError) {
         guard entries.count <= Self.e820MaxEntries else { throw .tooManyE820Entries(count: entries.count) }
@@ -143,5 +148,21 @@ public struct BootParams: Sendable {
         var value: T = 0
         for i in 0..<MemoryLayout<T>.size { value |= T(bytes[offset + i]) << (8 * i) }
         return value
+    }
+}
+
+/// A node of the boot protocol's setup_data list: next (u64, guest-physical, 0 ends the
+/// list), type (u32), len (u32), then len bytes.
+public enum SetupData {
+    /// SETUP_RNG_SEED: entropy the kernel mixes into its random pool before any
+    /// driver runs; credited when the command line has random.trust_bootloader=on.
+    public static let rngSeedType: UInt32 = 9
+
+    public static func node(type: UInt32, payload: [UInt8], next: UInt64 = 0) -> [UInt8] {
+        var bytes: [UInt8] = []
+        for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: next >> (8 * i))) }
+        for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: type >> (8 * i))) }
+        for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: UInt32(payload.count) >> (8 * i))) }
+        return bytes + payload
     }
 }

@@ -34,6 +34,19 @@ public struct HostProfile: Equatable, Sendable {
         }
     }
 
+    /// Environment entries every command in the guest gets (the user's own win).
+    public var guestEnvironment: [String] {
+        switch backend {
+        case .hardware: return []
+        case .pvm:
+            // With noxsave the guest kernel saves only legacy FPU/SSE state on
+            // its context switches, yet guest user code still sees AVX in the
+            // unfiltered CPUID: processes using AVX at once could see each
+            // other's upper YMM halves. This keeps glibc's string functions off AVX.
+            return ["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX_Usable,-AVX2_Usable,-AVX512F_Usable"]
+        }
+    }
+
     /// Whether emulation failures on int3 and fwait are completed by the VMM.
     public var emulationAssists: Bool { backend == .pvm }
 

@@ -12,6 +12,9 @@ public enum Layout {
     public static let idtAddress = GuestAddress(0x520)
     /// Boot-time stack (grows down), used only until the kernel switches to its own.
     public static let bootStackPointer: UInt64 = 0x8FF0
+    /// setup_data nodes (the RNG seed), below the zero page; the kernel reserves them itself.
+    public static let setupDataAddress = GuestAddress(0x6000)
+    public static let setupDataCapacity = 0x1000
     /// The zero page (struct boot_params).
     public static let zeroPageAddress = GuestAddress(0x7000)
     /// Page tables: one PML4, one PDPT, four page directories (2 MiB pages) mapping 0-4 GiB 1:1.

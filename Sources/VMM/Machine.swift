@@ -8,6 +8,9 @@ import Logging
 import Synchronization
 import Virtio
 import VirtioDevices
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Interrupt line of the in-kernel irqchip, driven with KVM_IRQ_LINE.
 struct KVMInterruptLine: InterruptLine {
@@ -86,6 +89,7 @@ public final class Machine: @unchecked Sendable {
     /// First event reported by a device (the i8042 reset) before any vCPU reports one.
     private let deviceEvent = Mutex<SystemEvent?>(nil)
     private let runners = Mutex<[VCPURunner]>([])
+    private let stopRequested = Atomic<Bool>(false)
 
     public init(_ config: MachineConfig) throws(VMMError) {
         self.config = config
@@ -174,6 +178,15 @@ public final class Machine: @unchecked Sendable {
             if !extraCommandLine.isEmpty { try cmdline.append(extraCommandLine) }
 
             var params = BootParams(kernel: kernel)
+            // The guest's random pool is seeded from the host before any driver runs: without
+            // it crng init waits for interrupt entropy (30 s on an emulated kernel) and every
+            // getrandom() until then blocks. The guest kernel credits it with
+            // CONFIG_RANDOM_TRUST_BOOTLOADER (guest-kernel/airlock.config).
+            let seed = try Self.hostRandomBytes(32)
+            do { try memory.write(SetupData.node(type: SetupData.rngSeedType, payload: seed), at: Layout.setupDataAddress) } catch {
+                throw VMMError.memory(error)
+            }
+            params.setSetupData(address: Layout.setupDataAddress)
             let cmdBytes = cmdline.bytesWithNUL
             do { try memory.write(cmdBytes, at: Layout.commandLineAddress) } catch { throw VMMError.memory(error) }
             params.setCommandLine(address: Layout.commandLineAddress, size: UInt32(cmdBytes.count - 1))
@@ -194,6 +207,21 @@ public final class Machine: @unchecked Sendable {
             throw .invalidConfiguration("\(error)")
         }
         timings.loaded = monotonicNanoseconds()
+    }
+
+    /// Bytes from the host's kernel CSPRNG (getrandom blocks only before the host's own pool is ready).
+    static func hostRandomBytes(_ count: Int) throws(VMMError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var filled = 0
+        while filled < count {
+            let n = bytes.withUnsafeMutableBytes { getrandom($0.baseAddress! + filled, count - filled, 0) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .invalidConfiguration("getrandom failed (\(String(cString: strerror(errno)))): the host cannot seed the guest's random pool")
+            }
+            filled += n
+        }
+        return bytes
     }
 
     /// Copies raw 64-bit code to `address` and points vCPU 0 at it (tests, benchmarks).
@@ -252,9 +280,16 @@ public final class Machine: @unchecked Sendable {
     }
 
     /// Ends the run with `event` (first caller wins) and stops every vCPU.
+    /// Safe from any thread, also before `run` has started its vCPUs.
     public func stop(with event: SystemEvent?) {
         if let event { deviceEvent.withLock { if $0 == nil { $0 = event } } }
+        stopRequested.store(true, ordering: .sequentiallyConsistent)
         for r in runners.withLock({ $0 }) { r.requestStop() }
+    }
+
+    /// When the first vCPU entered KVM_RUN (monotonic ns), 0 before it has.
+    public var firstRunNanoseconds: UInt64 {
+        runners.withLock { $0.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0 }
     }
 
     /// Runs the vCPUs until the guest ends, a vCPU fails, or `timeout` seconds pass.
@@ -274,6 +309,8 @@ public final class Machine: @unchecked Sendable {
             }
             started.append(r)
         }
+        // A stop that came before the runners were published would have found none to stop.
+        if stopRequested.load(ordering: .sequentiallyConsistent) { for r in built { r.requestStop() } }
 
         var timedOut = false
         if let timeout {

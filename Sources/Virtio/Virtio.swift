@@ -78,10 +78,13 @@ extension SplitQueue {
     /// Drains the available ring: validates each chain and hands it to `serve`,
     /// which returns the bytes it wrote; malformed chains go back unused. The
     /// loop handles the bookkeeping every device shares.
-    public mutating func drain(memory: GuestMemory, _ serve: (DescriptorChain) -> UInt32) -> QueueProcessing {
+    /// `more` is asked before each chain: a device whose consumer is behind
+    /// stops there and leaves the rest in the ring for a later service.
+    public mutating func drain(memory: GuestMemory, while more: () -> Bool = { true },
+                               _ serve: (DescriptorChain) -> UInt32) -> QueueProcessing {
         var result = QueueProcessing()
         do {
-            while let head = try popAvailable(memory: memory) {
+            while more(), let head = try popAvailable(memory: memory) {
                 let written: UInt32
                 do {
                     written = serve(try chain(head: head, memory: memory))

@@ -10,6 +10,15 @@ import Glibc
 /// into the device, and should not block (buffer, or drop and count).
 public protocol ConsoleOutput: Sendable {
     func write(_ bytes: UnsafeRawBufferPointer)
+    /// False while the consumer is behind: a virtio-console port then leaves
+    /// the guest's buffers in its transmit queue (so the guest's writes block,
+    /// as on a full pipe) until the consumer calls
+    /// `MMIOTransport.serviceQueue` for that queue. Checked before each chain.
+    var acceptsMore: Bool { get }
+}
+
+extension ConsoleOutput {
+    public var acceptsMore: Bool { true }
 }
 
 /// Port output kept in memory up to a limit; the rest is counted, not kept.
@@ -55,9 +64,14 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
     public struct PortSpec: Sendable {
         public let name: String
         public let output: (any ConsoleOutput)?
-        public init(name: String, output: (any ConsoleOutput)?) {
+        /// Called (with the device's lock held: signal, don't call back) when
+        /// queued host input for this port has moved into guest buffers, so a
+        /// producer waiting for room in `queueInput` can go on.
+        public let inputConsumed: (@Sendable () -> Void)?
+        public init(name: String, output: (any ConsoleOutput)?, inputConsumed: (@Sendable () -> Void)? = nil) {
             self.name = name
             self.output = output
+            self.inputConsumed = inputConsumed
         }
     }
 
@@ -144,7 +158,7 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
             guard let (port, transmit) = portOf(queue: index) else { return result }
             if transmit {
                 let output = ports[port].output
-                result = queues[index].drain(memory: memory) { chain in
+                result = queues[index].drain(memory: memory, while: { output?.acceptsMore ?? true }) { chain in
                     // Guest output: copied out buffer by buffer, never held back.
                     for d in chain.readable where d.length > 0 {
                         _ = try? memory.withMutableBytes(at: d.address, length: UInt64(d.length)) { b in
@@ -223,7 +237,7 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
     func deliverInput(port: Int, _ queues: inout [SplitQueue], memory: GuestMemory) -> QueueProcessing {
         let q = Self.receiveQueue(port: port)
         guard q < queues.count, queues[q].ready else { return QueueProcessing() }
-        return fill(&queues[q], memory: memory) {
+        let result = fill(&queues[q], memory: memory) {
             state.withLock { s in
                 guard s.ports[port].guestOpen, !s.ports[port].input.isEmpty else { return nil }
                 let chunk = s.ports[port].input
@@ -233,7 +247,12 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
         } putBack: { rest, _ in
             state.withLock { s in s.ports[port].input.insert(contentsOf: rest, at: 0) }
         }
+        if result.returnedBuffers { ports[port].inputConsumed?() }
+        return result
     }
+
+    /// Bytes of host input waiting for `port`'s receive buffers.
+    public func pendingInput(port: Int) -> Int { state.withLock { $0.ports[port].input.count } }
 
     /// Pops receive buffers while `next` has bytes, writes them in, returns what did not fit.
     private func fill(_ queue: inout SplitQueue, memory: GuestMemory, next: () -> [UInt8]?,

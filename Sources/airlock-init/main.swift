@@ -1,2 +1,4 @@
+// The guest's PID 1 for `airlock run`: everything is in AgentCore.
 import AgentCore
-print("airlock-init")
+
+Agent.main()

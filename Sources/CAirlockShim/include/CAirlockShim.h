@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/random.h>
 
 // ioctl(2) is variadic, which Swift cannot call; these two cover every KVM use.
 static inline int airlock_ioctl_ptr(int fd, unsigned long request, void *arg) {

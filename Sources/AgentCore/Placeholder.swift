@@ -1,2 +1,0 @@
-import AgentProtocol
-public enum AgentCorePlaceholder {}

@@ -1,0 +1,76 @@
+import AgentProtocol
+import Glibc
+
+/// The filesystems a command expects. Each mount is one system call (a
+/// shell's `mount -a` would be a fork and an exec, seconds of emulated kernel
+/// work on a PVM host). A failure is reported on the console and the agent
+/// goes on: a command may well not need /sys.
+enum Mounts {
+    struct Entry {
+        let source: String, target: String, type: String, flags: UInt, options: String?
+        let mode: mode_t
+    }
+
+    static let table: [Entry] = [
+        Entry(source: "proc", target: "/proc", type: "proc", flags: UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), options: nil, mode: 0o555),
+        Entry(source: "sysfs", target: "/sys", type: "sysfs", flags: UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), options: nil, mode: 0o555),
+        // The kernel mounts devtmpfs itself when the root is a disk (CONFIG_DEVTMPFS_MOUNT); EBUSY then.
+        Entry(source: "devtmpfs", target: "/dev", type: "devtmpfs", flags: UInt(MS_NOSUID), options: "mode=755", mode: 0o755),
+        Entry(source: "tmpfs", target: "/dev/shm", type: "tmpfs", flags: UInt(MS_NOSUID | MS_NODEV), options: "mode=1777", mode: 0o1777),
+        Entry(source: "tmpfs", target: "/tmp", type: "tmpfs", flags: UInt(MS_NOSUID | MS_NODEV), options: "mode=1777", mode: 0o1777),
+        Entry(source: "tmpfs", target: "/run", type: "tmpfs", flags: UInt(MS_NOSUID | MS_NODEV), options: "mode=755", mode: 0o755),
+    ]
+
+    static func setUp() {
+        for e in table {
+            // The root is read-only: a missing mount point cannot be created, and mkdir says so (EROFS); mount then reports it.
+            if !Sys.isDirectory(e.target) { _ = mkdir(e.target, e.mode) }
+            let rc: Int32
+            if let options = e.options {
+                rc = mount(e.source, e.target, e.type, e.flags, options)
+            } else {
+                rc = mount(e.source, e.target, e.type, e.flags, nil)
+            }
+            if rc != 0 && errno != EBUSY {
+                Agent.console("mount \(e.type) on \(e.target): \(Sys.errorText(errno))")
+            }
+        }
+    }
+}
+
+/// Finds the agent's virtio-console ports by name. The host announces them
+/// over the console's control queue; the guest driver creates them from a
+/// workqueue, so at PID 1's start they may not exist yet and are polled for.
+enum Ports {
+    struct Opened { let control: Int32, stdout: Int32, stderr: Int32 }
+
+    static func open(waitMilliseconds: Int) -> Result<Opened, AgentError> {
+        let deadline = Sys.monotonicMilliseconds() + waitMilliseconds
+        while true {
+            let found = scan()
+            if let c = found[AgentProtocol.controlPortName], let o = found[AgentProtocol.stdoutPortName],
+               let e = found[AgentProtocol.stderrPortName] {
+                let fds = [c, o, e].map { Glibc.open("/dev/" + $0, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
+                if fds.allSatisfy({ $0 >= 0 }) { return .success(Opened(control: fds[0], stdout: fds[1], stderr: fds[2])) }
+                // devtmpfs may not have the nodes yet; try again.
+                for fd in fds where fd >= 0 { close(fd) }
+            }
+            if Sys.monotonicMilliseconds() > deadline {
+                let names = found.keys.sorted().joined(separator: ", ")
+                return .failure(.fatal("no \(AgentProtocol.portNames.joined(separator: "/")) virtio-console ports after \(waitMilliseconds / 1000) s (found: \(names.isEmpty ? "none" : names)): this guest was not started by 'airlock run'"))
+            }
+            Sys.sleep(milliseconds: 5)
+        }
+    }
+
+    /// Port name to device name (vportNpM), from /sys/class/virtio-ports.
+    static func scan() -> [String: String] {
+        var found: [String: String] = [:]
+        for device in Sys.listDirectory("/sys/class/virtio-ports") {
+            guard let name = Sys.readFile("/sys/class/virtio-ports/\(device)/name", limit: 256) else { continue }
+            let trimmed = name.hasSuffix("\n") ? String(name.dropLast()) : name
+            found[trimmed] = device
+        }
+        return found
+    }
+}

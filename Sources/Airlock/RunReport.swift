@@ -1,0 +1,89 @@
+import Foundation
+
+/// The `--json` document.
+struct RunReport: Encodable {
+    let stdout: String
+    let stderr: String
+    let exitCode: Int32
+    let signal: Int32?
+    let timedOut: Bool
+    let outputTruncated: Bool
+    let failure: String?
+    let systemEvent: String?
+    let timings: RunTimings
+
+    init(_ r: RunResult) {
+        stdout = r.stdoutText
+        stderr = r.stderrText
+        exitCode = r.exitCode
+        signal = r.signal
+        timedOut = r.timedOut
+        outputTruncated = r.outputTruncated
+        failure = r.failure
+        systemEvent = r.systemEvent
+        timings = r.timings
+    }
+
+
+    // Explicit so that a nil signal or failure is written as null: readers see every key.
+    enum CodingKeys: String, CodingKey {
+        case stdout, stderr, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings
+    }
+    func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(stdout, forKey: .stdout)
+        try c.encode(stderr, forKey: .stderr)
+        try c.encode(exitCode, forKey: .exitCode)
+        try c.encode(signal, forKey: .signal)
+        try c.encode(timedOut, forKey: .timedOut)
+        try c.encode(outputTruncated, forKey: .outputTruncated)
+        try c.encode(failure, forKey: .failure)
+        try c.encode(systemEvent, forKey: .systemEvent)
+        try c.encode(timings, forKey: .timings)
+    }
+}
+
+extension RunResult {
+    /// The `airlock run --json` document: every key present (null where absent),
+    /// output as text (invalid UTF-8 replaced), timings in milliseconds.
+    public func jsonDocument() -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        // Encoding plain strings, numbers and booleans cannot fail.
+        return String(decoding: (try? encoder.encode(RunReport(self))) ?? Data(), as: UTF8.self)
+    }
+}
+
+/// Sizes on the command line: a number with an optional K, M or G suffix (binary units).
+public enum SizeArgument {
+    public static func bytes(_ text: String, option: String) throws(SandboxError) -> Int {
+        let t = text.trimmingCharacters(in: .whitespaces)
+        var digits = Substring(t)
+        var multiplier = 1
+        let suffixes: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("B", 1)]
+        for (s, m) in suffixes where t.uppercased().hasSuffix(s.uppercased()) {
+            digits = t.dropLast(s.count)
+            multiplier = m
+            break
+        }
+        guard let n = Int(digits), n >= 0 else {
+            throw SandboxError.invalidConfiguration("\(option) '\(text)' is not a size: give a whole number, optionally with K, M or G (e.g. 512M)")
+        }
+        let (v, overflow) = n.multipliedReportingOverflow(by: multiplier)
+        guard !overflow else { throw SandboxError.invalidConfiguration("\(option) '\(text)' is too large") }
+        return v
+    }
+
+    /// A memory size in MiB: a bare number is MiB already.
+    public static func mebibytes(_ text: String, option: String) throws(SandboxError) -> Int {
+        if let n = Int(text.trimmingCharacters(in: .whitespaces)) {
+            guard n > 0 else { throw SandboxError.invalidConfiguration("\(option) \(n) is not a positive size: give MiB (e.g. 256) or a size like 1G") }
+            return n
+        }
+        let b = try bytes(text, option: option)
+        guard b >= 1 << 20, b % (1 << 20) == 0 else {
+            throw SandboxError.invalidConfiguration("\(option) '\(text)' is not a whole number of MiB: give e.g. 256 or 1G")
+        }
+        return b >> 20
+    }
+}

@@ -1,0 +1,118 @@
+import AirlockOS
+import Logging
+import VMM
+
+/// A booted micro-VM with Airlock's agent, ready to run commands.
+///
+/// ```swift
+/// import Airlock
+///
+/// // One command in a fresh VM, destroyed afterwards:
+/// let result = try await Sandbox.run(Command(["sh", "-c", "echo hello; exit 3"]))
+/// print(result.stdoutText, result.exitCode)   // "hello\n" 3
+///
+/// // Several commands in one VM (each boot costs seconds on some hosts):
+/// let sandbox = try await Sandbox.boot(SandboxConfig(memoryMiB: 128))
+/// var cmd = Command(["cat"])
+/// cmd.stdin = .bytes(Array("piped\n".utf8))
+/// let echoed = try await sandbox.run(cmd)
+/// await sandbox.shutdown()
+/// ```
+///
+/// The blocking work (the vCPU loop, waiting on the guest) runs on threads of
+/// its own, never on Swift concurrency's cooperative pool.
+public final class Sandbox: Sendable {
+    let session: VMSession
+
+    private init(session: VMSession) { self.session = session }
+
+    /// Boots a VM and waits until its agent is ready.
+    /// - Parameter requestedAt: when the caller's request began (monotonic ns), for `RunTimings.vmmStartMs`.
+    public static func boot(_ config: SandboxConfig, requestedAt: UInt64? = nil,
+                            logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> Sandbox {
+        let start = requestedAt ?? monotonicNanoseconds()
+        return try await onThread { () throws(SandboxError) -> Sandbox in
+            let session = try makeSession(config, requestedAt: start, logger: logger)
+            try session.boot()
+            return Sandbox(session: session)
+        }
+    }
+
+    /// Runs one command in this VM and waits for its end. Runs are one at a time.
+    public func run(_ command: Command) async throws(SandboxError) -> RunResult {
+        let session = self.session
+        return try await Self.onThread { () throws(SandboxError) -> RunResult in
+            try session.run(command, shutdownAfter: false)
+        }
+    }
+
+    /// Syncs the guest's disks and ends the VM (stopping it if it does not end itself).
+    public func shutdown() async {
+        let session = self.session
+        _ = try? await Self.onThread { () throws(SandboxError) -> Void in session.shutdown() }
+    }
+
+    /// Ends the VM now, without asking the guest.
+    public func destroy() async {
+        let session = self.session
+        _ = try? await Self.onThread { () throws(SandboxError) -> Void in session.destroy() }
+    }
+
+    /// How the VM ended, once it has ("reset on vCPU 0: i8042 reset ...").
+    public var systemEvent: String? { session.exit?.event?.description }
+
+    /// Boots a fresh VM, runs `command` in it, and ends the VM: `airlock run`.
+    public static func run(_ command: Command, config: SandboxConfig = SandboxConfig(), requestedAt: UInt64? = nil,
+                           logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> RunResult {
+        let start = requestedAt ?? monotonicNanoseconds()
+        return try await onThread { () throws(SandboxError) -> RunResult in
+            try runBlocking(command, config: config, requestedAt: start, logger: logger)
+        }
+    }
+
+    /// `run` for callers that are threads already (the CLI's main thread).
+    public static func runBlocking(_ command: Command, config: SandboxConfig, requestedAt: UInt64,
+                                   logger: Logger) throws(SandboxError) -> RunResult {
+        try validate(command)
+        let session = try makeSession(config, requestedAt: requestedAt, logger: logger)
+        try session.boot()
+        return try session.run(command, shutdownAfter: true)
+    }
+
+    static func validate(_ command: Command) throws(SandboxError) {
+        guard let first = command.arguments.first, !first.isEmpty else {
+            throw .invalidConfiguration("the command is empty: give the program to run and its arguments (airlock run -- CMD ARGS...)")
+        }
+        if let t = command.timeoutSeconds, !(t > 0) {
+            throw .invalidConfiguration("timeout \(t) is not a positive number of seconds")
+        }
+        if let m = command.maxOutputBytes, m < 0 {
+            throw .invalidConfiguration("max output \(m) is negative: give a number of bytes, 0 or more")
+        }
+        for (name, _) in command.environment where name.isEmpty || name.contains("=") || name.utf8.contains(0) {
+            throw .invalidConfiguration("environment variable name '\(name)' is not valid: give NAME=VALUE with a NAME that has no '='")
+        }
+    }
+
+    static func makeSession(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger) throws(SandboxError) -> VMSession {
+        let images = try ImageResolution.resolve(config)
+        return try VMSession(config: config, kernelPath: images.kernel, rootfsPath: images.rootfs,
+                             requestedAt: requestedAt, logger: logger)
+    }
+
+    /// Runs blocking work on a thread of its own and resumes the caller with its result.
+    static func onThread<T: Sendable>(_ work: @escaping @Sendable () throws(SandboxError) -> T) async throws(SandboxError) -> T {
+        let result: Result<T, SandboxError> = await withCheckedContinuation { continuation in
+            do {
+                try startDetachedThread {
+                    do throws(SandboxError) { continuation.resume(returning: .success(try work())) } catch {
+                        continuation.resume(returning: .failure(error))
+                    }
+                }
+            } catch {
+                continuation.resume(returning: .failure(.vmm("cannot start a thread: \(error)")))
+            }
+        }
+        return try result.get()
+    }
+}

@@ -1,0 +1,151 @@
+import AgentProtocol
+
+/// The virtual machine a sandbox runs in.
+public struct SandboxConfig: Sendable, Codable, Equatable {
+    /// The guest kernel (vmlinux or bzImage); nil: the installed image (`make images`).
+    public var kernelPath: String?
+    /// The root filesystem (ext4 with the agent at `agentPath`), attached read-only as /dev/vda; nil: the installed image.
+    public var rootfsPath: String?
+    public var memoryMiB: Int = 256
+    public var cpus: Int = 1
+    /// How long the guest may take from the first instruction to the agent's
+    /// hello. Generous because on a PVM host the kernel is emulated (~20 s).
+    public var bootTimeoutSeconds: Double = 300
+    /// Appended to the kernel command line.
+    public var extraKernelCommandLine: String = ""
+    /// Where the agent is in the root filesystem (passed as init=).
+    public var agentPath: String = "/sbin/airlock-init"
+    /// Copy the guest kernel's console to this host fd as it is written (debugging); nil keeps it in memory.
+    public var consoleFD: Int32?
+
+    public init(kernelPath: String? = nil, rootfsPath: String? = nil, memoryMiB: Int = 256, cpus: Int = 1) {
+        self.kernelPath = kernelPath
+        self.rootfsPath = rootfsPath
+        self.memoryMiB = memoryMiB
+        self.cpus = cpus
+    }
+}
+
+/// Where a command's input comes from.
+public enum StdinSource: Sendable, Equatable {
+    /// /dev/null.
+    case none
+    case bytes([UInt8])
+    /// Read until EOF from a host descriptor (the CLI's own stdin when it is not a terminal).
+    case fileDescriptor(Int32)
+}
+
+/// Where a stream of the command's output goes.
+public enum OutputDestination: Sendable {
+    /// Kept in the `RunResult` (up to the command's `maxOutputBytes`).
+    case capture
+    /// Written to a host descriptor as it arrives; a slow reader slows the guest, nothing is dropped.
+    case fileDescriptor(Int32)
+    /// Handed to a closure as it arrives, on one thread per stream, in order.
+    case handler(@Sendable ([UInt8]) -> Void)
+}
+
+/// One command to run in the guest.
+public struct Command: Sendable {
+    public var arguments: [String]
+    /// Added to the guest's defaults (PATH, HOME); later entries win.
+    public var environment: [(name: String, value: String)] = []
+    public var workingDirectory: String = "/"
+    /// "" for root, or NAME, UID, NAME:GROUP, UID:GID as in the guest's /etc/passwd.
+    public var user: String = ""
+    public var stdin: StdinSource = .none
+    public var stdout: OutputDestination = .capture
+    public var stderr: OutputDestination = .capture
+    /// Seconds the command may run, counted from its start in the guest; then the VM is destroyed.
+    public var timeoutSeconds: Double?
+    /// Per stream: bytes beyond it are dropped and the result is flagged. nil: unlimited when
+    /// streaming, `Command.captureLimit` when captured.
+    public var maxOutputBytes: Int?
+
+    /// The most a captured stream keeps when no `maxOutputBytes` is given.
+    public static let captureLimit = 64 << 20
+
+    public init(_ arguments: [String]) { self.arguments = arguments }
+}
+
+/// How a command ended, as a process status a caller can exit with.
+public struct RunResult: Sendable, Codable, Equatable {
+    /// The captured output (empty for streams sent elsewhere).
+    public var stdout: [UInt8] = []
+    public var stderr: [UInt8] = []
+    /// The command's status, or 128+N for signal N, 124 on timeout, 127 when
+    /// the command was not found, 126 when not executable, 125 when the run
+    /// could not be set up (user, working directory).
+    public var exitCode: Int32 = 0
+    public var signal: Int32?
+    public var timedOut = false
+    /// Some output went past `maxOutputBytes` and was dropped.
+    public var outputTruncated = false
+    /// Why the command did not run, when it did not.
+    public var failure: String?
+    /// How the VM ended ("reset on vCPU 0: ..."), nil while it still runs (sessions) or when the host stopped it.
+    public var systemEvent: String?
+    public var timings = RunTimings()
+
+    public init() {}
+
+    public var stdoutText: String { String(decoding: stdout, as: UTF8.self) }
+    public var stderrText: String { String(decoding: stderr, as: UTF8.self) }
+}
+
+/// Where the time of one run went, in milliseconds.
+public struct RunTimings: Sendable, Codable, Equatable {
+    /// From the request (process start for the CLI) to the vCPU's first KVM_RUN.
+    public var vmmStartMs: Double = 0
+    /// From the first KVM_RUN to the agent's hello: the guest kernel's boot and init's start.
+    public var kernelBootMs: Double = 0
+    /// From the hello to the command's start: the run request and the agent's set-up.
+    public var agentReadyMs: Double = 0
+    /// The command's own run time, as the host saw it (start report to exit report).
+    public var commandMs: Double = 0
+    /// From the exit report to the VM's end: output drained, disks synced, reboot.
+    public var shutdownMs: Double = 0
+    public var totalMs: Double = 0
+    public init() {}
+}
+
+/// Exit statuses with a meaning of their own, shared with the CLI.
+public enum SandboxExitCode {
+    public static let timeout: Int32 = 124
+    public static let airlockFailed: Int32 = 125
+    public static let notExecutable: Int32 = 126
+    public static let commandNotFound: Int32 = 127
+}
+
+extension RunFailure {
+    var exitCode: Int32 {
+        switch self {
+        case .commandNotFound: return SandboxExitCode.commandNotFound
+        case .notExecutable: return SandboxExitCode.notExecutable
+        case .setup: return SandboxExitCode.airlockFailed
+        }
+    }
+}
+
+/// Everything that makes a sandbox fail (as opposed to the command failing).
+public enum SandboxError: Error, CustomStringConvertible, Sendable {
+    /// Bad input: names the option or file and what to do.
+    case invalidConfiguration(String)
+    /// The VMM could not build or run the machine.
+    case vmm(String)
+    /// The guest did not bring the agent up; `console` is the end of the kernel's console.
+    case agentDidNotStart(String, console: String)
+    /// The agent broke the protocol (a hostile or mismatched guest).
+    case protocolViolation(String)
+    /// The sandbox was used after it ended.
+    case ended(String)
+
+    public var description: String {
+        switch self {
+        case let .invalidConfiguration(m), let .vmm(m), let .protocolViolation(m), let .ended(m): return m
+        case let .agentDidNotStart(m, console):
+            let tail = console.split(separator: "\n", omittingEmptySubsequences: false).suffix(25).joined(separator: "\n")
+            return tail.isEmpty ? m : "\(m)\nlast lines of the guest console:\n\(tail)"
+        }
+    }
+}

@@ -1,0 +1,509 @@
+import AgentProtocol
+import AirlockOS
+import Dispatch
+import Logging
+import Synchronization
+import Virtio
+import VirtioDevices
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The host side of the control port: frames from the guest are decoded where
+/// they arrive (a vCPU thread, with the console's lock held, so nothing here
+/// may call back into the device) and posted to the session's controller.
+final class ControlChannel: ConsoleOutput, @unchecked Sendable {
+    // @unchecked: all state is in the Mutex.
+    private let state = Mutex((decoder: FrameDecoder(), failed: false))
+    private let post: @Sendable (VMSession.Event) -> Void
+
+    init(post: @escaping @Sendable (VMSession.Event) -> Void) { self.post = post }
+
+    func write(_ bytes: UnsafeRawBufferPointer) {
+        let (messages, failure) = state.withLock { s -> ([GuestMessage], ProtocolError?) in
+            // After a bad frame nothing on the stream can be trusted; it was reported once.
+            guard !s.failed else { return ([], nil) }
+            s.decoder.feed(bytes)
+            var out: [GuestMessage] = []
+            do throws(ProtocolError) {
+                while let frame = try s.decoder.next() { out.append(try GuestMessage.decode(type: frame.type, body: frame.body)) }
+                return (out, nil)
+            } catch {
+                s.failed = true
+                s.decoder = FrameDecoder()
+                return (out, error)
+            }
+        }
+        for m in messages { post(.guest(m)) }
+        if let failure { post(.protocolError(failure)) }
+    }
+}
+
+/// Kernel console output: kept (bounded) for error reports, and copied to a host fd when asked.
+final class ConsoleLog: ConsoleOutput, @unchecked Sendable {
+    // @unchecked: `capture` is thread-safe; `copy` is immutable.
+    let capture = BoundedCapture(limit: 1 << 20)
+    let copy: Int32?
+    init(copyTo fd: Int32?) { copy = fd }
+    func write(_ bytes: UnsafeRawBufferPointer) {
+        capture.write(bytes)
+        if let copy { try? AirlockOS.writeAll(fd: copy, bytes) }
+    }
+}
+
+/// One booted VM with its agent: the engine behind `Sandbox`. Its methods
+/// block (they wait on the guest) and are called from a dedicated thread.
+///
+/// Threads: the vCPU thread runs the machine and decodes guest frames; one
+/// writer thread per output port delivers output; a feeder thread pushes a
+/// run's stdin; the caller's thread is the controller, which waits on
+/// `events` and makes every decision (timeouts included).
+final class VMSession: @unchecked Sendable {
+    // @unchecked: mutable state below is touched only by the controller (the
+    // caller of boot/run/shutdown, serialised by `busy`), or is in Mutexes.
+    enum Event: Sendable {
+        case guest(GuestMessage)
+        case protocolError(ProtocolError)
+        case vmEnded(Result<MachineExit, VMMError>)
+        case progress
+    }
+
+    /// A guest that floods the control port faster than the controller reads is broken or hostile.
+    static let maxPendingEvents = 4096
+    /// How long output may take to arrive after the exit report, and the guest to reboot after it.
+    static let drainSeconds = 30.0
+    static let shutdownSeconds = 60.0
+
+    let config: SandboxConfig
+    let logger: Logger
+    let machine: Machine
+    let console: ConsoleDevice
+    let transport: MMIOTransport
+    let stdoutPump = OutputPump(name: AgentProtocol.stdoutPortName)
+    let stderrPump = OutputPump(name: AgentProtocol.stderrPortName)
+    let consoleLog: ConsoleLog
+    let rootfsPath: String
+    let guestEnvironment: [String]
+
+    private let events = EventQueue()
+    private let inputSpace = DispatchSemaphore(value: 0)
+    /// Held while one whole frame is pushed into the control port, so frames never interleave.
+    private let controlWrite = DispatchSemaphore(value: 1)
+    private let busy = DispatchSemaphore(value: 1)
+    /// Set by the machine's thread when `Machine.run` has returned (before the event is posted).
+    private let vmFinished = StopFlag()
+
+    private let requestedAt: UInt64
+    private var helloAt: UInt64 = 0
+    private var nextRunID: UInt32 = 1
+    private(set) var exit: MachineExit?
+    private(set) var endError: String?
+    private var overflowed = false
+    private var firstRunDone = false
+
+    static let controlPort = 0, stdoutPort = 1, stderrPort = 2
+
+    /// Builds the machine (KVM objects, memory, devices, kernel) without starting it.
+    init(config: SandboxConfig, kernelPath: String, rootfsPath: String, requestedAt: UInt64, logger: Logger) throws(SandboxError) {
+        self.config = config
+        self.logger = logger
+        self.requestedAt = requestedAt
+        self.rootfsPath = rootfsPath
+        consoleLog = ConsoleLog(copyTo: config.consoleFD)
+
+        var mc = MachineConfig()
+        mc.memoryBytes = UInt64(config.memoryMiB) << 20
+        mc.vcpuCount = config.cpus
+        mc.console = consoleLog
+        mc.logger = logger
+        guestEnvironment = mc.hostProfile.guestEnvironment
+
+        let inputSpace = self.inputSpace
+        let events = self.events
+        let post: @Sendable (Event) -> Void = { events.post($0) }
+        let control = ControlChannel(post: post)
+        do {
+            machine = try Machine(mc)
+            try machine.addBlockDevice(path: rootfsPath, readOnly: true)
+            let added = try machine.addConsoleDevice(ports: [
+                .init(name: AgentProtocol.controlPortName, output: control, inputConsumed: { inputSpace.signal() }),
+                .init(name: AgentProtocol.stdoutPortName, output: stdoutPump),
+                .init(name: AgentProtocol.stderrPortName, output: stderrPump),
+            ])
+            console = added.console
+            transport = added.transport
+            var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath)"
+            // The kernel's own messages cost emulated UART work per character; errors still show.
+            if config.consoleFD == nil { cmdline += " quiet" }
+            if !config.extraKernelCommandLine.isEmpty { cmdline += " " + config.extraKernelCommandLine }
+            try machine.loadLinux(kernelPath: kernelPath, initrdPath: nil, extraCommandLine: cmdline)
+        } catch {
+            throw .vmm(error.description)
+        }
+        let transport = self.transport
+        stdoutPump.resume = { transport.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stdoutPort)) }
+        stderrPump.resume = { transport.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stderrPort)) }
+        stdoutPump.progress = { post(.progress) }
+        stderrPump.progress = { post(.progress) }
+    }
+
+    // MARK: - Events
+
+    private func nextEvent(until deadline: UInt64?) -> Event? { events.next(until: deadline) }
+
+    private static func deadline(after seconds: Double) -> UInt64 {
+        monotonicNanoseconds() &+ UInt64(max(0, min(seconds, 1e9)) * 1e9)
+    }
+
+    private func record(_ result: Result<MachineExit, VMMError>) {
+        switch result {
+        case let .success(e): exit = e
+        case let .failure(e): endError = e.description
+        }
+    }
+
+    private var ended: Bool { exit != nil || endError != nil }
+
+    private var endDescription: String {
+        if let endError { return "the VMM failed: \(endError)" }
+        if let event = exit?.event { return "the guest ended (\(event))" }
+        return "the VM was stopped"
+    }
+
+    // MARK: - Boot
+
+    /// Starts the vCPUs and waits for the agent's hello.
+    func boot() throws(SandboxError) {
+        busy.wait()
+        defer { busy.signal() }
+        do {
+            try stdoutPump.start()
+            try stderrPump.start()
+            let machine = self.machine
+            let events = self.events, finished = self.vmFinished
+            try startDetachedThread {
+                let result: Result<MachineExit, VMMError>
+                do throws(VMMError) { result = .success(try machine.run()) } catch { result = .failure(error) }
+                finished.stop()
+                events.post(.vmEnded(result), always: true)
+            }
+        } catch {
+            throw .vmm("cannot start the VM's threads: \(error)")
+        }
+        let deadline = Self.deadline(after: config.bootTimeoutSeconds)
+        while true {
+            guard let event = nextEvent(until: deadline) else {
+                destroy()
+                throw .agentDidNotStart("the agent did not say hello within the \(Int(config.bootTimeoutSeconds)) s boot timeout: check that \(rootfsPath) has Airlock's agent at \(config.agentPath) (make rootfs), or raise --boot-timeout on a slow host",
+                                        console: consoleLog.capture.text)
+            }
+            switch event {
+            case let .guest(.hello(version, agent)):
+                helloAt = monotonicNanoseconds()
+                logger.debug("agent ready: \(agent), protocol \(version)")
+                return
+            case let .guest(other):
+                destroy()
+                throw .protocolViolation("the agent sent \(other) before its hello: the guest is not running Airlock's agent")
+            case let .protocolError(e):
+                destroy()
+                throw .protocolViolation("the agent in \(rootfsPath): \(e)")
+            case let .vmEnded(result):
+                record(result)
+                throw .agentDidNotStart("\(endDescription) before the agent said hello: check that \(rootfsPath) has Airlock's agent at \(config.agentPath) (rebuild it with make rootfs)",
+                                        console: consoleLog.capture.text)
+            case .progress:
+                continue
+            }
+        }
+    }
+
+    // MARK: - Control port input
+
+    /// Pushes one whole frame into the control port, waiting for the guest to take it.
+    /// False when the VM ended or `cancelled` says so first.
+    private func pushFrame(_ frame: [UInt8], cancelled: () -> Bool = { false }) -> Bool {
+        controlWrite.wait()
+        defer { controlWrite.signal() }
+        var rest = frame[...]
+        while !rest.isEmpty {
+            let n = console.queueInput(port: Self.controlPort, Array(rest))
+            rest = rest.dropFirst(n)
+            transport.serviceQueue(ConsoleDevice.receiveQueue(port: Self.controlPort))
+            if rest.isEmpty { break }
+            if cancelled() { return false }
+            _ = inputSpace.wait(timeout: .now() + .milliseconds(50))
+        }
+        return true
+    }
+
+    /// Feeds a run's stdin on its own thread; the returned flag stops it.
+    private func startStdinFeeder(_ source: StdinSource, runID: UInt32) -> StopFlag? {
+        if case .none = source { return nil }
+        let flag = StopFlag()
+        do {
+            try startDetachedThread { [self] in feedStdin(source, runID: runID, flag: flag) }
+        } catch {
+            logger.error("cannot start the stdin thread: \(error); the command gets no input")
+            return nil
+        }
+        return flag
+    }
+
+    private func feedStdin(_ source: StdinSource, runID: UInt32, flag: StopFlag) {
+        let cancelled = { flag.stopped }
+        let chunk = AgentProtocol.Limits.stdinChunk
+        switch source {
+        case .none:
+            return
+        case let .bytes(bytes):
+            var offset = 0
+            while offset < bytes.count {
+                let end = min(bytes.count, offset + chunk)
+                guard pushFrame(HostMessage.stdin(runID: runID, data: Array(bytes[offset..<end])).encoded(), cancelled: cancelled) else { return }
+                offset = end
+            }
+        case let .fileDescriptor(fd):
+            reading: while true {
+                switch Self.readChunk(fd: fd, max: chunk, flag: flag) {
+                case let .data(d):
+                    guard pushFrame(HostMessage.stdin(runID: runID, data: d).encoded(), cancelled: cancelled) else { return }
+                case .endOfFile:
+                    break reading
+                case .cancelled:
+                    return
+                }
+            }
+        }
+        _ = pushFrame(HostMessage.stdinEOF(runID: runID).encoded(), cancelled: cancelled)
+    }
+
+    enum ReadOutcome { case data([UInt8]), endOfFile, cancelled }
+
+    /// One read from a host fd, polling so that a stop request is seen within 100 ms
+    /// even when the fd never becomes readable (a terminal nobody types into).
+    static func readChunk(fd: Int32, max: Int, flag: StopFlag) -> ReadOutcome {
+        var buffer = [UInt8](repeating: 0, count: max)
+        while !flag.stopped {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let r = poll(&p, 1, 100)
+            if r < 0 && errno != EINTR { return .endOfFile }
+            guard r > 0 else { continue }
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n > 0 { return .data(Array(buffer[0..<n])) }
+            if n == 0 { return .endOfFile }
+            if errno == EINTR || errno == EAGAIN { continue }
+            return .endOfFile  // a read error ends the input as EOF would; the command decides what that means
+        }
+        return .cancelled
+    }
+}
+
+/// The controller's inbox. Bounded: a guest that floods the control port
+/// faster than the controller reads is broken or hostile, and is told so once.
+final class EventQueue: Sendable {
+    private let queue = Mutex<(events: [VMSession.Event], overflowed: Bool)>(([], false))
+    private let signal = DispatchSemaphore(value: 0)
+
+    func post(_ event: VMSession.Event, always: Bool = false) {
+        queue.withLock { q in
+            if q.events.count < VMSession.maxPendingEvents || always {
+                q.events.append(event)
+            } else if !q.overflowed {
+                q.overflowed = true
+                q.events.append(.protocolError(.malformed("more than \(VMSession.maxPendingEvents) unread messages: the agent is flooding the control port")))
+            }
+        }
+        signal.signal()
+    }
+
+    /// The oldest event, waiting until `deadline` (monotonic ns; nil: forever); nil on timeout.
+    func next(until deadline: UInt64?) -> VMSession.Event? {
+        while true {
+            if let e = queue.withLock({ q -> VMSession.Event? in q.events.isEmpty ? nil : q.events.removeFirst() }) { return e }
+            if let deadline {
+                let now = monotonicNanoseconds()
+                guard now < deadline else { return nil }
+                _ = signal.wait(timeout: .now() + .nanoseconds(Int(min(deadline - now, UInt64(Int.max)))))
+            } else {
+                signal.wait()
+            }
+        }
+    }
+}
+
+/// A flag a controller sets and a feeder thread polls.
+final class StopFlag: Sendable {
+    private let flag = Atomic<Bool>(false)
+    var stopped: Bool { flag.load(ordering: .relaxed) }
+    func stop() { flag.store(true, ordering: .relaxed) }
+}
+
+extension VMSession {
+    /// Runs one command and waits for its end. With `shutdownAfter` the agent
+    /// syncs and reboots after reporting, and this waits for the VM to end.
+    func run(_ command: Command, shutdownAfter: Bool) throws(SandboxError) -> RunResult {
+        busy.wait()
+        defer { busy.signal() }
+        guard !ended else { throw .ended("the sandbox has ended: \(endDescription)") }
+        guard !command.arguments.isEmpty, !command.arguments[0].isEmpty else {
+            throw .invalidConfiguration("the command is empty: give the program to run and its arguments (airlock run -- CMD ARGS...)")
+        }
+        let runID = nextRunID
+        nextRunID &+= 1
+        let firstRun = !firstRunDone
+        firstRunDone = true
+        let requested = firstRun ? helloAt : monotonicNanoseconds()
+
+        let request = RunRequest(
+            runID: runID, arguments: command.arguments,
+            environment: guestEnvironment + command.environment.map { "\($0.name)=\($0.value)" },
+            workingDirectory: command.workingDirectory, user: command.user,
+            hasStdin: command.stdin != .none, shutdownAfter: shutdownAfter)
+        stdoutPump.begin(command.stdout, limit: command.maxOutputBytes)
+        stderrPump.begin(command.stderr, limit: command.maxOutputBytes)
+        var result = RunResult()
+        let finished = vmFinished
+        guard pushFrame(HostMessage.run(request).encoded(), cancelled: { finished.stopped }) else {
+            _ = waitForEnd(seconds: Self.shutdownSeconds)
+            throw .ended("\(endDescription) before the run request was delivered")
+        }
+
+        var startedAt: UInt64 = 0, exitedAt: UInt64 = 0
+        var report: (status: CommandStatus?, out: UInt64, err: UInt64)?
+        var stdinFlag: StopFlag?
+        defer { stdinFlag?.stop() }
+        var deadline: UInt64? = Self.deadline(after: config.bootTimeoutSeconds)
+        waiting: while report == nil {
+            guard let event = nextEvent(until: deadline) else {
+                if startedAt == 0 {
+                    destroy()
+                    throw .protocolViolation("the agent did not start the command within \(Int(config.bootTimeoutSeconds)) s")
+                }
+                // The command's time is up: the VM goes, with whatever it was doing.
+                exitedAt = monotonicNanoseconds()
+                result.timedOut = true
+                result.exitCode = SandboxExitCode.timeout
+                destroy()
+                break waiting
+            }
+            switch event {
+            case let .guest(.started(id, pid)) where id == runID && startedAt == 0:
+                startedAt = monotonicNanoseconds()
+                logger.debug("run \(runID) started as guest pid \(pid)")
+                stdinFlag = startStdinFeeder(command.stdin, runID: runID)
+                deadline = command.timeoutSeconds.map { startedAt &+ UInt64(max(0, min($0, 1e9)) * 1e9) }
+            case let .guest(.exited(id, status, out, err)) where id == runID && startedAt != 0:
+                exitedAt = monotonicNanoseconds()
+                report = (status, out, err)
+            case let .guest(.runFailed(id, reason, message, out, err)) where id == runID && startedAt == 0:
+                startedAt = monotonicNanoseconds()
+                exitedAt = startedAt
+                result.failure = message
+                result.exitCode = reason.exitCode
+                report = (nil, out, err)
+            case let .guest(other):
+                destroy()
+                throw .protocolViolation("the agent sent \(other) during run \(runID): the guest is not following Airlock's protocol")
+            case let .protocolError(e):
+                destroy()
+                throw .protocolViolation("the agent broke the protocol: \(e)")
+            case let .vmEnded(r):
+                record(r)
+                exitedAt = monotonicNanoseconds()
+                result.failure = "\(endDescription) before the command finished"
+                result.exitCode = SandboxExitCode.airlockFailed
+                break waiting
+            case .progress:
+                continue
+            }
+        }
+        stdinFlag?.stop()
+
+        if let report {
+            switch report.status {
+            case let .exited(code)?: result.exitCode = code
+            case let .signaled(sig)?:
+                result.signal = sig
+                result.exitCode = 128 + sig
+            case nil: break
+            }
+            if !drainOutput(stdout: report.out, stderr: report.err) {
+                logger.warning("the guest reported more output than it sent within \(Int(Self.drainSeconds)) s; the rest is lost")
+            }
+        }
+        let out = stdoutPump.finish(), err = stderrPump.finish()
+        result.stdout = out.captured
+        result.stderr = err.captured
+        result.outputTruncated = out.truncated || err.truncated
+
+        if shutdownAfter && !ended {
+            if !waitForEnd(seconds: Self.shutdownSeconds) {
+                logger.warning("the guest did not reboot within \(Int(Self.shutdownSeconds)) s of the command's end; stopping it")
+                destroy()
+            }
+        }
+        let endedAt = monotonicNanoseconds()
+        result.systemEvent = exit?.event?.description
+        if let endError, result.failure == nil { result.failure = "the VMM failed: \(endError)" }
+
+        func ms(_ from: UInt64, _ to: UInt64) -> Double { to > from ? Double(to - from) / 1e6 : 0 }
+        let firstKVMRun = machine.firstRunNanoseconds
+        if firstRun {
+            result.timings.vmmStartMs = ms(requestedAt, firstKVMRun)
+            result.timings.kernelBootMs = ms(firstKVMRun, helloAt)
+        }
+        result.timings.agentReadyMs = ms(requested, startedAt)
+        result.timings.commandMs = ms(startedAt, exitedAt)
+        result.timings.shutdownMs = ended ? ms(exitedAt, endedAt) : 0
+        result.timings.totalMs = ms(firstRun ? requestedAt : requested, endedAt)
+        return result
+    }
+
+    /// Waits until both output ports have delivered what the agent reported sending.
+    private func drainOutput(stdout: UInt64, stderr: UInt64) -> Bool {
+        let deadline = Self.deadline(after: Self.drainSeconds)
+        while true {
+            if stdoutPump.received >= stdout && stderrPump.received >= stderr && stdoutPump.idle && stderrPump.idle { return true }
+            guard let event = nextEvent(until: deadline) else { return false }
+            if case let .vmEnded(r) = event { record(r) }
+        }
+    }
+
+    /// Waits for the machine's thread to report the end; false on timeout.
+    @discardableResult
+    private func waitForEnd(seconds: Double) -> Bool {
+        let deadline = Self.deadline(after: seconds)
+        while !ended {
+            guard let event = nextEvent(until: deadline) else { return false }
+            if case let .vmEnded(r) = event { record(r) }
+        }
+        return true
+    }
+
+    /// Asks the agent to sync and reboot, and waits for the VM to end (stopping it if it does not).
+    func shutdown() {
+        busy.wait()
+        defer { busy.signal() }
+        guard !ended else { return }
+        let finished = vmFinished
+        if pushFrame(HostMessage.shutdown.encoded(), cancelled: { finished.stopped }), waitForEnd(seconds: Self.shutdownSeconds) {
+            closePumps()
+            return
+        }
+        destroy()
+    }
+
+    /// Stops the vCPUs now (the guest gets no say) and waits for the machine's thread.
+    func destroy() {
+        machine.stop(with: nil)
+        if !waitForEnd(seconds: 30) { logger.error("the vCPU threads did not stop within 30 s") }
+        closePumps()
+    }
+
+    private func closePumps() {
+        stdoutPump.close()
+        stderrPump.close()
+    }
+}

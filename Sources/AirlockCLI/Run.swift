@@ -1,0 +1,144 @@
+import Airlock
+import AirlockOS
+import ArgumentParser
+import Foundation
+import Logging
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a command in a fresh micro-VM and return its output and exit status.",
+        discussion: """
+            Boots a disposable VM from the guest kernel and root filesystem, runs CMD with ARGS in it \
+            through Airlock's agent, streams the command's stdout and stderr to this process's stdout \
+            and stderr as they are produced, and exits with the command's exit status. Stdin is passed \
+            through when it is not a terminal.
+
+            Exit status: the command's own; 128+N when signal N killed it; 124 when it ran past \
+            --timeout (the VM is destroyed); 127 when the command is not found in the guest; 126 when \
+            it is not executable; 125 when Airlock itself failed or the run could not be set up \
+            (a message on stderr says what failed and what to do).
+
+            --timeout counts from the moment the command starts in the guest, so it means the same \
+            on a fast host and on one where the guest kernel boots slowly; --boot-timeout bounds the boot.
+            """)
+
+    @Option(help: "The guest kernel (vmlinux or bzImage). Default: the installed image (make images).")
+    var kernel: String?
+
+    @Option(help: "The root filesystem (ext4 holding Airlock's agent at /sbin/airlock-init), attached read-only. Default: the installed image.")
+    var rootfs: String?
+
+    @Option(help: "Guest memory: MiB, or a size with an M or G suffix (256, 512M, 1G).")
+    var memory: String = "256"
+
+    @Option(help: "Virtual CPUs (1 until SMP support lands).")
+    var cpus: Int = 1
+
+    @Option(name: .customLong("env"), help: "Set NAME=VALUE in the command's environment, or NAME to copy this process's value (repeatable).")
+    var environment: [String] = []
+
+    @Option(help: "The command's working directory in the guest.")
+    var workdir: String = "/"
+
+    @Option(help: "Run as NAME, UID, NAME:GROUP or UID:GID (from the guest's /etc/passwd and /etc/group). Default: root.")
+    var user: String = ""
+
+    @Option(help: "Destroy the VM when the command has run this many seconds (exit status 124).")
+    var timeout: Double?
+
+    @Option(help: "Seconds the guest may take to boot to its agent.")
+    var bootTimeout: Double = 300
+
+    @Option(help: "Keep at most this many bytes of each of stdout and stderr (K, M, G suffixes allowed); the rest is dropped and flagged. Default: unlimited when streaming, 64M with --json.")
+    var maxOutput: String?
+
+    @Flag(help: "Print one JSON document (output, exit code, signal, timeout, truncation, system event, timings) instead of streaming.")
+    var json = false
+
+    @Flag(help: "Copy the guest kernel's console to stderr (for debugging a guest that does not boot).")
+    var console = false
+
+    @Option(help: "Extra kernel command-line parameters.")
+    var cmdline: String = ""
+
+    @OptionGroup var logging: LoggingOptions
+
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments, after --.")
+    var command: [String] = []
+
+    /// The command with the `--` separator removed.
+    var argv: [String] { command.first == "--" ? Array(command.dropFirst()) : command }
+
+    func validate() throws {
+        guard !argv.isEmpty, !argv[0].isEmpty else {
+            throw ValidationError("no command given: use airlock run [options] -- CMD [ARGS...]")
+        }
+        _ = try cli(SizeArgument.mebibytes(memory, option: "--memory"))
+        if let maxOutput { _ = try cli(SizeArgument.bytes(maxOutput, option: "--max-output")) }
+        if let timeout, !(timeout > 0) { throw ValidationError("--timeout \(timeout) is not a positive number of seconds") }
+        guard bootTimeout > 0 else { throw ValidationError("--boot-timeout \(bootTimeout) is not a positive number of seconds") }
+        _ = try parsedEnvironment(ProcessInfo.processInfo.environment)
+    }
+
+    func parsedEnvironment(_ host: [String: String]) throws -> [(name: String, value: String)] {
+        try environment.map { entry in
+            if let eq = entry.firstIndex(of: "=") {
+                let name = String(entry[..<eq])
+                guard !name.isEmpty else { throw ValidationError("--env '\(entry)' has no name: use --env NAME=VALUE") }
+                return (name, String(entry[entry.index(after: eq)...]))
+            }
+            guard !entry.isEmpty else { throw ValidationError("--env needs NAME=VALUE or NAME") }
+            guard let value = host[entry] else {
+                throw ValidationError("--env \(entry): \(entry) is not set here, so there is nothing to copy; use --env \(entry)=VALUE")
+            }
+            return (entry, value)
+        }
+    }
+
+    func run() throws {
+        let requestedAt = monotonicNanoseconds()
+        try logging.bootstrap()
+        var config = SandboxConfig(kernelPath: kernel, rootfsPath: rootfs,
+                                   memoryMiB: try cli(SizeArgument.mebibytes(memory, option: "--memory")), cpus: cpus)
+        config.bootTimeoutSeconds = bootTimeout
+        config.extraKernelCommandLine = cmdline
+        if console { config.consoleFD = 2 }
+
+        var cmd = Command(argv)
+        cmd.environment = try parsedEnvironment(ProcessInfo.processInfo.environment)
+        cmd.workingDirectory = workdir
+        cmd.user = user
+        cmd.timeoutSeconds = timeout
+        cmd.maxOutputBytes = try maxOutput.map { try cli(SizeArgument.bytes($0, option: "--max-output")) }
+        cmd.stdin = isatty(0) == 1 ? .none : .fileDescriptor(0)
+        if !json {
+            cmd.stdout = .fileDescriptor(1)
+            cmd.stderr = .fileDescriptor(2)
+        }
+
+        let result: RunResult
+        do {
+            result = try Sandbox.runBlocking(cmd, config: config, requestedAt: requestedAt, logger: Logger(label: "airlock.run"))
+        } catch {
+            printError("airlock: \(error)")
+            throw ExitCode(SandboxExitCode.airlockFailed)
+        }
+        if json {
+            print(result.jsonDocument())
+        } else {
+            if let failure = result.failure { printError("airlock: \(failure)") }
+            if result.timedOut {
+                printError("airlock: the command ran past --timeout \(timeout.map { "\($0)" } ?? "") s; the VM was destroyed")
+            }
+            if result.outputTruncated, let maxOutput {
+                printError("airlock: output beyond --max-output \(maxOutput) bytes per stream was dropped")
+            }
+        }
+        throw ExitCode(result.exitCode)
+    }
+}
+
+/// A library validation error as ArgumentParser's, so it prints with the usage hint.
+func cli<T>(_ body: @autoclosure () throws(SandboxError) -> T) throws -> T {
+    do { return try body() } catch { throw ValidationError(error.description) }
+}
