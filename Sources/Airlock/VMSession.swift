@@ -126,6 +126,7 @@ final class VMSession: @unchecked Sendable {
         do {
             machine = try Machine(mc)
             try machine.addBlockDevice(path: rootfsPath, readOnly: true)
+            let consoleIndex = machine.virtioDeviceCount
             let added = try machine.addConsoleDevice(ports: [
                 .init(name: AgentProtocol.controlPortName, output: control, inputConsumed: { inputSpace.signal() }),
                 .init(name: AgentProtocol.stdoutPortName, output: stdoutPump),
@@ -133,7 +134,10 @@ final class VMSession: @unchecked Sendable {
             ])
             console = added.console
             transport = added.transport
-            var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath)"
+            // Port n of virtio device k is /dev/vport{k}p{n} in the guest: the agent opens these
+            // directly instead of scanning sysfs for the names.
+            let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
+            var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath) AIRLOCK_PORTS=\(ports)"
             // The kernel's own messages cost emulated UART work per character; errors still show.
             if config.consoleFD == nil { cmdline += " quiet" }
             if !config.extraKernelCommandLine.isEmpty { cmdline += " " + config.extraKernelCommandLine }

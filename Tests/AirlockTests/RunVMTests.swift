@@ -125,3 +125,27 @@ struct SandboxSessionVMTests {
         await #expect(throws: SandboxError.self) { try await sandbox.run(Command(["true"])) }
     }
 }
+
+/// Bad input to `airlock run` is refused before anything boots: status 125 and
+/// a message that names the option or file and what to do. No VM needed.
+struct RunCLIInputTests {
+    @Test(arguments: [
+        (["run", "--bogus", "--", "true"], "Unknown option '--bogus'"),
+        (["run"], "no command given"),
+        (["run", "--", ""], "no command given"),
+        (["run", "--memory", "lots", "--", "true"], "--memory 'lots' is not a size"),
+        (["run", "--memory", "8", "--", "true"], "--memory 8 MiB is too small"),
+        (["run", "--cpus", "2", "--", "true"], "until SMP support lands"),
+        (["run", "--kernel", "/no/such/vmlinux", "--", "true"], "/no/such/vmlinux cannot be opened"),
+        (["run", "--rootfs", "/no/such/rootfs.ext4", "--", "true"], "/no/such/rootfs.ext4 cannot be opened"),
+        (["run", "--timeout", "-1", "--", "true"], "--timeout"),
+        (["run", "--env", "=x", "--", "true"], "--env '=x' has no name"),
+        (["run", "--max-output", "many", "--", "true"], "--max-output 'many' is not a size"),
+    ])
+    func badInputIsRefusedWithWhatToDo(arguments: [String], message: String) throws {
+        let r = try VMTests.airlock(arguments)
+        #expect(r.status == 125, "\(arguments): \(r.stderr)")
+        #expect(r.stderr.contains(message), "\(arguments): \(r.stderr)")
+        #expect(r.stdout.isEmpty)
+    }
+}
