@@ -312,6 +312,8 @@ final class EventQueue: Sendable {
 
     func post(_ event: VMSession.Event, always: Bool = false) {
         queue.withLock { q in
+            // Progress only wakes the controller to re-check: one pending is as good as many.
+            if case .progress = event, q.events.contains(where: { if case .progress = $0 { true } else { false } }) { return }
             if q.events.count < VMSession.maxPendingEvents || always {
                 q.events.append(event)
             } else if !q.overflowed {
@@ -466,12 +468,18 @@ extension VMSession {
     }
 
     /// Waits until both output ports have delivered what the agent reported sending.
+    /// A slow reader on the host may take as long as it likes while bytes keep
+    /// moving; `drainSeconds` without any progress means the guest lied.
     private func drainOutput(stdout: UInt64, stderr: UInt64) -> Bool {
-        let deadline = Self.deadline(after: Self.drainSeconds)
+        var deadline = Self.deadline(after: Self.drainSeconds)
         while true {
             if stdoutPump.received >= stdout && stderrPump.received >= stderr && stdoutPump.idle && stderrPump.idle { return true }
             guard let event = nextEvent(until: deadline) else { return false }
-            if case let .vmEnded(r) = event { record(r) }
+            switch event {
+            case let .vmEnded(r): record(r)
+            case .progress: deadline = Self.deadline(after: Self.drainSeconds)
+            default: break
+            }
         }
     }
 

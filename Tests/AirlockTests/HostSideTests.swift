@@ -125,7 +125,9 @@ struct ControlChannelTests {
 
     @Test func aFloodingGuestCannotGrowTheInbox() {
         let queue = EventQueue()
-        for _ in 0..<(VMSession.maxPendingEvents * 3) { queue.post(.progress) }
+        for i in 0..<(VMSession.maxPendingEvents * 3) { queue.post(.guest(.started(runID: UInt32(i), pid: 1))) }
+        queue.post(.progress)
+        queue.post(.progress)
         var count = 0, errors = 0
         while let e = queue.next(until: 0) {
             count += 1
@@ -133,6 +135,16 @@ struct ControlChannelTests {
         }
         #expect(count == VMSession.maxPendingEvents + 1)
         #expect(errors == 1)
+    }
+}
+
+extension ControlChannelTests {
+    @Test func progressWakeUpsCoalesce() {
+        let queue = EventQueue()
+        for _ in 0..<100 { queue.post(.progress) }
+        var count = 0
+        while queue.next(until: 0) != nil { count += 1 }
+        #expect(count == 1)
     }
 }
 
