@@ -514,6 +514,12 @@ extension VMSession {
         closePumps()
     }
 
+    /// Stops the VM without waiting (the owner is gone); the machine's and the pumps' threads then end.
+    func abandon() {
+        machine.stop(with: nil)
+        closePumps()
+    }
+
     private func closePumps() {
         stdoutPump.close()
         stderrPump.close()
