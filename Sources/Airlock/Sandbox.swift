@@ -88,9 +88,9 @@ public final class Sandbox: Sendable {
 
     /// `run` for callers that are threads already (the CLI's main thread).
     public static func runBlocking(_ command: Command, config: SandboxConfig, requestedAt: UInt64,
-                                   logger: Logger) throws(SandboxError) -> RunResult {
+                                   logger: Logger, hooks: SessionHooks = SessionHooks()) throws(SandboxError) -> RunResult {
         try validate(command)
-        let session = try makeSession(config, requestedAt: requestedAt, logger: logger)
+        let session = try makeSession(config, requestedAt: requestedAt, logger: logger, hooks: hooks)
         try session.boot()
         return try session.run(command, shutdownAfter: true)
     }
@@ -110,10 +110,11 @@ public final class Sandbox: Sendable {
         }
     }
 
-    static func makeSession(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger) throws(SandboxError) -> VMSession {
+    static func makeSession(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger,
+                            hooks: SessionHooks = SessionHooks()) throws(SandboxError) -> VMSession {
         let images = try ImageResolution.resolve(config)
         return try VMSession(config: config, kernelPath: images.kernel, rootfsPath: images.rootfs,
-                             requestedAt: requestedAt, logger: logger)
+                             requestedAt: requestedAt, logger: logger, hooks: hooks)
     }
 
     /// Runs blocking work on its own thread; a cancelled task stops the VM, which

@@ -85,6 +85,7 @@ final class VMSession: @unchecked Sendable {
     let consoleLog: ConsoleLog
     let rootfsPath: String
     let guestEnvironment: [String]
+    let hooks: SessionHooks
 
     private let events = EventQueue()
     private let inputSpace = DispatchSemaphore(value: 0)
@@ -105,8 +106,10 @@ final class VMSession: @unchecked Sendable {
     static let controlPort = 0, stdoutPort = 1, stderrPort = 2
 
     /// Builds the machine (KVM objects, memory, devices, kernel) without starting it.
-    init(config: SandboxConfig, kernelPath: String, rootfsPath: String, requestedAt: UInt64, logger: Logger) throws(SandboxError) {
+    init(config: SandboxConfig, kernelPath: String, rootfsPath: String, requestedAt: UInt64, logger: Logger,
+         hooks: SessionHooks = SessionHooks()) throws(SandboxError) {
         self.config = config
+        self.hooks = hooks
         self.logger = logger
         self.requestedAt = requestedAt
         self.rootfsPath = rootfsPath
@@ -117,6 +120,7 @@ final class VMSession: @unchecked Sendable {
         mc.vcpuCount = config.cpus
         mc.console = consoleLog
         mc.logger = logger
+        mc.vcpuThreadSetup = hooks.vcpuThreadSetup
         guestEnvironment = mc.hostProfile.guestEnvironment
 
         let inputSpace = self.inputSpace
@@ -181,6 +185,13 @@ final class VMSession: @unchecked Sendable {
     func boot() throws(SandboxError) {
         busy.wait()
         defer { busy.signal() }
+        do {
+            // The machine is built; from here on threads touch guest data (the jail's seccomp goes on now,
+            // and every thread started below inherits it).
+            try hooks.beforeThreads?()
+        } catch {
+            throw .vmm("the sandbox could not lock the VMM down before starting it: \(error)")
+        }
         do {
             try stdoutPump.start()
             try stderrPump.start()
@@ -301,6 +312,18 @@ final class VMSession: @unchecked Sendable {
             return .endOfFile  // a read error ends the input as EOF would; the command decides what that means
         }
         return .cancelled
+    }
+}
+
+/// Points where a jailed VMM tightens its own sandbox.
+public struct SessionHooks: Sendable {
+    /// After the machine is built, before any thread that touches guest data starts.
+    public var beforeThreads: (@Sendable () throws -> Void)?
+    /// On each vCPU thread before its first KVM_RUN.
+    public var vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)?
+    public init(beforeThreads: (@Sendable () throws -> Void)? = nil, vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)? = nil) {
+        self.beforeThreads = beforeThreads
+        self.vcpuThreadSetup = vcpuThreadSetup
     }
 }
 

@@ -77,12 +77,13 @@ struct OutputPumpTests {
     @Test func aSlowConsumerThrottlesTheGuestAndResumesIt() throws {
         let pump = OutputPump(name: "test")
         let gate = DispatchSemaphore(value: 0)
+        let entered = DispatchSemaphore(value: 0)
         let resumed = Atomic<Int>(0)
         pump.resume = { resumed.add(1, ordering: .relaxed) }
         try pump.start()
-        pump.begin(.handler({ _ in gate.wait() }), limit: nil)
-        feed(pump, [0])  // the writer takes this and blocks in the handler
-        while pump.idle { usleep(1000) }
+        pump.begin(.handler({ _ in entered.signal(); gate.wait() }), limit: nil)
+        feed(pump, [0])
+        entered.wait()  // the writer holds the first chunk and blocks in the handler
         feed(pump, [UInt8](repeating: 1, count: OutputPump.highWater))
         #expect(pump.acceptsMore == false)
         gate.signal()  // the first chunk is delivered
