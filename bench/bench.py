@@ -171,12 +171,13 @@ class Watched:
     stamp when there is one (else from just before the spawn)."""
 
     def __init__(self, argv, env, timeout, guest_bytes=None, markers=None, sample_every=0.2,
-                 stop_when=None, keep_stdout=False):
+                 stop_when=None, keep_stdout=False, stderr_markers=None):
         self.argv, self.env, self.timeout = argv, env, timeout
         self.guest_bytes, self.markers = guest_bytes, markers or {}
         self.sample_every, self.stop_when, self.keep_stdout = sample_every, stop_when, keep_stdout
         self.lines, self.tail, self.stdout_chunks, self.stderr_tail = [], [], [], []
         self.marks, self.mem_samples = {}, []
+        self.stderr_markers = stderr_markers or {}
 
     def run(self):
         probe_out = tempfile.NamedTemporaryFile(prefix="airlock-probe.", delete=False)
@@ -249,7 +250,12 @@ class Watched:
 
     def _read_stderr(self, f):
         for raw in iter(f.readline, b""):
-            self.stderr_tail = (self.stderr_tail + [raw.decode("utf-8", "replace").rstrip()])[-20:]
+            now = time.monotonic_ns()
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.stderr_tail = (self.stderr_tail + [line])[-20:]
+            for key, pattern in self.stderr_markers.items():
+                if key not in self.marks and re.search(pattern, line):
+                    self.marks[key] = now
         f.close()
 
     def _sample(self, done):
@@ -525,12 +531,16 @@ def bench_run(a):
     if not ok:
         return {"available": False, "reason": "`airlock run` is not in this build (`airlock help run` shows no usage for it)"}
     extra = ["--memory", str(a.memory_mib)] if "--memory" in help_text else []
-    argv = [os.path.join(a.tools, "exec-timed"), airlock, "run", "--json", *extra, "--", "true"]
+    # --console copies the guest's console to stderr (the guest writes it either
+    # way): the kernel's "Run /sbin/airlock-init as init process" line splits
+    # kernelBootMs into the kernel's boot and the agent's start.
+    console = ["--console"] if "--console" in help_text else []
+    argv = [os.path.join(a.tools, "exec-timed"), airlock, "run", "--json", *extra, *console, "--", "true"]
     guest = a.memory_mib * MIB if extra else None
     runs, failures = [], []
     for i in range(a.run_runs):
         w = Watched(argv, probe_env(a.tools, False), timeout=a.boot_timeout + 60, guest_bytes=guest,
-                    keep_stdout=True).run()
+                    keep_stdout=True, stderr_markers={"init_started": BOOT_MARKERS["init_started"]}).run()
         text = b"".join(w.stdout_chunks).decode("utf-8", "replace")
         doc, problems = parse_run_json(text)
         wall = w.ms(w.exited_ns)
@@ -546,19 +556,26 @@ def bench_run(a):
             "timings": {k: float(t[k]) for k in RUN_PHASES + ["totalMs"]},
             "layout": phase_layout(t),
             "wall_ms": wall, "first_run_ms": w.ms(w.probe["first_run_ns"]) if w.probe else None,
+            "init_started_ms": w.ms(w.marks.get("init_started")),
             "cpu_user_ms": w.cpu_user_ms, "cpu_sys_ms": w.cpu_sys_ms, "maxrss_kib": w.maxrss_kib,
             "memory": w.memory_figures(),
         }
+        if r["first_run_ms"] is not None and r["init_started_ms"] is not None:
+            hello = r["first_run_ms"] + r["timings"]["kernelBootMs"]  # exec-relative, like the others
+            r["kernel_to_init_ms"] = r["init_started_ms"] - r["first_run_ms"]
+            r["init_to_hello_ms"] = hello - r["init_started_ms"]
         runs.append(r)
         log(f"run {i + 1}/{a.run_runs}: exit {doc['exitCode']}, total {t['totalMs']:.0f} ms, wall {wall:.0f} ms; "
             + ", ".join(f"{k} {float(t[k]):.0f}" for k in RUN_PHASES) + f"; VMM memory {vmm_mib(r['memory'])}")
-    res = {"available": True, "command": "airlock run --json " + " ".join(extra) + " -- true",
+    res = {"available": True, "command": " ".join(["airlock run --json", *extra, *console, "-- true"]),
            "memory_mib": a.memory_mib if extra else None, "runs": runs, "failures": failures}
     if runs:
         res["layout"] = runs[0]["layout"]
         res["timings_ms"] = {k: stats([r["timings"][k] for r in runs]) for k in RUN_PHASES + ["totalMs"]}
         res["wall_ms"] = stats([r["wall_ms"] for r in runs])
         res["exec_to_first_run_ms"] = stats([r["first_run_ms"] for r in runs])
+        res["kernel_to_init_ms"] = stats([r.get("kernel_to_init_ms") for r in runs])
+        res["init_to_hello_ms"] = stats([r.get("init_to_hello_ms") for r in runs])
         res["cpu_ms"] = stats([r["cpu_user_ms"] + r["cpu_sys_ms"] for r in runs])
         res["all_exit_zero"] = all(r["exitCode"] == 0 for r in runs)
     return res

@@ -20,6 +20,7 @@ COLORS = {
     "vmm": "#1f4e79",
     "kernel": "#e07b39",
     "init": "#4c9a2a",
+    "agent": "#9bc53d",
     "command": "#8e5ea2",
     "shutdown": "#9a9a9a",
 }
@@ -43,7 +44,21 @@ def rows_from(results):
         })
     run = results.get("run") or {}
     t = run.get("timings_ms")
-    if t and str(run.get("layout", "")).startswith("durations"):
+    if t and str(run.get("layout", "")).startswith("durations") and run.get("kernel_to_init_ms") and run.get("init_to_hello_ms"):
+        rows.append({
+            "label": "airlock run -- true", "sub": "probe, console and --json timings",
+            "n": t["totalMs"]["n"],
+            "phases": [
+                ("VMM start (exec to first KVM_RUN)", "vmm", run["exec_to_first_run_ms"]["median"]),
+                ("kernel boot to init", "kernel", run["kernel_to_init_ms"]["median"]),
+                ("init to the agent's hello (agent start-up)", "init", run["init_to_hello_ms"]["median"]),
+                ("agent ready (hello to command start)", "agent", t["agentReadyMs"]["median"]),
+                ("command", "command", t["commandMs"]["median"]),
+                ("shutdown", "shutdown", t["shutdownMs"]["median"]),
+            ],
+            "total": run.get("wall_ms"),
+        })
+    elif t and str(run.get("layout", "")).startswith("durations"):
         rows.append({
             "label": "airlock run -- true", "sub": "phases from its --json timings",
             "n": t["totalMs"]["n"],
