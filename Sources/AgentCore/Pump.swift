@@ -41,11 +41,14 @@ extension Agent {
             if run.status != nil {
                 let outputDone = run.stdoutFD < 0 && run.stderrFD < 0 && run.pendingOut.isEmpty && run.pendingErr.isEmpty
                 if outputDone { return broken }
-                // Something the command left running keeps a pipe open, or the host stopped reading:
-                // give up on the rest rather than hold the run open forever.
-                if let at = run.exitedAt, Sys.monotonicMilliseconds() - at > Self.drainMilliseconds {
-                    Self.console("run \(run.runID): output still open \(Self.drainMilliseconds) ms after the command exited; cutting it off")
-                    return broken
+                // Something the command left running (it survived kill -1) keeps a pipe open: stop
+                // reading it. What was read is still flushed, however slowly the host takes it.
+                if let at = run.exitedAt, Sys.monotonicMilliseconds() - at > Self.drainMilliseconds,
+                   run.stdoutFD >= 0 || run.stderrFD >= 0 {
+                    Self.console("run \(run.runID): output pipes still open \(Self.drainMilliseconds) ms after the command exited; closing them")
+                    for fd in [run.stdoutFD, run.stderrFD] where fd >= 0 { close(fd) }
+                    run.stdoutFD = -1
+                    run.stderrFD = -1
                 }
             }
             // Stdin frames for this run are applied; anything else waits for `serve`.

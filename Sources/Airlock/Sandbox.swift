@@ -1,5 +1,6 @@
 import AirlockOS
 import Logging
+import Synchronization
 import VMM
 
 /// A booted micro-VM with Airlock's agent, ready to run commands.
@@ -26,23 +27,39 @@ public final class Sandbox: Sendable {
 
     private init(session: VMSession) { self.session = session }
 
-    /// Boots a VM and waits until its agent is ready.
+    /// A sandbox dropped without `shutdown` still ends its VM and threads.
+    deinit { session.abandon() }
+
+    /// Boots a VM and waits until its agent is ready. Cancelling the task stops the VM.
     /// - Parameter requestedAt: when the caller's request began (monotonic ns), for `RunTimings.vmmStartMs`.
     public static func boot(_ config: SandboxConfig, requestedAt: UInt64? = nil,
                             logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> Sandbox {
         let start = requestedAt ?? monotonicNanoseconds()
-        return try await onThread { () throws(SandboxError) -> Sandbox in
+        let handle = SessionHandle()
+        return try await cancellable(handle) { () throws(SandboxError) -> Sandbox in
             let session = try makeSession(config, requestedAt: start, logger: logger)
+            handle.set(session)
             try session.boot()
             return Sandbox(session: session)
         }
     }
 
     /// Runs one command in this VM and waits for its end. Runs are one at a time.
+    /// Cancelling the task stops the VM (the result then carries the failure).
     public func run(_ command: Command) async throws(SandboxError) -> RunResult {
+        try Self.validate(command)
         let session = self.session
-        return try await Self.onThread { () throws(SandboxError) -> RunResult in
+        return try await Self.cancellable(SessionHandle(session)) { () throws(SandboxError) -> RunResult in
             try session.run(command, shutdownAfter: false)
+        }
+    }
+
+    /// Runs one command and then ends the VM (the agent syncs and reboots after reporting).
+    public func runAndShutDown(_ command: Command) async throws(SandboxError) -> RunResult {
+        try Self.validate(command)
+        let session = self.session
+        return try await Self.cancellable(SessionHandle(session)) { () throws(SandboxError) -> RunResult in
+            try session.run(command, shutdownAfter: true)
         }
     }
 
@@ -64,10 +81,9 @@ public final class Sandbox: Sendable {
     /// Boots a fresh VM, runs `command` in it, and ends the VM: `airlock run`.
     public static func run(_ command: Command, config: SandboxConfig = SandboxConfig(), requestedAt: UInt64? = nil,
                            logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> RunResult {
-        let start = requestedAt ?? monotonicNanoseconds()
-        return try await onThread { () throws(SandboxError) -> RunResult in
-            try runBlocking(command, config: config, requestedAt: start, logger: logger)
-        }
+        try validate(command)
+        let sandbox = try await boot(config, requestedAt: requestedAt ?? monotonicNanoseconds(), logger: logger)
+        return try await sandbox.runAndShutDown(command)
     }
 
     /// `run` for callers that are threads already (the CLI's main thread).
@@ -100,6 +116,18 @@ public final class Sandbox: Sendable {
                              requestedAt: requestedAt, logger: logger)
     }
 
+    /// Runs blocking work on its own thread; a cancelled task stops the VM, which
+    /// ends that work promptly (the controller sees the VM end).
+    static func cancellable<T: Sendable>(_ handle: SessionHandle,
+                                         _ work: @escaping @Sendable () throws(SandboxError) -> T) async throws(SandboxError) -> T {
+        let result: Result<T, SandboxError> = await withTaskCancellationHandler {
+            do throws(SandboxError) { return .success(try await onThread(work)) } catch { return .failure(error) }
+        } onCancel: {
+            handle.stop()
+        }
+        return try result.get()
+    }
+
     /// Runs blocking work on a thread of its own and resumes the caller with its result.
     static func onThread<T: Sendable>(_ work: @escaping @Sendable () throws(SandboxError) -> T) async throws(SandboxError) -> T {
         let result: Result<T, SandboxError> = await withCheckedContinuation { continuation in
@@ -114,5 +142,27 @@ public final class Sandbox: Sendable {
             }
         }
         return try result.get()
+    }
+}
+
+/// The session a cancellation handler stops; set once the session exists.
+final class SessionHandle: Sendable {
+    private let state = Mutex<(session: VMSession?, cancelled: Bool)>((nil, false))
+    init(_ session: VMSession? = nil) { state.withLock { $0.session = session } }
+
+    func set(_ session: VMSession) {
+        let cancelled = state.withLock { s -> Bool in
+            s.session = session
+            return s.cancelled
+        }
+        if cancelled { session.machine.stop(with: nil) }
+    }
+
+    func stop() {
+        let session = state.withLock { s -> VMSession? in
+            s.cancelled = true
+            return s.session
+        }
+        session?.machine.stop(with: nil)
     }
 }

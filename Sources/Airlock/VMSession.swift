@@ -126,6 +126,7 @@ final class VMSession: @unchecked Sendable {
         do {
             machine = try Machine(mc)
             try machine.addBlockDevice(path: rootfsPath, readOnly: true)
+            let consoleIndex = machine.virtioDeviceCount
             let added = try machine.addConsoleDevice(ports: [
                 .init(name: AgentProtocol.controlPortName, output: control, inputConsumed: { inputSpace.signal() }),
                 .init(name: AgentProtocol.stdoutPortName, output: stdoutPump),
@@ -133,7 +134,10 @@ final class VMSession: @unchecked Sendable {
             ])
             console = added.console
             transport = added.transport
-            var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath)"
+            // Port n of virtio device k is /dev/vport{k}p{n} in the guest: the agent opens these
+            // directly instead of scanning sysfs for the names.
+            let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
+            var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath) AIRLOCK_PORTS=\(ports)"
             // The kernel's own messages cost emulated UART work per character; errors still show.
             if config.consoleFD == nil { cmdline += " quiet" }
             if !config.extraKernelCommandLine.isEmpty { cmdline += " " + config.extraKernelCommandLine }
@@ -308,6 +312,8 @@ final class EventQueue: Sendable {
 
     func post(_ event: VMSession.Event, always: Bool = false) {
         queue.withLock { q in
+            // Progress only wakes the controller to re-check: one pending is as good as many.
+            if case .progress = event, q.events.contains(where: { if case .progress = $0 { true } else { false } }) { return }
             if q.events.count < VMSession.maxPendingEvents || always {
                 q.events.append(event)
             } else if !q.overflowed {
@@ -462,12 +468,18 @@ extension VMSession {
     }
 
     /// Waits until both output ports have delivered what the agent reported sending.
+    /// A slow reader on the host may take as long as it likes while bytes keep
+    /// moving; `drainSeconds` without any progress means the guest lied.
     private func drainOutput(stdout: UInt64, stderr: UInt64) -> Bool {
-        let deadline = Self.deadline(after: Self.drainSeconds)
+        var deadline = Self.deadline(after: Self.drainSeconds)
         while true {
             if stdoutPump.received >= stdout && stderrPump.received >= stderr && stdoutPump.idle && stderrPump.idle { return true }
             guard let event = nextEvent(until: deadline) else { return false }
-            if case let .vmEnded(r) = event { record(r) }
+            switch event {
+            case let .vmEnded(r): record(r)
+            case .progress: deadline = Self.deadline(after: Self.drainSeconds)
+            default: break
+            }
         }
     }
 
@@ -499,6 +511,12 @@ extension VMSession {
     func destroy() {
         machine.stop(with: nil)
         if !waitForEnd(seconds: 30) { logger.error("the vCPU threads did not stop within 30 s") }
+        closePumps()
+    }
+
+    /// Stops the VM without waiting (the owner is gone); the machine's and the pumps' threads then end.
+    func abandon() {
+        machine.stop(with: nil)
         closePumps()
     }
 

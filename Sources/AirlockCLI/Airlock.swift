@@ -1,6 +1,7 @@
 import Airlock
 import AirlockOS
 import ArgumentParser
+import Foundation
 import Logging
 import VMM
 #if canImport(Glibc)
@@ -13,6 +14,22 @@ struct AirlockCommand: ParsableCommand {
         commandName: "airlock",
         abstract: "Run untrusted code in disposable KVM micro-VMs.",
         subcommands: [Run.self, Boot.self, Doctor.self])
+
+    /// ArgumentParser's main, except that bad usage exits 125 (as with `docker run`):
+    /// 64 could be the command's own status, and scripts test for 125 as "Airlock failed".
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .validationFailure {
+                printError(fullMessage(for: error))
+                Foundation.exit(ExitStatus.airlockFailed)
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 /// Exit statuses shared by the subcommands.

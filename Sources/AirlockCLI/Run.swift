@@ -63,13 +63,18 @@ struct Run: ParsableCommand {
 
     @OptionGroup var logging: LoggingOptions
 
-    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments, after --.")
+    @Argument(parsing: .remaining, help: "The command and its arguments, after --.")
     var command: [String] = []
 
     /// The command with the `--` separator removed.
     var argv: [String] { command.first == "--" ? Array(command.dropFirst()) : command }
 
     func validate() throws {
+        // Without `--`, the first word ArgumentParser did not know starts the command: an
+        // option there is a typo, not a program name.
+        if let first = command.first, first != "--", first.hasPrefix("-") {
+            throw ValidationError("unknown option '\(first)': see airlock run --help (the command goes after --)")
+        }
         guard !argv.isEmpty, !argv[0].isEmpty else {
             throw ValidationError("no command given: use airlock run [options] -- CMD [ARGS...]")
         }

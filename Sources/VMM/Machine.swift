@@ -257,6 +257,10 @@ public final class Machine: @unchecked Sendable {
         return (console, try addVirtioDevice(console))
     }
 
+    /// How many virtio devices have been added: the next one is virtio<N> in the guest
+    /// (Linux numbers them in the order of the virtio_mmio.device= parameters).
+    public var virtioDeviceCount: Int { virtioDevices.count }
+
     /// Puts a virtio device behind an MMIO transport in the next free slot, with its own IRQ.
     @discardableResult
     func addVirtioDevice(_ device: any VirtioDevice) throws(VMMError) -> MMIOTransport {
