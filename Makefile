@@ -74,7 +74,7 @@ BENCH_EXIT_ROUNDS ?= 7
 BENCH_START_RUNS ?= 10
 BENCH_BOOT_RUNS ?= 3
 BENCH_RUN_RUNS ?= 3
-BENCH_BLK_MIB ?= 32
+BENCH_BLK_MIB ?= 16
 BENCH_BLK_PASSES ?= 3
 BENCH_PY = python3 bench/bench.py --bin "$$($(SWIFT) build -c release --show-bin-path)" --tools $(BENCH_OUT)
 bench: images bench-tools

@@ -99,7 +99,9 @@ def host_info():
         "vmx_or_svm": "vmx" in flags or "svm" in flags,
         "loadavg_at_start": read_file("/proc/loadavg").split()[:3],
         "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # Uncommitted changes other than this benchmark's own outputs.
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                          ":!docs/benchmarks.md", ":!docs/boot-timeline.svg", ":!bench/results")),
         "vmlinux_bytes": file_size(os.path.join(image_dir(), "vmlinux")),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -796,7 +798,7 @@ def main():
     ap.add_argument("--boot-runs", type=int, default=3)
     ap.add_argument("--run-runs", type=int, default=3)
     ap.add_argument("--boot-timeout", type=float, default=300)
-    ap.add_argument("--blk-mib", type=int, default=32)
+    ap.add_argument("--blk-mib", type=int, default=16)
     ap.add_argument("--blk-passes", type=int, default=3)
     ap.add_argument("--qemu-timeout", type=float, default=120, help="seconds QEMU may take to the ready marker")
     ap.add_argument("--qemu-firmware-seconds", type=float, default=3)

@@ -7,7 +7,7 @@ One row per measured way of starting a guest: `airlock boot` to the
 placeholder init's ready line and on to the process's end, `airlock run --json
 -- true` with its own phases, and QEMU where it booted (otherwise a line saying
 how it failed). Each bar is the medians of the phases laid end to end; the
-whisker after it spans the fastest and slowest whole run.
+whisker under it spans the fastest and slowest whole run (dot: median).
 """
 import json
 import os
@@ -167,10 +167,12 @@ def render(results):
             at += ms
         tot = r.get("total")
         if tot:
-            xa, xb, ym = x(tot["min"]), x(tot["max"]), y + bar_h / 2
+            xa, xb, ym = x(tot["min"]), x(tot["max"]), y + bar_h + 6
             out.append(f'<line x1="{xa:.1f}" y1="{ym}" x2="{xb:.1f}" y2="{ym}" stroke="#222"/>')
-            out.append(f'<line x1="{xa:.1f}" y1="{ym - 6}" x2="{xa:.1f}" y2="{ym + 6}" stroke="#222"/>')
-            out.append(f'<line x1="{xb:.1f}" y1="{ym - 6}" x2="{xb:.1f}" y2="{ym + 6}" stroke="#222"/>')
+            out.append(f'<line x1="{xa:.1f}" y1="{ym - 4}" x2="{xa:.1f}" y2="{ym + 4}" stroke="#222"/>')
+            out.append(f'<line x1="{xb:.1f}" y1="{ym - 4}" x2="{xb:.1f}" y2="{ym + 4}" stroke="#222"/>')
+            xm = x(tot["median"])
+            out.append(f'<circle cx="{xm:.1f}" cy="{ym}" r="2.5" fill="#222"/>')
             out.append(f'<text x="{xb:.1f}" y="{y - 5:.1f}" text-anchor="end" fill="#222" font-size="10">'
                        f'whole run: median {tot["median"] / 1000:.2f} s, min {tot["min"] / 1000:.2f}, max {tot["max"] / 1000:.2f}</text>')
     ly = axis_y + 40

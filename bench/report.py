@@ -354,10 +354,12 @@ flatters neither side, {blk['host_mbps']['n'] // 2} times before the guest and a
 The target is far off on this host, and not because of the device model: over
 the whole boot the VMM process spent {num(blk['vmm_cpu_user_s'], 2)} s of user time (the
 device models, the run loop and the VMM's own start) and {num(blk['vmm_cpu_sys_s'], 1)} s of system
-time in {num(blk['vmm_wall_s'], 1)} s, i.e. in KVM's instruction emulator running the guest's
-kernel: its block layer costs about {num(ms_per_mib, 0)} ms of emulated work per 1 MiB request.
-On a hardware-virtualization host the guest kernel runs natively; this is the
-benchmark to run there.
+time, i.e. in KVM's instruction emulator running the guest's kernel, in
+{num(blk['vmm_wall_s'], 1)} s of wall time (it had a core for {(blk['vmm_cpu_user_s'] + blk['vmm_cpu_sys_s']) / blk['vmm_wall_s']:.0%} of it; the rest it
+waited beside the host's other work). Each 1 MiB request took about
+{num(ms_per_mib, 0)} ms of guest time, nearly all of it the guest's block layer run by the
+emulator. On a hardware-virtualization host the guest kernel runs natively;
+this is the benchmark to run there.
 """
 
 
@@ -381,7 +383,7 @@ without a kernel show how far QEMU's own vCPU set-up gets on this host.
 | configuration | result | after (s) | reached KVM_RUN | last output |
 | --- | --- | --- | --- | --- |"""]
     for a in q["attempts"]:
-        last = " / ".join(a["last_output"][-2:]).replace("|", "\\|") or "(none)"
+        last = " / ".join(a["last_output"][-2:]).replace("|", "\\|").replace("`", "'") or "(none)"
         L.append(f"| {a['label']} | {a['exit']} | {a['seconds']:.2f} | {'yes' if a['reached_kvm_run'] else 'no'} | `{last}` |")
     if not q.get("booted"):
         L.append(f"""
