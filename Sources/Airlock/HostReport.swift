@@ -37,6 +37,18 @@ public struct HostReport: Sendable {
         let names = Set(images.map(\.name))
         checks.append(Check(name: "guest kernel", ok: names.contains(ImageStore.kernelName),
                             detail: names.contains(ImageStore.kernelName) ? store.kernelPath : "not installed: run 'make images'"))
+        var agentDetail = "not installed: run 'make images'"
+        var agentOK = false
+        if names.contains(ImageStore.rootfsName) {
+            do {
+                try AgentCheck.verify(rootfs: store.rootfsPath, agentPath: SandboxConfig().agentPath)
+                agentOK = true
+                agentDetail = "\(SandboxConfig().agentPath) in \(store.rootfsPath)"
+            } catch {
+                agentDetail = error.description
+            }
+        }
+        checks.append(Check(name: "guest agent", ok: agentOK, detail: agentDetail))
         return HostReport(checks: checks, profile: profile, images: images, imagesDirectory: store.imagesDirectory)
     }
 

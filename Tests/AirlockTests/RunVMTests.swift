@@ -148,4 +148,28 @@ struct RunCLIInputTests {
         #expect(r.stderr.contains(message), "\(arguments): \(r.stderr)")
         #expect(r.stdout.isEmpty)
     }
+
+    /// A root filesystem without the agent, or one that is not ext4 at all, is
+    /// refused from the image itself, before a boot.
+    @Test func aRootFilesystemWithoutTheAgentIsRefusedBeforeBooting() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("airlock-noagent-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let build = Process()
+        build.executableURL = VMTests.repositoryRoot.appendingPathComponent("rootfs/build.sh")
+        build.arguments = ["--out", dir.path]
+        build.standardOutput = FileHandle.nullDevice
+        build.standardError = FileHandle.nullDevice
+        try build.run()
+        build.waitUntilExit()
+        try #require(build.terminationStatus == 0)
+        let image = dir.appendingPathComponent("rootfs.ext4").path
+        let start = ContinuousClock.now
+        let r = try VMTests.airlock(["run", "--rootfs", image, "--", "true"])
+        #expect(r.status == 125)
+        #expect(r.stderr.contains("'\(image)' has no /sbin/airlock-init: rebuild it with 'make rootfs'"), "\(r.stderr)")
+        #expect(ContinuousClock.now - start < .seconds(5), "refused before any boot")
+
+        let notExt4 = try VMTests.airlock(["run", "--rootfs", "/etc/passwd", "--", "true"])
+        #expect(notExt4.status == 125 && notExt4.stderr.contains("is not an ext2/3/4 image"), "\(notExt4.stderr)")
+    }
 }

@@ -1,2 +1,0 @@
-// Placeholder until the ext4 reader lands.
-enum RootFSPlaceholder {}
