@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench-exits bench-blk fuzz-virtio clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest fuzz-virtio clean doctor
 
 all: build
 
@@ -63,22 +63,55 @@ test: images build
 test-unit: deps
 	AIRLOCK_SKIP_VM_TESTS=1 $(SWIFT) test
 
-## bench-exits: one port-I/O exit through Airlock's run loop vs the C floor (micro.c), same run
-bench-exits: deps
+## bench: every benchmark in one run (builds what it needs, installs QEMU to compare);
+## writes $(BENCH_RESULTS) and regenerates docs/benchmarks.md and docs/boot-timeline.svg.
+## Takes several minutes on a PVM host (each guest boot is tens of seconds).
+BENCH_RESULTS ?= bench/results/latest.json
+BENCH_ONLY ?= exits,start,boot,run,blk,qemu,fuzz
+BENCH_QEMU ?= 1
+BENCH_MEMORY_MIB ?= 128
+BENCH_EXIT_ROUNDS ?= 7
+BENCH_START_RUNS ?= 10
+BENCH_BOOT_RUNS ?= 3
+BENCH_RUN_RUNS ?= 3
+BENCH_BLK_MIB ?= 16
+BENCH_BLK_PASSES ?= 3
+BENCH_PY = python3 bench/bench.py --bin "$$($(SWIFT) build -c release --show-bin-path)" --tools $(BENCH_OUT)
+bench: images bench-tools
+	$(if $(filter 1,$(BENCH_QEMU)),scripts/ensure-packages.sh qemu-system-x86)
+	$(BENCH_PY) --out $(BENCH_RESULTS) \
+		--only $(if $(filter 1,$(BENCH_QEMU)),$(BENCH_ONLY),$(subst qemu,,$(BENCH_ONLY))) \
+		--memory-mib $(BENCH_MEMORY_MIB) --exit-rounds $(BENCH_EXIT_ROUNDS) --start-runs $(BENCH_START_RUNS) \
+		--boot-runs $(BENCH_BOOT_RUNS) --run-runs $(BENCH_RUN_RUNS) --blk-mib $(BENCH_BLK_MIB) --blk-passes $(BENCH_BLK_PASSES)
+	python3 bench/report.py $(BENCH_RESULTS)
+
+## bench-tools: the release binaries the benchmarks run, the C floor and the start-up probe
+bench-tools: deps bench-c
+	$(SWIFT) build -c release --product airlock
 	$(SWIFT) build -c release --product airlock-bench-exits
+	$(SWIFT) build -c release --product airlock-fuzz-virtio
+
+bench-c: deps
+	scripts/ensure-packages.sh python3
 	mkdir -p $(BENCH_OUT)
 	gcc -O2 -DMICRO_C='"'$$(realpath $(KVM_PROBES)/micro.c)'"' -o $(BENCH_OUT)/exit-floor bench/exit-floor.c
-	@c=($$($(BENCH_OUT)/exit-floor 5 | awk '/100k out/ {sub("s","",$$5); print $$5}')); \
-	sorted=$$(printf '%s\n' "$${c[@]}" | sort -n); cmed=$$(echo "$$sorted" | sed -n 3p); \
-	echo "C floor (micro.c) 100000 out exits: median $$cmed s (min $$(echo "$$sorted" | head -1), max $$(echo "$$sorted" | tail -1))"; \
-	line=$$($$($(SWIFT) build -c release --show-bin-path)/airlock-bench-exits 100000 5); echo "$$line"; \
-	amed=$$(echo "$$line" | head -1 | sed -E 's/.*median ([0-9.]+) s.*/\1/'); \
-	echo "ratio airlock/C: $$(echo "scale=3; $$amed / $$cmed" | bc)"
+	gcc -O2 -Wall -shared -fPIC -o $(BENCH_OUT)/kvm-probe.so bench/kvm-probe.c -ldl
+	gcc -O2 -Wall -o $(BENCH_OUT)/exec-timed bench/exec-timed.c
+
+## bench-exits: one port-I/O exit through Airlock's run loop vs the C floor (micro.c), same run
+bench-exits: bench-c
+	$(SWIFT) build -c release --product airlock-bench-exits
+	$(BENCH_PY) --only exits --exit-rounds $(BENCH_EXIT_ROUNDS) --out $(BENCH_OUT)/exits.json
 
 ## bench-blk: virtio-blk sequential read in the guest vs the host's read of the same file (BLK_MIB, default 256)
 BLK_MIB ?= 256
-bench-blk: images
-	bench/blk-throughput.sh $(BLK_MIB)
+bench-blk: images bench-c
+	$(SWIFT) build -c release --product airlock
+	$(BENCH_PY) --only blk --blk-mib $(BLK_MIB) --blk-passes $(BENCH_BLK_PASSES) --out $(BENCH_OUT)/blk.json
+
+## bench-selftest: the benchmark scripts' own tests (parsing, memory split, report) with no VM
+bench-selftest: bench-c
+	python3 -m unittest discover -s bench -p 'test_*.py'
 
 ## fuzz-virtio: a seeded random driver against the virtio transport, chain parser and block device
 FUZZ_ITERATIONS ?= 1000000

@@ -1,0 +1,844 @@
+#!/usr/bin/env python3
+"""Airlock's benchmark suite: measures everything `make bench` reports, in one run.
+
+    bench/bench.py [--only SECTION,...] [--out results.json] [options]
+
+Sections (all by default):
+  exits   one port-I/O exit through Airlock's run loop against the C floor
+          (../shared/kvm-probes/micro.c), alternating rounds, ratio per round
+  start   `airlock` exec to its first KVM_RUN, wall and CPU (bench/kvm-probe.c,
+          an LD_PRELOAD probe on ioctl, ends the process there)
+  boot    `airlock boot` to the placeholder init's AIRLOCK-READY line, with the
+          phases seen on the console, and the VMM's memory beside the guest's
+  run     `airlock run --json -- true` end to end with its own phase timings
+  blk     virtio-blk sequential read in the guest against the host's read of
+          the same file
+  qemu    QEMU (qemu-system-x86_64 -M microvm -enable-kvm) on the same kernel
+          and root filesystem: how far it gets, and the same measurements
+          where it gets there
+  fuzz    the seeded virtio fuzzer (make fuzz-virtio), for its rate
+
+Each figure is the median of N runs with min and max; ratios come from one run.
+Every time is CLOCK_MONOTONIC (Python's time.monotonic_ns, the probe's and the
+VMM's MachineTimings use the same clock). The binaries must be built first
+(`make bench` does it); paths come from --bin and --tools.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ["exits", "start", "boot", "run", "blk", "qemu", "fuzz"]
+MIB = 1 << 20
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def stats(samples):
+    """Median, min and max of a list of numbers (None entries dropped)."""
+    xs = [x for x in samples if x is not None]
+    if not xs:
+        return None
+    return {"n": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs), "samples": xs}
+
+
+def file_size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def read_file(path, default=""):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+# --------------------------------------------------------------------------- host
+
+def host_info():
+    cpuinfo = read_file("/proc/cpuinfo")
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
+    flags = flags.group(1).split() if flags else []
+    mem = re.search(r"^MemTotal:\s*(\d+) kB", read_file("/proc/meminfo"), re.M)
+    pvm = os.path.exists("/sys/module/kvm_pvm")
+    if pvm:
+        backend = "PVM (kvm_pvm: guest kernel code emulated)"
+    elif "vmx" in flags or "svm" in flags:
+        backend = "hardware virtualization (" + ("VT-x" if "vmx" in flags else "AMD-V") + ")"
+    else:
+        backend = "unknown (no kvm_pvm module and no vmx/svm flag)"
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+    return {
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(mem.group(1)) / (1 << 20), 1) if mem else None,
+        "host_kernel": platform.release(),
+        "backend": backend,
+        "pvm": pvm,
+        "vmx_or_svm": "vmx" in flags or "svm" in flags,
+        "loadavg_at_start": read_file("/proc/loadavg").split()[:3],
+        "commit": git("rev-parse", "--short", "HEAD"),
+        # Uncommitted changes other than this benchmark's own outputs.
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                          ":!docs/benchmarks.md", ":!docs/boot-timeline.svg", ":!bench/results")),
+        "vmlinux_bytes": file_size(os.path.join(image_dir(), "vmlinux")),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# ------------------------------------------------------------------------ memory
+
+def smaps(pid):
+    """The process's mappings from /proc/PID/smaps: size (bytes), Rss (KiB), name."""
+    maps, cur = [], None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    parts = line.split(None, 5)
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    cur = {"size": hi - lo, "perm": parts[1], "name": parts[5].strip() if len(parts) > 5 else "", "rss": 0}
+                    maps.append(cur)
+                elif cur is not None and line.startswith(("Rss:", "Private_Dirty:", "Shared_Dirty:")):
+                    key = {"Rss:": "rss", "Private_Dirty:": "pd", "Shared_Dirty:": "sd"}[line.split()[0]]
+                    cur[key] = int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return maps
+
+
+def is_anonymous(name):
+    return name == "" or name.startswith("[anon") or name.startswith("/dev/zero") or name.startswith("/memfd:") \
+        or name.startswith("/SYSV")
+
+
+def memory_split(maps, guest_bytes):
+    """Total Rss, the guest RAM's Rss (the anonymous mapping of exactly the guest
+    size, or failing that the largest anonymous mapping at least that big) and
+    what is left, split into file-backed (binaries, libraries) and the rest."""
+    if not maps:
+        return None
+    anon = [m for m in maps if is_anonymous(m["name"])]
+    exact = [m for m in anon if m["size"] == guest_bytes]
+    guest = exact or sorted((m for m in anon if m["size"] >= guest_bytes), key=lambda m: m["size"])[:1]
+    if not guest:
+        return None  # the guest RAM is not mapped (yet, or any more)
+    guest_ids = {id(m) for m in guest}
+    total = sum(m["rss"] for m in maps)
+    guest_rss = sum(m["rss"] for m in guest)
+    rest = [m for m in maps if id(m) not in guest_ids]
+    files = [m for m in rest if m["name"].startswith("/") and not is_anonymous(m["name"])]
+    file_rss = sum(m["rss"] for m in files)
+    by_file = {}
+    for m in files:
+        by_file[m["name"]] = by_file.get(m["name"], 0) + m["rss"]
+    top = sorted(by_file.items(), key=lambda kv: -kv[1])[:6]
+    return {
+        "total_kib": total, "guest_kib": guest_rss, "vmm_kib": total - guest_rss,
+        "vmm_file_kib": file_rss, "vmm_anon_kib": total - guest_rss - file_rss,
+        "vmm_dirty_kib": sum(m.get("pd", 0) + m.get("sd", 0) for m in rest),
+        "top_files_kib": [[os.path.basename(n), k] for n, k in top],
+        "guest_mapping": [{"size": m["size"], "name": m["name"] or "(anonymous)"} for m in guest],
+        "exact_size_match": bool(exact),
+    }
+
+
+# --------------------------------------------------------------- running a VMM
+
+class Watched:
+    """Runs one VMM process, stamping each stdout line with CLOCK_MONOTONIC,
+    sampling its memory from /proc/PID/smaps, collecting its rusage and the
+    kvm-probe record. Times are ns; relative ones are from the probe's exec
+    stamp when there is one (else from just before the spawn)."""
+
+    def __init__(self, argv, env, timeout, guest_bytes=None, markers=None, sample_every=0.2,
+                 stop_when=None, keep_stdout=False, stderr_markers=None):
+        self.argv, self.env, self.timeout = argv, env, timeout
+        self.guest_bytes, self.markers = guest_bytes, markers or {}
+        self.sample_every, self.stop_when, self.keep_stdout = sample_every, stop_when, keep_stdout
+        self.lines, self.tail, self.stdout_chunks, self.stderr_tail = [], [], [], []
+        self.marks, self.mem_samples = {}, []
+        self.stderr_markers = stderr_markers or {}
+
+    def run(self):
+        probe_out = tempfile.NamedTemporaryFile(prefix="airlock-probe.", delete=False)
+        probe_out.close()
+        os.unlink(probe_out.name)
+        env = dict(os.environ, **self.env, AIRLOCK_BENCH_PROBE_OUT=probe_out.name)
+        self.spawned_ns = time.monotonic_ns()
+        p = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+        self.pid = p.pid
+        done = threading.Event()
+        t_out = threading.Thread(target=self._read_stdout, args=(p.stdout, done), daemon=True)
+        t_err = threading.Thread(target=self._read_stderr, args=(p.stderr,), daemon=True)
+        t_out.start()
+        t_err.start()
+        if self.guest_bytes:
+            threading.Thread(target=self._sample, args=(done,), daemon=True).start()
+        deadline = self.spawned_ns + int(self.timeout * 1e9)
+        killed = None
+        status = ru = None
+        while True:
+            pid, st, r = os.wait4(p.pid, os.WNOHANG)
+            if pid == p.pid:
+                status, ru = st, r
+                break
+            now = time.monotonic_ns()
+            stop = self.stop_when is not None and self.stop_when(self)
+            if (now > deadline or stop) and killed is None:
+                killed = "timeout" if now > deadline else "stopped by the benchmark"
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+        self.exited_ns = time.monotonic_ns()
+        p.returncode = os.waitstatus_to_exitcode(status)
+        done.set()
+        t_out.join(5)
+        t_err.join(5)
+        probe = None
+        text = read_file(probe_out.name)
+        if text.strip():
+            try:
+                probe = json.loads(text.strip().splitlines()[0])
+            except json.JSONDecodeError:
+                probe = None
+        try:
+            os.unlink(probe_out.name)
+        except OSError:
+            pass
+        self.probe = probe
+        self.t0 = probe["t0_ns"] if probe and probe.get("t0_ns") else self.spawned_ns
+        self.returncode, self.killed = p.returncode, killed
+        self.cpu_user_ms = ru.ru_utime * 1e3
+        self.cpu_sys_ms = ru.ru_stime * 1e3
+        self.maxrss_kib = ru.ru_maxrss
+        return self
+
+    def _read_stdout(self, f, done):
+        for raw in iter(f.readline, b""):
+            now = time.monotonic_ns()
+            if self.keep_stdout:
+                self.stdout_chunks.append(raw)
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.tail = (self.tail + [line])[-20:]
+            for key, pattern in self.markers.items():
+                if key not in self.marks and re.search(pattern, line):
+                    self.marks[key] = now
+        f.close()
+
+    def _read_stderr(self, f):
+        for raw in iter(f.readline, b""):
+            now = time.monotonic_ns()
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.stderr_tail = (self.stderr_tail + [line])[-20:]
+            for key, pattern in self.stderr_markers.items():
+                if key not in self.marks and re.search(pattern, line):
+                    self.marks[key] = now
+        f.close()
+
+    def _sample(self, done):
+        while not done.is_set():
+            m = smaps(self.pid)
+            split = memory_split(m, self.guest_bytes) if m else None
+            if split:
+                split["at_ns"] = time.monotonic_ns()
+                self.mem_samples.append(split)
+            done.wait(self.sample_every)
+
+    def ms(self, ns):
+        return None if not ns else (ns - self.t0) / 1e6
+
+    def start_figures(self):
+        """exec to first KVM_RUN from the probe: wall (ms), CPU (ms) and the phases."""
+        p = self.probe
+        if not p or not p.get("first_run_ns"):
+            return None
+        cpu_us = p["utime_us"] + p["stime_us"] - int(p.get("launcher_cpu_us") or 0)
+        return {
+            "wall_ms": (p["first_run_ns"] - self.t0) / 1e6,
+            "cpu_ms": cpu_us / 1e3,
+            "user_ms": p["utime_us"] / 1e3,
+            "sys_ms": p["stime_us"] / 1e3,
+            "exec_to_main_ms": (p["loaded_ns"] - self.t0) / 1e6,
+            "main_to_first_kvm_ioctl_ms": (p["first_kvm_ioctl_ns"] - p["loaded_ns"]) / 1e6 if p["first_kvm_ioctl_ns"] else None,
+            "first_kvm_ioctl_to_first_run_ms": (p["first_run_ns"] - p["first_kvm_ioctl_ns"]) / 1e6 if p["first_kvm_ioctl_ns"] else None,
+            "create_vm_to_first_run_ms": (p["first_run_ns"] - p["create_vm_ns"]) / 1e6 if p["create_vm_ns"] else None,
+            "rss_at_first_run_kib": p["rss_kib"],
+        } | self._setup_phases(p)
+
+    @staticmethod
+    def _setup_phases(p):
+        """Airlock's order: KVM_CREATE_VM, machine set-up ending with the vCPU's
+        KVM_SET_LAPIC, devices and the kernel load ending with KVM_SET_REGS (the
+        entry), then the vCPU thread's first KVM_RUN. Wall and CPU per phase."""
+        cv, la, rg, fr = p.get("create_vm_ns"), p.get("last_set_lapic_ns"), p.get("last_set_regs_ns"), p.get("first_run_ns")
+        if not (cv and la and rg and fr and cv <= la <= rg <= fr):
+            return {}
+        cpu_fr = p["utime_us"] + p["stime_us"]
+        return {
+            "machine_setup_ms": (la - cv) / 1e6,
+            "machine_setup_cpu_ms": (p["last_set_lapic_cpu_us"] - p["create_vm_cpu_us"]) / 1e3,
+            "kernel_load_ms": (rg - la) / 1e6,
+            "kernel_load_cpu_ms": (p["last_set_regs_cpu_us"] - p["last_set_lapic_cpu_us"]) / 1e3,
+            "vcpu_thread_start_ms": (fr - rg) / 1e6,
+            "before_create_vm_cpu_ms": (p["create_vm_cpu_us"] - int(p.get("launcher_cpu_us") or 0)) / 1e3,
+        }
+
+    def memory_figures(self, at_ns=None):
+        """The VMM's memory: the sample with the most VMM Rss, and the last one at or before at_ns."""
+        if not self.mem_samples:
+            return None
+        peak = max(self.mem_samples, key=lambda s: s["vmm_kib"])
+        at = None
+        if at_ns:
+            before = [s for s in self.mem_samples if s["at_ns"] <= at_ns]
+            at = before[-1] if before else None
+        last = self.mem_samples[-1]
+        def strip(s):
+            return None if s is None else {k: v for k, v in s.items() if k != "at_ns"} | {"at_ms": self.ms(s["at_ns"])}
+        return {"samples": len(self.mem_samples), "peak_vmm": strip(peak), "at_marker": strip(at), "last": strip(last)}
+
+
+def probe_env(tools, exit_at_first_run):
+    env = {"LD_PRELOAD": os.path.join(tools, "kvm-probe.so")}
+    if exit_at_first_run:
+        env["AIRLOCK_BENCH_PROBE_EXIT"] = "1"
+    return env
+
+
+# ------------------------------------------------------------------------ exits
+
+def bench_exits(a):
+    floor = os.path.join(a.tools, "exit-floor")
+    airlock = os.path.join(a.bin, "airlock-bench-exits")
+    c, s, setup, ratios = [], [], [], []
+    for i in range(a.exit_rounds):
+        out = subprocess.run([floor, "1"], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"100k out.*?([0-9.]+)s exits=(\d+)", out)
+        if not m:
+            raise RuntimeError(f"exit-floor printed no timing: {out!r}")
+        cs = float(m.group(1))
+        out = subprocess.run([airlock, "100000", "1"], capture_output=True, text=True, check=True).stdout
+        m1 = re.search(r"median ([0-9.]+) s", out)
+        m2 = re.search(r"first KVM_RUN.*median ([0-9.]+) ms", out)
+        if not m1:
+            raise RuntimeError(f"airlock-bench-exits printed no timing: {out!r}")
+        s_ = float(m1.group(1))
+        c.append(cs)
+        s.append(s_)
+        ratios.append(s_ / cs)
+        if m2:
+            setup.append(float(m2.group(1)))
+        log(f"exits round {i + 1}/{a.exit_rounds}: C floor {cs:.4f} s, Airlock {s_:.4f} s, ratio {s_ / cs:.3f}")
+    res = {
+        "exits_per_round": 100000,
+        "c_floor_s": stats(c), "airlock_s": stats(s),
+        "ratio_of_medians": statistics.median(s) / statistics.median(c),
+        "ratio_per_round": stats(ratios),
+        "c_floor_us_per_exit": statistics.median(c) / 100000 * 1e6,
+        "airlock_us_per_exit": statistics.median(s) / 100000 * 1e6,
+        "machine_setup_ms": stats(setup),
+    }
+    log(f"exits: ratio of medians {res['ratio_of_medians']:.3f} (target <= 1.2)")
+    return res
+
+
+# ------------------------------------------------------------------------ start
+
+def airlock_boot_argv(a, extra=()):
+    return [os.path.join(a.tools, "exec-timed"), os.path.join(a.bin, "airlock"), "boot",
+            "--memory", str(a.memory_mib), *extra]
+
+
+def bench_start(a):
+    """exec to first KVM_RUN of `airlock boot` (installed kernel, rootfs on /dev/vda):
+    one warm-up run not counted, then N; the probe ends each at its first KVM_RUN."""
+    runs = []
+    for i in range(a.start_runs + 1):
+        w = Watched(airlock_boot_argv(a, ["--timeout", "30"]), probe_env(a.tools, True), timeout=60).run()
+        f = w.start_figures()
+        if f is None:
+            raise RuntimeError(f"airlock boot never reached KVM_RUN (exit {w.returncode}): {w.stderr_tail[-3:]}")
+        if i > 0:
+            runs.append(f)
+    res = figures_from(runs)
+    res["command"] = " ".join(["airlock", "boot", "--memory", str(a.memory_mib)])
+    res["warmup_runs"] = 1
+    log(f"start: exec to first KVM_RUN median {res['wall_ms']['median']:.2f} ms wall, "
+        f"{res['cpu_ms']['median']:.2f} ms CPU (target < 10 ms)")
+    return res
+
+
+def figures_from(runs):
+    keys = [k for k in runs[0].keys()] if runs else []
+    return {k: stats([r.get(k) for r in runs]) for k in keys}
+
+
+# ------------------------------------------------------------------------- boot
+
+BOOT_MARKERS = {
+    "kernel_banner": r"Linux version ",
+    "init_started": r"Run \S+ as init process|Freeing unused kernel",
+    "ready": r"AIRLOCK-READY",
+}
+
+
+def bench_boot(a):
+    guest = a.memory_mib * MIB
+    runs, failures = [], []
+    for i in range(a.boot_runs):
+        w = Watched(airlock_boot_argv(a, ["--timeout", str(a.boot_timeout)]), probe_env(a.tools, False),
+                    timeout=a.boot_timeout + 30, guest_bytes=guest, markers=BOOT_MARKERS).run()
+        first_run = w.probe["first_run_ns"] if w.probe else None
+        r = {
+            "exit_status": w.returncode, "killed": w.killed,
+            "first_run_ms": w.ms(first_run),
+            "kernel_banner_ms": w.ms(w.marks.get("kernel_banner")),
+            "init_started_ms": w.ms(w.marks.get("init_started")),
+            "ready_ms": w.ms(w.marks.get("ready")),
+            "exit_ms": w.ms(w.exited_ns),
+            "cpu_user_ms": w.cpu_user_ms, "cpu_sys_ms": w.cpu_sys_ms, "maxrss_kib": w.maxrss_kib,
+            "memory": w.memory_figures(w.marks.get("ready")),
+            "system_event": next((l for l in reversed(w.stderr_tail) if "guest ended" in l), None),
+        }
+        if r["ready_ms"] is None or w.returncode != 0:
+            r["console_tail"] = w.tail[-8:]
+            r["stderr_tail"] = w.stderr_tail[-5:]
+            failures.append(r)
+            log(f"boot {i + 1}/{a.boot_runs}: FAILED (exit {w.returncode}, {w.killed or 'no marker'}); console: {w.tail[-3:]}")
+            continue
+        runs.append(r)
+        log(f"boot {i + 1}/{a.boot_runs}: first KVM_RUN {r['first_run_ms']:.1f} ms, init {fmt_s(r['init_started_ms'])}, "
+            f"ready {fmt_s(r['ready_ms'])}, exit {fmt_s(r['exit_ms'])}; VMM memory {vmm_mib(r['memory'])}")
+    res = {"command": f"airlock boot --memory {a.memory_mib}", "runs": runs, "failures": failures}
+    if runs:
+        res["phases_ms"] = {
+            "vmm_start": stats([r["first_run_ms"] for r in runs]),
+            "kernel_to_init": stats([sub(r["init_started_ms"], r["first_run_ms"]) for r in runs]),
+            "init_to_ready": stats([sub(r["ready_ms"], r["init_started_ms"]) for r in runs]),
+            "shutdown": stats([sub(r["exit_ms"], r["ready_ms"]) for r in runs]),
+        }
+        res["ready_ms"] = stats([r["ready_ms"] for r in runs])
+        res["exit_ms"] = stats([r["exit_ms"] for r in runs])
+        res["cpu_ms"] = stats([r["cpu_user_ms"] + r["cpu_sys_ms"] for r in runs])
+        res["cpu_sys_ms"] = stats([r["cpu_sys_ms"] for r in runs])
+    return res
+
+
+def sub(b, a_):
+    return None if a_ is None or b is None else b - a_
+
+
+def fmt_s(ms):
+    return "-" if ms is None else f"{ms / 1000:.2f} s"
+
+
+def vmm_mib(mem):
+    if not mem or not mem.get("peak_vmm"):
+        return "-"
+    return f"{mem['peak_vmm']['vmm_kib'] / 1024:.2f} MiB (guest touched {mem['peak_vmm']['guest_kib'] / 1024:.1f} MiB)"
+
+
+def memory_summary(runs):
+    """Median/min/max over runs of the VMM's peak Rss beside the guest's, with the split."""
+    peaks = [r["memory"]["peak_vmm"] for r in runs if r.get("memory") and r["memory"].get("peak_vmm")]
+    if not peaks:
+        return None
+    return {
+        "vmm_mib": stats([p["vmm_kib"] / 1024 for p in peaks]),
+        "vmm_file_mib": stats([p["vmm_file_kib"] / 1024 for p in peaks]),
+        "vmm_anon_mib": stats([p["vmm_anon_kib"] / 1024 for p in peaks]),
+        "vmm_dirty_mib": stats([p["vmm_dirty_kib"] / 1024 for p in peaks]),
+        "top_files_kib": peaks[0]["top_files_kib"],
+        "maxrss_mib": stats([r["maxrss_kib"] / 1024 for r in runs if r.get("maxrss_kib")]),
+        "guest_touched_mib": stats([p["guest_kib"] / 1024 for p in peaks]),
+        "total_mib": stats([p["total_kib"] / 1024 for p in peaks]),
+        "guest_mapping": peaks[0]["guest_mapping"],
+        "exact_size_match": all(p["exact_size_match"] for p in peaks),
+        "samples_per_run": [r["memory"]["samples"] for r in runs if r.get("memory")],
+    }
+
+
+# -------------------------------------------------------------------------- run
+
+RUN_KEYS = ["stdout", "stderr", "exitCode", "signal", "timedOut", "outputTruncated", "systemEvent", "timings"]
+RUN_PHASES = ["vmmStartMs", "kernelBootMs", "agentReadyMs", "commandMs", "shutdownMs"]
+
+
+def parse_run_json(text):
+    """Checks `airlock run --json` output against the contract; returns (doc, problems)."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, [f"stdout is not one JSON document: {e}"]
+    if not isinstance(doc, dict):
+        return None, ["the JSON document is not an object"]
+    problems = [f"missing key {k}" for k in RUN_KEYS if k not in doc]
+    t = doc.get("timings") or {}
+    problems += [f"missing timings.{k}" for k in RUN_PHASES + ["totalMs"] if not isinstance(t.get(k), (int, float))]
+    if not isinstance(doc.get("exitCode"), int):
+        problems.append("exitCode is not an integer")
+    if doc.get("signal") is not None and not isinstance(doc.get("signal"), int):
+        problems.append("signal is neither null nor a number")
+    return doc, problems
+
+
+def phase_layout(t):
+    """The timings are phase durations when they add up to totalMs (the
+    contract as written); cumulative stamps when they rise to totalMs."""
+    vals = [float(t[k]) for k in RUN_PHASES]
+    total = float(t["totalMs"])
+    if total > 0 and abs(sum(vals) - total) <= max(0.05 * total, 5):
+        return "durations"
+    if all(b >= a_ for a_, b in zip(vals, vals[1:])) and total > 0 and abs(vals[-1] - total) <= 0.05 * total:
+        return "cumulative"
+    return "durations (sum {:.0f} ms of {:.0f} ms total)".format(sum(vals), total)
+
+
+def run_available(airlock):
+    """(`airlock help run` shows the subcommand's usage, its options included;
+    `airlock run --help` would run --help in a guest.)"""
+    p = subprocess.run([airlock, "help", "run"], capture_output=True, text=True)
+    text = p.stdout + p.stderr
+    return p.returncode == 0 and "USAGE: airlock run" in text, text
+
+
+def bench_run(a):
+    airlock = a.airlock_for_run or os.path.join(a.bin, "airlock")
+    ok, help_text = run_available(airlock)
+    if not ok:
+        return {"available": False, "reason": "`airlock run` is not in this build (`airlock help run` shows no usage for it)"}
+    extra = ["--memory", str(a.memory_mib)] if "--memory" in help_text else []
+    # --console copies the guest's console to stderr (the guest writes it either
+    # way): the kernel's "Run /sbin/airlock-init as init process" line splits
+    # kernelBootMs into the kernel's boot and the agent's start.
+    console = ["--console"] if "--console" in help_text else []
+    argv = [os.path.join(a.tools, "exec-timed"), airlock, "run", "--json", *extra, *console, "--", "true"]
+    guest = a.memory_mib * MIB if extra else None
+    runs, failures = [], []
+    for i in range(a.run_runs):
+        w = Watched(argv, probe_env(a.tools, False), timeout=a.boot_timeout + 60, guest_bytes=guest,
+                    keep_stdout=True, stderr_markers={"init_started": BOOT_MARKERS["init_started"]}).run()
+        text = b"".join(w.stdout_chunks).decode("utf-8", "replace")
+        doc, problems = parse_run_json(text)
+        wall = w.ms(w.exited_ns)
+        if doc is None or problems or w.killed:
+            failures.append({"exit_status": w.returncode, "killed": w.killed, "problems": problems,
+                             "stdout_head": text[:400], "stderr_tail": w.stderr_tail[-5:]})
+            log(f"run {i + 1}/{a.run_runs}: FAILED ({w.killed or problems}); stderr: {w.stderr_tail[-2:]}")
+            continue
+        t = doc["timings"]
+        r = {
+            "exit_status": w.returncode, "exitCode": doc["exitCode"], "signal": doc["signal"],
+            "timedOut": doc["timedOut"], "systemEvent": doc["systemEvent"],
+            "timings": {k: float(t[k]) for k in RUN_PHASES + ["totalMs"]},
+            "layout": phase_layout(t),
+            "wall_ms": wall, "first_run_ms": w.ms(w.probe["first_run_ns"]) if w.probe else None,
+            "init_started_ms": w.ms(w.marks.get("init_started")),
+            "cpu_user_ms": w.cpu_user_ms, "cpu_sys_ms": w.cpu_sys_ms, "maxrss_kib": w.maxrss_kib,
+            "memory": w.memory_figures(),
+        }
+        if r["first_run_ms"] is not None and r["init_started_ms"] is not None:
+            hello = r["first_run_ms"] + r["timings"]["kernelBootMs"]  # exec-relative, like the others
+            r["kernel_to_init_ms"] = r["init_started_ms"] - r["first_run_ms"]
+            r["init_to_hello_ms"] = hello - r["init_started_ms"]
+        runs.append(r)
+        log(f"run {i + 1}/{a.run_runs}: exit {doc['exitCode']}, total {t['totalMs']:.0f} ms, wall {wall:.0f} ms; "
+            + ", ".join(f"{k} {float(t[k]):.0f}" for k in RUN_PHASES) + f"; VMM memory {vmm_mib(r['memory'])}")
+    res = {"available": True, "command": " ".join(["airlock run --json", *extra, *console, "-- true"]),
+           "memory_mib": a.memory_mib if extra else None, "runs": runs, "failures": failures}
+    if runs:
+        res["layout"] = runs[0]["layout"]
+        res["timings_ms"] = {k: stats([r["timings"][k] for r in runs]) for k in RUN_PHASES + ["totalMs"]}
+        res["wall_ms"] = stats([r["wall_ms"] for r in runs])
+        res["exec_to_first_run_ms"] = stats([r["first_run_ms"] for r in runs])
+        res["kernel_to_init_ms"] = stats([r.get("kernel_to_init_ms") for r in runs])
+        res["init_to_hello_ms"] = stats([r.get("init_to_hello_ms") for r in runs])
+        res["cpu_ms"] = stats([r["cpu_user_ms"] + r["cpu_sys_ms"] for r in runs])
+        res["all_exit_zero"] = all(r["exitCode"] == 0 for r in runs)
+    return res
+
+
+# -------------------------------------------------------------------------- blk
+
+BLK_INIT = """#!/bin/sh
+mount -t proc proc /proc
+i=1
+while [ $i -le {passes} ]; do
+    read a _ < /proc/uptime
+    dd if=/dev/vdb of=/dev/null bs=1M count=1 iflag=direct 2>/dev/null
+    read b _ < /proc/uptime
+    dd if=/dev/vdb of=/dev/null bs=1M iflag=direct 2>/dev/null
+    read c _ < /proc/uptime
+    echo "GUEST-DD $i $a $b $c" > /dev/console
+    i=$((i + 1))
+done
+reboot -f
+"""
+
+
+def host_dd(path):
+    out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct"],
+                         capture_output=True, text=True, check=True).stderr.strip().splitlines()[-1]
+    m = re.match(r"^(\d+) bytes.* copied, ([0-9.e-]+) s", out)
+    return int(m.group(1)) / float(m.group(2)) / 1e6
+
+
+def bench_blk(a):
+    """The guest reads /dev/vdb (a file of random bytes) with
+    `dd bs=1M iflag=direct`, timed with /proc/uptime, PASSES times in one boot,
+    each minus a 1-block dd that measures the fork and exec; the host reads the
+    same file with GNU dd iflag=direct PASSES times before and after."""
+    work = tempfile.mkdtemp(prefix="airlock-bench-blk.")
+    try:
+        with open(os.path.join(work, "init"), "w") as f:
+            f.write(BLK_INIT.format(passes=a.blk_passes))
+        os.chmod(os.path.join(work, "init"), 0o755)
+        subprocess.run([os.path.join(ROOT, "rootfs", "build.sh"), "--init", os.path.join(work, "init"), "--out", work],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        disk = os.path.join(work, "disk.img")
+        subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", f"count={a.blk_mib}", "status=none"], check=True)
+        os.sync()
+        host = [host_dd(disk) for _ in range(a.blk_passes)]
+        images = image_dir()
+        argv = [os.path.join(a.tools, "exec-timed"), os.path.join(a.bin, "airlock"), "boot",
+                "--kernel", os.path.join(images, "vmlinux"), "--rootfs", os.path.join(work, "rootfs.ext4"),
+                "--disk", disk, "--memory", str(a.memory_mib), "--timeout", "900"]
+        w = Watched(argv, probe_env(a.tools, False), timeout=960, keep_stdout=True).run()
+        host += [host_dd(disk) for _ in range(a.blk_passes)]
+    finally:
+        subprocess.run(["rm", "-rf", work])
+    text = b"".join(w.stdout_chunks).decode("utf-8", "replace")
+    passes = []
+    for m in re.finditer(r"GUEST-DD (\d+) ([0-9.]+) ([0-9.]+) ([0-9.]+)", text):
+        ua, ub, uc = float(m.group(2)), float(m.group(3)), float(m.group(4))
+        start = ub - ua
+        whole = uc - ub
+        t = whole - start if whole - start > 0 else whole
+        passes.append({"one_block_s": start, "whole_s": whole, "read_s": t,
+                       "mbps": a.blk_mib * MIB / t / 1e6})
+    if not passes:
+        return {"size_mib": a.blk_mib, "error": f"the guest printed no timing (exit {w.returncode}, {w.killed})",
+                "console_tail": w.tail[-8:]}
+    guest_mbps = stats([p["mbps"] for p in passes])
+    host_mbps = stats(host)
+    res = {
+        "size_mib": a.blk_mib, "passes": passes, "host_mbps": host_mbps, "guest_mbps": guest_mbps,
+        "ratio": guest_mbps["median"] / host_mbps["median"],
+        "vmm_cpu_user_s": w.cpu_user_ms / 1e3, "vmm_cpu_sys_s": w.cpu_sys_ms / 1e3,
+        "vmm_wall_s": (w.exited_ns - w.t0) / 1e9,
+    }
+    log(f"blk: host {host_mbps['median']:.0f} MB/s, guest {guest_mbps['median']:.1f} MB/s, ratio {res['ratio']:.3f} (target >= 0.8)")
+    return res
+
+
+def image_dir():
+    base = os.environ.get("AIRLOCK_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "airlock")
+    return os.path.join(base, "images")
+
+
+# ------------------------------------------------------------------------- qemu
+
+def profile_cmdline():
+    """Airlock's command line for a disk root, as Machine.baseCommandLine and
+    HostProfile build it (read from the sources so the two cannot drift)."""
+    src = read_file(os.path.join(ROOT, "Sources", "VMM", "Machine.swift"))
+    base = re.search(r'baseCommandLine = "([^"]*)"', src).group(1)
+    params = []
+    if os.path.exists("/sys/module/kvm_pvm"):
+        prof = read_file(os.path.join(ROOT, "Sources", "VMM", "HostProfile.swift"))
+        m = re.search(r"case \.pvm:.*?return \[([^\]]*)\]", prof, re.S)
+        params = re.findall(r'"([^"]*)"', m.group(1)) if m else []
+    return " ".join([base, *params, "root=/dev/vda ro rootfstype=ext4"])
+
+
+def qemu_argv(qemu, a, cpu=None, kernel=True):
+    images = image_dir()
+    argv = [qemu, "-M", "microvm,acpi=off", "-enable-kvm"]
+    if cpu:
+        argv += ["-cpu", cpu]
+    argv += ["-m", str(a.memory_mib), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+             "-serial", "stdio", "-no-reboot",
+             "-drive", f"id=root,file={os.path.join(images, 'rootfs.ext4')},format=raw,if=none,readonly=on",
+             "-device", "virtio-blk-device,drive=root"]
+    if kernel:
+        argv += ["-kernel", os.path.join(images, "vmlinux"), "-append", profile_cmdline()]
+    return argv
+
+
+def bench_qemu(a):
+    qemu = subprocess.run(["sh", "-c", "command -v qemu-system-x86_64"], capture_output=True, text=True).stdout.strip()
+    if not qemu:
+        return {"installed": False, "reason": "qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)"}
+    version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    et = os.path.join(a.tools, "exec-timed")
+    guest = a.memory_mib * MIB
+    res = {"installed": True, "version": version, "cmdline": profile_cmdline(), "attempts": []}
+    attempts = [
+        ("vmlinux, default CPU", qemu_argv(qemu, a), True),
+        ("vmlinux, -cpu host", qemu_argv(qemu, a, cpu="host"), True),
+        ("no kernel (QEMU's microvm firmware only), -cpu host", qemu_argv(qemu, a, cpu="host", kernel=False), False),
+        ("no kernel (QEMU's microvm firmware only), default CPU", qemu_argv(qemu, a, kernel=False), False),
+    ]
+    booted = None
+    for label, argv, boots_linux in attempts:
+        timeout = a.qemu_timeout if boots_linux else a.qemu_firmware_seconds
+        w = Watched([et, *argv], probe_env(a.tools, False), timeout=timeout, guest_bytes=guest,
+                    markers=BOOT_MARKERS).run()
+        wall = (w.exited_ns - w.t0) / 1e9
+        ended = "killed after the benchmark's timeout" if w.killed == "timeout" else describe_status(w.returncode)
+        at = {
+            "label": label, "argv": ["qemu-system-x86_64", *argv[1:]],
+            "exit": ended, "exit_status": w.returncode, "seconds": wall,
+            "reached_kvm_run": bool(w.probe and w.probe.get("first_run_ns")),
+            "first_run_ms": w.ms(w.probe["first_run_ns"]) if w.probe and w.probe.get("first_run_ns") else None,
+            "ready_ms": w.ms(w.marks.get("ready")), "kernel_banner_ms": w.ms(w.marks.get("kernel_banner")),
+            "last_output": [l for l in (w.tail + w.stderr_tail) if l.strip()][-6:],
+            "memory": w.memory_figures(),
+        }
+        res["attempts"].append(at)
+        log(f"qemu {label}: {ended} after {wall:.2f} s; KVM_RUN {'reached' if at['reached_kvm_run'] else 'not reached'}; "
+            f"last output: {at['last_output'][-2:]}")
+        if boots_linux and at["ready_ms"] is not None and booted is None:
+            booted = (label, argv)
+    res["booted"] = booted is not None
+    # exec to first KVM_RUN, the same probe as Airlock's: on the configuration
+    # that boots, else on the firmware-only one (it reaches KVM_RUN too).
+    label, argv = booted if booted else (attempts[3][0], attempts[3][1])
+    starts = []
+    for i in range(a.start_runs + 1):
+        w = Watched([et, *argv], probe_env(a.tools, True), timeout=30).run()
+        f = w.start_figures()
+        if f and i > 0:
+            starts.append(f)
+    if starts:
+        res["start"] = figures_from(starts) | {"configuration": label, "warmup_runs": 1}
+        log(f"qemu start ({label}): exec to first KVM_RUN median {res['start']['wall_ms']['median']:.2f} ms wall, "
+            f"{res['start']['cpu_ms']['median']:.2f} ms CPU")
+    if booted:
+        runs = []
+        for i in range(a.boot_runs):
+            w = Watched([et, *booted[1]], probe_env(a.tools, False), timeout=a.qemu_timeout, guest_bytes=guest,
+                        markers=BOOT_MARKERS).run()
+            runs.append({"first_run_ms": w.ms(w.probe["first_run_ns"]) if w.probe else None,
+                         "init_started_ms": w.ms(w.marks.get("init_started")), "ready_ms": w.ms(w.marks.get("ready")),
+                         "exit_ms": w.ms(w.exited_ns), "memory": w.memory_figures(w.marks.get("ready"))})
+        res["boot_runs"] = runs
+        res["ready_ms"] = stats([r["ready_ms"] for r in runs])
+        res["memory"] = memory_summary(runs)
+    else:
+        fw = [at for at in res["attempts"] if at["reached_kvm_run"] and at.get("memory")]
+        if fw:
+            res["firmware_memory"] = {"configuration": fw[-1]["label"], "seconds": a.qemu_firmware_seconds,
+                                      "peak_vmm": fw[-1]["memory"]["peak_vmm"]}
+    return res
+
+
+def describe_status(rc):
+    if rc is None:
+        return "unknown"
+    if rc < 0:
+        try:
+            return f"killed by signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit status {rc}"
+
+
+# ------------------------------------------------------------------------- fuzz
+
+def bench_fuzz(a):
+    p = subprocess.run([os.path.join(a.bin, "airlock-fuzz-virtio"), str(a.fuzz_iterations), "1"],
+                       capture_output=True, text=True)
+    lines = [l for l in p.stdout.splitlines() if l.strip()]
+    m = re.search(r"(\d+) iterations, seed (\d+), ([0-9.]+) s \((\d+) per s\)", p.stdout)
+    res = {"exit_status": p.returncode, "lines": lines, "passed": p.returncode == 0 and "PASS" in lines[-1:]}
+    if m:
+        res.update(iterations=int(m.group(1)), seed=int(m.group(2)), seconds=float(m.group(3)), per_second=int(m.group(4)))
+    log(f"fuzz: {lines[0] if lines else p.stderr[-200:]} {'PASS' if res['passed'] else 'FAIL'}")
+    return res
+
+
+# ------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections (default: all)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.json"))
+    ap.add_argument("--bin", required=True, help="swift build -c release --show-bin-path")
+    ap.add_argument("--tools", required=True, help="where exit-floor, exec-timed and kvm-probe.so are")
+    ap.add_argument("--memory-mib", type=int, default=128)
+    ap.add_argument("--exit-rounds", type=int, default=7)
+    ap.add_argument("--start-runs", type=int, default=10)
+    ap.add_argument("--boot-runs", type=int, default=3)
+    ap.add_argument("--run-runs", type=int, default=3)
+    ap.add_argument("--boot-timeout", type=float, default=300)
+    ap.add_argument("--blk-mib", type=int, default=16)
+    ap.add_argument("--blk-passes", type=int, default=3)
+    ap.add_argument("--qemu-timeout", type=float, default=120, help="seconds QEMU may take to the ready marker")
+    ap.add_argument("--qemu-firmware-seconds", type=float, default=3)
+    ap.add_argument("--fuzz-iterations", type=int, default=1000000)
+    ap.add_argument("--airlock-for-run", help="another airlock binary for the run section (testing the harness)")
+    a = ap.parse_args()
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s) {bad}: use {SECTIONS}")
+
+    started = time.monotonic()
+    results = {"schema": 1, "host": host_info(), "params": {k: v for k, v in vars(a).items() if k not in ("bin", "tools", "out")}}
+    log(f"{results['host']['cpu_model']}, {results['host']['cores']} cores, {results['host']['memory_gib']} GiB; "
+        f"{results['host']['backend']}")
+    funcs = {"exits": bench_exits, "start": bench_start, "boot": bench_boot, "run": bench_run,
+             "blk": bench_blk, "qemu": bench_qemu, "fuzz": bench_fuzz}
+    for s in SECTIONS:
+        if s not in only:
+            continue
+        t = time.monotonic()
+        try:
+            results[s] = funcs[s](a)
+        except Exception as e:  # one broken section must not lose the others
+            log(f"{s}: FAILED: {e}")
+            results[s] = {"error": str(e)}
+        results[s]["section_seconds"] = round(time.monotonic() - t, 1)
+    if "boot" in results and results["boot"].get("runs"):
+        results["memory"] = {"boot": memory_summary(results["boot"]["runs"])}
+    if "run" in results and results["run"].get("runs"):
+        results.setdefault("memory", {})["run"] = memory_summary(results["run"]["runs"])
+    results["host"]["loadavg_at_end"] = read_file("/proc/loadavg").split()[:3]
+    results["seconds"] = round(time.monotonic() - started, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    os.replace(a.out + ".tmp", a.out)
+    log(f"wrote {a.out} after {results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,525 @@
+#!/usr/bin/env python3
+"""Writes docs/benchmarks.md (and, through chart.py, docs/boot-timeline.svg)
+from bench/results/latest.json. Every number in the page comes from that file;
+the references and targets are quoted, and marked as such.
+
+    bench/report.py [RESULTS] [--doc docs/benchmarks.md] [--svg docs/boot-timeline.svg]
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chart  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def num(x, digits=1):
+    if x is None:
+        return "-"
+    if abs(x) >= 100 and digits <= 1:
+        return f"{x:,.0f}"
+    return f"{x:,.{digits}f}"
+
+
+def mmm(s, digits=1, unit="", scale=1.0):
+    """'median (min to max, N=n)' of a stats dict."""
+    if not s:
+        return "-"
+    u = f" {unit}" if unit else ""
+    return (f"{num(s['median'] * scale, digits)}{u} ({num(s['min'] * scale, digits)} to "
+            f"{num(s['max'] * scale, digits)}, N={s['n']})")
+
+
+def cells(s, digits=1, scale=1.0):
+    """Median, min, max cells of a table row."""
+    if not s:
+        return "- | - | -"
+    return f"{num(s['median'] * scale, digits)} | {num(s['min'] * scale, digits)} | {num(s['max'] * scale, digits)}"
+
+
+def bold_cells(s, digits=1, scale=1.0):
+    """Like cells, with the median in bold."""
+    if not s:
+        return "- | - | -"
+    return f"**{num(s['median'] * scale, digits)}** | {num(s['min'] * scale, digits)} | {num(s['max'] * scale, digits)}"
+
+
+def verdict(ok):
+    return "met" if ok else "**not met**"
+
+
+def section_error(r, name):
+    if r is None:
+        return f"Not measured in this run (`--only` left out `{name}`).\n"
+    if "error" in r:
+        return f"This section failed in this run: `{r['error']}`.\n"
+    return None
+
+
+def summary(res):
+    L = ["| figure | measured: median (min to max, N) | target / reference (quoted) | |", "| --- | --- | --- | --- |"]
+    ex = res.get("exits") or {}
+    if ex.get("ratio_of_medians"):
+        r = ex["ratio_of_medians"]
+        L.append(f"| port-I/O exit round trip, Airlock / C floor "
+                 f"| **{r:.2f}x** (ratio of the medians, {num(ex['airlock_us_per_exit'], 2)} us vs {num(ex['c_floor_us_per_exit'], 2)} us "
+                 f"per exit; per round {mmm(ex['ratio_per_round'], 2)}) "
+                 f"| at most 1.2x | {verdict(r <= 1.2)} |")
+    st = res.get("start") or {}
+    if st.get("wall_ms"):
+        L.append(f"| VMM start: `airlock boot` exec to first KVM_RUN, wall | **{mmm(st['wall_ms'], 1, 'ms')}** "
+                 f"| under 10 ms; Firecracker: about 12 ms wall to its API socket | {verdict(st['wall_ms']['median'] < 10)} |")
+        L.append(f"| the same, CPU (user + system, all threads) | **{mmm(st['cpu_ms'], 1, 'ms')}** | Firecracker: 8 CPU ms | |")
+    mem = (res.get("memory") or {}).get("boot")
+    if mem:
+        L.append(f"| VMM memory beside the guest's (Rss minus the guest RAM's Rss), 128 MiB, 1 vCPU, during `airlock boot` "
+                 f"| **{mmm(mem['vmm_mib'], 1, 'MiB')}**; of it file-backed (binary, shared libraries) {num(mem['vmm_file_mib']['median'], 1)} MiB, "
+                 f"dirty {num(mem['vmm_dirty_mib']['median'], 1)} MiB | under 5 MiB; Firecracker: at most 5 MiB | {verdict(mem['vmm_mib']['median'] < 5)} |")
+    blk = res.get("blk") or {}
+    if blk.get("ratio") is not None:
+        L.append(f"| virtio-blk sequential read, guest / host ({blk['size_mib']} MiB) | **{blk['ratio']:.3f}** "
+                 f"({num(blk['guest_mbps']['median'], 1)} vs {num(blk['host_mbps']['median'], 0)} MB/s) | at least 0.8 | {verdict(blk['ratio'] >= 0.8)} |")
+    bt = res.get("boot") or {}
+    if bt.get("ready_ms"):
+        L.append(f"| `airlock boot` exec to the placeholder init's AIRLOCK-READY | **{mmm(bt['ready_ms'], 2, 's', 1e-3)}** | no target on a PVM host | |")
+    rn = res.get("run") or {}
+    if rn.get("timings_ms"):
+        t = rn["timings_ms"]
+        L.append(f"| `airlock run -- true`, totalMs (its own JSON) | **{mmm(t['totalMs'], 2, 's', 1e-3)}** | no target on a PVM host | |")
+        L.append(f"| `airlock run -- true`, first KVM_RUN to the agent's hello (`kernelBootMs`) | {mmm(t['kernelBootMs'], 2, 's', 1e-3)} | | |")
+    elif rn and not rn.get("available", True):
+        L.append(f"| `airlock run -- true` | not measured: {rn.get('reason')} | | |")
+    q = res.get("qemu") or {}
+    if q.get("installed"):
+        if q.get("booted"):
+            L.append(f"| QEMU microvm, same kernel and rootfs, to AIRLOCK-READY | {mmm(q['ready_ms'], 2, 's', 1e-3)} | measured beside Airlock | |")
+        else:
+            a0 = q["attempts"][0]
+            L.append(f"| QEMU microvm, same vmlinux and rootfs.ext4 | did not boot: {a0['exit']} after {a0['seconds']:.2f} s "
+                     f"(`{(a0['last_output'] or ['?'])[-1]}`) | measured beside Airlock where it boots | |")
+        if q.get("start"):
+            qs = q["start"]
+            L.append(f"| QEMU exec to first KVM_RUN ({qs['configuration']}), wall / CPU | {mmm(qs['wall_ms'], 1, 'ms')} / "
+                     f"{mmm(qs['cpu_ms'], 1, 'ms')} | | |")
+    elif q:
+        L.append(f"| QEMU | not measured: {q.get('reason')} | | |")
+    return "\n".join(L) + "\n"
+
+
+def exits_md(ex):
+    err = section_error(ex, "exits")
+    if err:
+        return err
+    return f"""The guest loop is `../shared/kvm-probes/micro.c`'s "100k out" case
+(`mov rcx, 100000; L: out 0x80, al; dec rcx; jnz L`). The C floor is micro.c's
+own set-up and run loop (`bench/exit-floor.c` includes micro.c and runs only
+that case); Airlock runs the same loop (`airlock-bench-exits`) on a machine
+built the way every Airlock machine is built (in-kernel irqchip, PIT, devices on
+the bus) and through its real run loop (`VCPURunner` and `ExitHandler`; port
+0x80 has no device, so each exit is a bus miss). The two alternate, one round
+each in turn, {ex['c_floor_s']['n']} rounds, so that both see the same
+neighbours; the ratio is taken between the medians, and per round.
+
+| 100,000 exits | median (s) | min | max | per exit (median) |
+| --- | --- | --- | --- | --- |
+| C floor (micro.c) | {cells(ex['c_floor_s'], 4)} | {num(ex['c_floor_us_per_exit'], 2)} us |
+| Airlock | {cells(ex['airlock_s'], 4)} | {num(ex['airlock_us_per_exit'], 2)} us |
+| ratio Airlock / C, per round | {cells(ex['ratio_per_round'], 3)} | |
+| **ratio of the medians** | **{ex['ratio_of_medians']:.3f}** | | | target at most 1.2 |
+
+The exit cost on these shared hosts varies from run to run and day to day with
+what runs beside it (see the min and max), which is why the ratio is taken
+within one run.
+"""
+
+
+def start_md(res):
+    st = res.get("start")
+    err = section_error(st, "start")
+    if err:
+        return err
+    host = res.get("host", {})
+    kernel_mb = host.get("vmlinux_bytes")
+    q = (res.get("qemu") or {}).get("start")
+    ex = res.get("exits") or {}
+    rn = res.get("run") or {}
+    rows = [
+        ("exec to first KVM_RUN (the figure)", "wall_ms", "cpu_ms"),
+        ("exec to `main` (dynamic loading of the Swift runtime and libraries)", "exec_to_main_ms", None),
+        ("`main` to the first KVM ioctl (argument parsing, image paths, logging)", "main_to_first_kvm_ioctl_ms", None),
+        ("KVM_CREATE_VM to the vCPU's KVM_SET_LAPIC (machine set-up: VM, irqchip, PIT, RAM slots, vCPU)", "machine_setup_ms", "machine_setup_cpu_ms"),
+        ("then to KVM_SET_REGS (block device, kernel read and loaded, boot parameters)", "kernel_load_ms", "kernel_load_cpu_ms"),
+        ("then to the first KVM_RUN (the vCPU thread starts)", "vcpu_thread_start_ms", None),
+    ]
+    L = [f"""`airlock boot --memory 128` with the installed kernel ({num(kernel_mb / 1e6, 1) + ' MB ' if kernel_mb else ''}vmlinux) and
+root filesystem, started through `bench/exec-timed` (which stamps
+CLOCK_MONOTONIC and execs it in the same process) with `bench/kvm-probe.so`
+preloaded: the probe wraps ioctl(2), stamps the first KVM ioctl, KVM_CREATE_VM,
+the last KVM_SET_LAPIC and KVM_SET_REGS, and at the first KVM_RUN records the
+process's CPU time (getrusage, every thread) and ends the process. No hook in
+the VMM; the binary measured is the `airlock` that ships (plus the probe, one
+small preloaded library). One warm-up run is not
+counted (the binary and images are then in the page cache, as on a host that
+runs many sandboxes). Firecracker's figure (8 CPU ms, about 12 ms wall) is to
+its API socket, before any guest is configured; this one goes further, to the
+guest's first instruction with the kernel loaded.
+
+| phase | wall median (ms) | min | max | CPU median (ms) | min | max |
+| --- | --- | --- | --- | --- | --- | --- |"""]
+    for label, wk, ck in rows:
+        L.append(f"| {label} | {cells(st.get(wk), 2)} | {cells(st.get(ck), 2) if ck else ' | | '} |")
+    L.append(f"\nN={st['wall_ms']['n']}. CPU before KVM_CREATE_VM (loading, runtime start-up, argument parsing): "
+             f"{mmm(st.get('before_create_vm_cpu_ms'), 2, 'ms')}. Resident memory at the first KVM_RUN: "
+             f"{mmm(st.get('rss_at_first_run_kib'), 1, 'MiB', 1 / 1024)}.")
+    extra = []
+    if ex.get("machine_setup_ms"):
+        extra.append(f"- In-process, `airlock-bench-exits` (a 64 MiB payload machine, no kernel, no disk): `Machine` "
+                     f"creation to the first KVM_RUN {mmm(ex['machine_setup_ms'], 2, 'ms')}.")
+    if rn.get("timings_ms"):
+        extra.append(f"- `airlock run --json -- true` reports `vmmStartMs` (from the start of its `run()`, after the "
+                     f"process's loading, to the first KVM_RUN) {mmm(rn['timings_ms']['vmmStartMs'], 1, 'ms')}; the probe "
+                     f"on the same runs, from exec: {mmm(rn.get('exec_to_first_run_ms'), 1, 'ms')}.")
+    if q:
+        extra.append(f"- QEMU, measured the same way ({q['configuration']}: it loads no kernel): exec to first KVM_RUN "
+                     f"{mmm(q['wall_ms'], 1, 'ms')} wall, {mmm(q['cpu_ms'], 1, 'ms')} CPU; exec to `main` "
+                     f"{mmm(q['exec_to_main_ms'], 1, 'ms')}; KVM_CREATE_VM to the first KVM_RUN {mmm(q['create_vm_to_first_run_ms'], 1, 'ms')}.")
+    if extra:
+        L.append("\n" + "\n".join(extra))
+    if st.get("kernel_load_cpu_ms") and st.get("cpu_ms"):
+        share = st["kernel_load_cpu_ms"]["median"] / st["cpu_ms"]["median"]
+        L.append(f"\nThe kernel load is {share:.0%} of the CPU time to the first KVM_RUN: in that phase the VMM "
+                 "reads the whole vmlinux into a buffer and copies its segments into guest RAM, which faults in "
+                 "every page of both. What comes before `main` is the dynamic loading of a Swift binary and its "
+                 "libraries.")
+    return "\n".join(L) + "\n"
+
+
+def boot_md(bt):
+    err = section_error(bt, "boot")
+    if err:
+        return err
+    if not bt.get("runs"):
+        f = (bt.get("failures") or [{}])[0]
+        return f"No boot reached the ready marker. First failure: exit {f.get('exit_status')}, console: `{f.get('console_tail')}`.\n"
+    ph = bt["phases_ms"]
+    L = [f"""`{bt['command']}` with the installed kernel and the default root
+filesystem on virtio-blk; its placeholder `/sbin/init` mounts the basics,
+prints `AIRLOCK-READY` and reboots. The benchmark reads the console on the
+process's stdout and stamps each line as it arrives; exec and the first KVM_RUN
+come from the probe (above), the end from wait4. The kernel has no early
+console, so its first lines reach the host only when the serial console
+registers ({mmm(stats_of(bt['runs'], 'kernel_banner_ms'), 2, 's', 1e-3)} after exec).
+Boot repetitions are few because each boot takes tens of seconds here.
+
+| phase | median (s) | min | max |
+| --- | --- | --- | --- |
+| exec to first KVM_RUN | {cells(ph['vmm_start'], 3, 1e-3)} |
+| first KVM_RUN to `Run /sbin/init` on the console (guest kernel boot) | {cells(ph['kernel_to_init'], 2, 1e-3)} |
+| init to `AIRLOCK-READY` (a shell, one `mount -a`) | {cells(ph['init_to_ready'], 2, 1e-3)} |
+| ready to process exit (`reboot -f`, VMM teardown) | {cells(ph['shutdown'], 2, 1e-3)} |
+| **exec to `AIRLOCK-READY`** | {bold_cells(bt['ready_ms'], 2, 1e-3)} |
+| exec to process exit | {cells(bt['exit_ms'], 2, 1e-3)} |
+
+VMM CPU time over a whole boot: {mmm(bt['cpu_ms'], 1, 's', 1e-3)}, of which system
+time {mmm(bt['cpu_sys_ms'], 1, 's', 1e-3)}: on a PVM host the guest kernel runs in
+KVM's instruction emulator, which the host accounts to the VMM as system time.
+"""]
+    if bt.get("failures"):
+        L.append(f"{len(bt['failures'])} boot(s) failed and are not in the figures: "
+                 + "; ".join(f"exit {f['exit_status']} ({f.get('killed') or 'no marker'})" for f in bt["failures"]) + ".\n")
+    return "\n".join(L)
+
+
+def stats_of(runs, key):
+    import statistics
+    xs = [r[key] for r in runs if r.get(key) is not None]
+    return {"n": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
+
+
+def run_md(rn):
+    err = section_error(rn, "run")
+    if err:
+        return err
+    if not rn.get("available"):
+        return f"Not measured: {rn.get('reason')}.\n"
+    if not rn.get("runs"):
+        f = (rn.get("failures") or [{}])[0]
+        return f"No run produced a valid JSON document. First failure: {f}.\n"
+    t = rn["timings_ms"]
+    L = [f"""`{rn['command']}` (the default kernel and root filesystem, the
+agent as init), through the probe as above. The phases are the ones the VMM
+reports in its JSON (`timings`, {rn['layout']}); the wall time and CPU time are
+the benchmark's own (exec to wait4), and `--console` lets it stamp the kernel's
+`Run /sbin/airlock-init as init process` line, which splits `kernelBootMs`
+(the split is in exec-relative host time: probe's first KVM_RUN plus `kernelBootMs`
+is the hello). Exit codes: {'all 0' if rn.get('all_exit_zero') else [r['exitCode'] for r in rn['runs']]}.
+
+| phase (`timings` key) | median (ms) | min | max |
+| --- | --- | --- | --- |
+| VMM start: `run()` to first KVM_RUN (`vmmStartMs`) | {cells(t['vmmStartMs'], 1)} |
+| kernel boot to the agent's hello (`kernelBootMs`) | {cells(t['kernelBootMs'], 0)} |
+| of which first KVM_RUN to `Run /sbin/airlock-init` on the console (kernel) | {cells(rn.get('kernel_to_init_ms'), 0)} |
+| of which init's start to the agent's hello (the agent's start-up) | {cells(rn.get('init_to_hello_ms'), 0)} |
+| hello to the command's start (`agentReadyMs`) | {cells(t['agentReadyMs'], 0)} |
+| the command, `true` (`commandMs`) | {cells(t['commandMs'], 0)} |
+| exit report to the VM's end (`shutdownMs`) | {cells(t['shutdownMs'], 0)} |
+| **total (`totalMs`)** | {bold_cells(t['totalMs'], 0)} |
+| exec to process exit (benchmark, wall) | {cells(rn['wall_ms'], 0)} |
+| exec to first KVM_RUN (probe) | {cells(rn['exec_to_first_run_ms'], 1)} |
+| VMM CPU time, user + system | {cells(rn['cpu_ms'], 0)} |
+"""]
+    if rn.get("failures"):
+        L.append(f"{len(rn['failures'])} run(s) failed and are not in the figures: {[f.get('problems') or f.get('killed') for f in rn['failures']]}.\n")
+    L.append("`commandMs` for `true` is the agent's fork and exec of busybox's `true` in the guest and the reports "
+             "around it: kernel work, emulated on this host.\n")
+    return "\n".join(L)
+
+
+def memory_md(res):
+    m = res.get("memory") or {}
+    if not m:
+        return "Not measured in this run (no boot reached its marker).\n"
+    L = ["""While the VM runs, the benchmark reads `/proc/PID/smaps` of the VMM every
+0.2 s. The guest RAM is the anonymous mapping of exactly the guest's size
+(Airlock maps it shared, so it shows as `/dev/zero (deleted)`); its Rss is what
+the guest touched. The VMM's own memory is the process's Rss minus that, taken
+at the sample where it is largest in each run. It splits into file-backed
+pages (the binary and its shared libraries, which several VMMs on a host share)
+and the rest (heap, stacks, kvm_run pages); dirty pages are those no other
+process can share. Kernel memory that KVM keeps for the VM (page tables,
+shadow pages) is not in any Rss and not counted.
+
+| MiB, median (min to max) | during `airlock boot` | during `airlock run -- true` |
+| --- | --- | --- |"""]
+    b, r = m.get("boot"), m.get("run")
+    rows = [("**VMM Rss beside the guest's**", "vmm_mib"), ("file-backed (binary, libraries)", "vmm_file_mib"),
+            ("anonymous (heap, stacks)", "vmm_anon_mib"), ("dirty (not shareable)", "vmm_dirty_mib"),
+            ("guest RAM touched", "guest_touched_mib"), ("whole process Rss", "total_mib"),
+            ("peak Rss over the process's life (ru_maxrss)", "maxrss_mib")]
+    for label, k in rows:
+        def c(x):
+            return mmm(x.get(k), 2) if x and x.get(k) else "-"
+        L.append(f"| {label} | {c(b)} | {c(r)} |")
+    src = b or r
+    if src and src.get("top_files_kib"):
+        L.append("\nLargest file-backed parts (first run): " + ", ".join(
+            f"{n} {num(k / 1024, 2)} MiB" for n, k in src["top_files_kib"]) + ".")
+    if src and not src.get("exact_size_match"):
+        L.append("\nNo mapping of exactly the guest size was found; the smallest anonymous mapping at least that big stood in.")
+    qf = (res.get("qemu") or {}).get("firmware_memory")
+    if qf:
+        p = qf["peak_vmm"]
+        L.append(f"\nQEMU, {qf['configuration']}, for {qf['seconds']:g} s with a 128 MiB guest (it did not boot the kernel, "
+                 f"so this is QEMU with its firmware running, not a booted guest): Rss beside the guest's "
+                 f"{num(p['vmm_kib'] / 1024, 2)} MiB (file-backed {num(p['vmm_file_kib'] / 1024, 2)}, anonymous "
+                 f"{num(p['vmm_anon_kib'] / 1024, 2)}, dirty {num(p['vmm_dirty_kib'] / 1024, 2)}); guest RAM touched "
+                 f"{num(p['guest_kib'] / 1024, 2)} MiB. Largest file-backed parts: "
+                 + ", ".join(f"{n} {num(k / 1024, 2)} MiB" for n, k in p["top_files_kib"][:4]) + ".")
+    q = res.get("qemu") or {}
+    if q.get("memory"):
+        L.append(f"\nQEMU booting the same guest: VMM Rss beside the guest's {mmm(q['memory']['vmm_mib'], 2, 'MiB')}.")
+    return "\n".join(L) + "\n"
+
+
+def blk_md(blk):
+    err = section_error(blk, "blk")
+    if err:
+        return err
+    if blk.get("error"):
+        return f"Failed: {blk['error']}; console: `{blk.get('console_tail')}`.\n"
+    p = blk["passes"]
+    import statistics
+    read_s = statistics.median(x["read_s"] for x in p)
+    one = statistics.median(x["one_block_s"] for x in p)
+    ms_per_mib = read_s / blk["size_mib"] * 1000
+    return f"""A {blk['size_mib']} MiB file of random bytes is attached read-write as /dev/vdb
+(`make bench` uses a small file because the guest reads slowly here:
+`BENCH_BLK_MIB`; `make bench-blk` defaults to 256 MiB). In one boot the guest's
+init runs `dd if=/dev/vdb of=/dev/null bs=1M iflag=direct` {len(p)} times and
+times each with /proc/uptime (Debian's busybox dd prints no timing), minus a
+1-block dd before it that measures the fork and exec ({num(one, 2)} s, median);
+the host reads the same file with GNU dd `iflag=direct`, so the page cache
+flatters neither side, {blk['host_mbps']['n'] // 2} times before the guest and as many after.
+
+| | median | min | max | N |
+| --- | --- | --- | --- | --- |
+| host read (MB/s) | {cells(blk['host_mbps'], 0)} | {blk['host_mbps']['n']} |
+| guest read (MB/s) | {cells(blk['guest_mbps'], 2)} | {blk['guest_mbps']['n']} |
+| **ratio guest / host (medians)** | **{blk['ratio']:.4f}** | | | target at least 0.8 |
+
+The target is far off on this host, and not because of the device model: over
+the whole boot the VMM process spent {num(blk['vmm_cpu_user_s'], 2)} s of user time (the
+device models, the run loop and the VMM's own start) and {num(blk['vmm_cpu_sys_s'], 1)} s of system
+time, i.e. in KVM's instruction emulator running the guest's kernel, in
+{num(blk['vmm_wall_s'], 1)} s of wall time (it had a core for {(blk['vmm_cpu_user_s'] + blk['vmm_cpu_sys_s']) / blk['vmm_wall_s']:.0%} of it; the rest it
+waited beside the host's other work). Each 1 MiB request took about
+{num(ms_per_mib, 0)} ms of guest time, nearly all of it the guest's block layer run by the
+emulator. On a hardware-virtualization host the guest kernel runs natively;
+this is the benchmark to run there.
+"""
+
+
+def qemu_md(res):
+    q = res.get("qemu")
+    err = section_error(q, "qemu")
+    if err:
+        return err
+    if not q.get("installed"):
+        return f"Not measured: {q.get('reason')}.\n"
+    pvh = "not set" if re.search(r"^# CONFIG_PVH is not set", read(os.path.join(ROOT, "guest-kernel", "airlock.config")), re.M) else None
+    L = [f"""{q['version']}, tried on the installed vmlinux and rootfs.ext4 with the
+kernel command line Airlock gives a disk root on this host
+(`Machine.baseCommandLine`, the host profile's parameters, `root=/dev/vda`):
+`{q['cmdline']}`, as `qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -m 128 -smp 1
+-nodefaults -no-user-config -display none -serial stdio -no-reboot -drive
+id=root,file=rootfs.ext4,format=raw,if=none,readonly=on -device
+virtio-blk-device,drive=root -kernel vmlinux -append CMDLINE`. The two runs
+without a kernel show how far QEMU's own vCPU set-up gets on this host.
+
+| configuration | result | after (s) | reached KVM_RUN | last output |
+| --- | --- | --- | --- | --- |"""]
+    for a in q["attempts"]:
+        last = " / ".join(a["last_output"][-2:]).replace("|", "\\|").replace("`", "'") or "(none)"
+        L.append(f"| {a['label']} | {a['exit']} | {a['seconds']:.2f} | {'yes' if a['reached_kvm_run'] else 'no'} | `{last}` |")
+    if not q.get("booted"):
+        L.append(f"""
+QEMU did not boot the guest. It loads an uncompressed ELF kernel only through
+the kernel's PVH entry note, and Airlock's kernel is built for the Linux 64-bit
+boot protocol (CONFIG_PVH {pvh or 'see guest-kernel/airlock.config'} in
+guest-kernel/airlock.config); a bzImage would go through the kernel's real-mode
+set-up code, all of it emulated on a PVM host. `-cpu host` aborts in QEMU's own
+vCPU set-up (the MSR write above). So there are no QEMU boot, run or
+block-throughput figures for this host; the start-up and memory figures above
+are from QEMU running its firmware on the same 128 MiB, 1 vCPU machine with
+the same disk.""")
+    else:
+        L.append(f"\nQEMU booted: exec to AIRLOCK-READY {mmm(q['ready_ms'], 2, 's', 1e-3)}.")
+    return "\n".join(L) + "\n"
+
+
+def fuzz_md(fz):
+    err = section_error(fz, "fuzz")
+    if err:
+        return err
+    lines = "\n".join(fz.get("lines", []))
+    return f"""A seeded random driver (SplitMix64, seed {fz.get('seed', 1)}) against `MMIOTransport`,
+`SplitQueue` and a read-only `BlockDevice` in 2 MiB of guest RAM with a hole:
+random register writes at random widths in every state, random chains of up
+to 5 descriptors with addresses past RAM, in the hole, near 2^64, lengths 0
+and 4 GiB, random flags and `next`, random heads, available indices that jump.
+Its output in this run ({'PASS' if fz.get('passed') else 'FAIL'}):
+
+```
+{lines}
+```
+"""
+
+
+def not_measured(res):
+    L = []
+    host = res.get("host", {})
+    if not host.get("vmx_or_svm"):
+        L.append(f"- A host with hardware virtualization: this run's host has {host.get('backend')}. Boot times, "
+                 "`airlock run` times and block throughput are dominated there by emulated guest kernel code; "
+                 "`make bench` on a VT-x/AMD-V host measures the same figures natively.")
+    q = res.get("qemu") or {}
+    if q.get("installed") and not q.get("booted"):
+        L.append("- QEMU's boot, `run`-equivalent and block figures: QEMU did not boot the same kernel (see above); "
+                 "QEMU has no agent, so `airlock run` has no QEMU counterpart in any case.")
+    rn = res.get("run") or {}
+    if rn and not rn.get("available", True):
+        L.append(f"- `airlock run -- true`: {rn.get('reason')}.")
+    L.append("- KVM's kernel-side memory for the VM (shadow page tables and the like): not visible in the process's Rss.")
+    return "\n".join(L) + "\n"
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def render(res):
+    h = res["host"]
+    dirty = " (with uncommitted changes)" if h.get("dirty") else ""
+    pvm_note = (" PVM emulates guest kernel code (see `../shared/docs/kvm-on-this-host.md`), so guest boot and I/O "
+                "times here are far from what hardware virtualization gives." if h.get("pvm") else "")
+    p = res.get("params", {})
+    return f"""# Benchmarks
+
+<!-- Generated by `make bench` (bench/report.py) from bench/results/latest.json. Do not edit by hand. -->
+
+`make bench` builds what it needs, runs every benchmark below in one go and
+regenerates this page and the chart from the results
+(`bench/results/latest.json`). Every figure here was measured in that run;
+the targets and Firecracker's figures are quoted references, not measurements.
+Each figure is the median of N runs with its min and max, and every ratio is
+taken between figures of the same run, because other builds and VMs share the
+machine.
+
+Run of {h['date']}, commit {h.get('commit', '?')}{dirty}. Machine: {h['cpu_model']}, {h['cores']} cores,
+{h['memory_gib']} GiB, Linux {h['host_kernel']}; `/dev/kvm` backend: {h['backend']}.{pvm_note}
+Load average {' '.join(h.get('loadavg_at_start', []))} at the start and {' '.join(h.get('loadavg_at_end', []))} at the end;
+the measurements took {res.get('seconds', 0):.0f} s. Parameters: guest memory {p.get('memory_mib')} MiB,
+{p.get('exit_rounds')} exit rounds, {p.get('start_runs')} start runs, {p.get('boot_runs')} boots, {p.get('run_runs')} `airlock run`s,
+{p.get('blk_mib')} MiB read {p.get('blk_passes')} times (the Makefile's `BENCH_*` variables change them).
+
+## Against the targets
+
+{summary(res)}
+## Boot timeline
+
+![Boot timeline: the measured phases of `airlock boot` and `airlock run -- true`](boot-timeline.svg)
+
+## Port-I/O exit cost
+
+{exits_md(res.get('exits'))}
+## VMM start to the first KVM_RUN
+
+{start_md(res)}
+## Boot to the ready marker (`airlock boot`)
+
+{boot_md(res.get('boot'))}
+## `airlock run -- true`, end to end
+
+{run_md(res.get('run'))}
+## The VMM's own memory (128 MiB, 1 vCPU)
+
+{memory_md(res)}
+## virtio-blk sequential read
+
+{blk_md(res.get('blk'))}
+## QEMU on the same kernel and root filesystem
+
+{qemu_md(res)}
+## virtio fuzzing
+
+{fuzz_md(res.get('fuzz'))}
+## Not measured in this run
+
+{not_measured(res)}"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results", nargs="?", default=os.path.join(ROOT, "bench", "results", "latest.json"))
+    ap.add_argument("--doc", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    ap.add_argument("--svg", default=os.path.join(ROOT, "docs", "boot-timeline.svg"))
+    a = ap.parse_args()
+    with open(a.results) as f:
+        res = json.load(f)
+    with open(a.doc, "w") as f:
+        f.write(render(res))
+    with open(a.svg, "w") as f:
+        f.write(chart.render(res))
+    print(f"wrote {a.doc} and {a.svg}")
+
+
+if __name__ == "__main__":
+    main()

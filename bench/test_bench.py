@@ -1,0 +1,121 @@
+"""Tests of the benchmark scripts that need no VM: `make bench-selftest`.
+
+The `run` section is driven end to end against bench/testdata/fake-airlock,
+which answers like `airlock run --json` (its contract: stdout, stderr,
+exitCode, signal, timedOut, outputTruncated, systemEvent, timings with
+vmmStartMs, kernelBootMs, agentReadyMs, commandMs, shutdownMs, totalMs).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench  # noqa: E402
+import chart  # noqa: E402
+import report  # noqa: E402
+
+FAKE = os.path.join(HERE, "testdata", "fake-airlock")
+TOOLS = os.environ.get("BENCH_OUT", os.path.join(os.path.dirname(HERE), ".build", "bench"))
+
+
+class Parsing(unittest.TestCase):
+    def doc(self, **timings):
+        t = {"vmmStartMs": 10.0, "kernelBootMs": 100.0, "agentReadyMs": 5.0, "commandMs": 2.0, "shutdownMs": 3.0}
+        t.update(timings)
+        t.setdefault("totalMs", sum(v for k, v in t.items() if k != "totalMs"))
+        return {"stdout": "", "stderr": "", "exitCode": 0, "signal": None, "timedOut": False,
+                "outputTruncated": False, "systemEvent": "reset", "timings": t}
+
+    def test_contract_document_parses(self):
+        doc, problems = bench.parse_run_json(json.dumps(self.doc()))
+        self.assertEqual(problems, [])
+        self.assertEqual(bench.phase_layout(doc["timings"]), "durations")
+
+    def test_missing_keys_and_bad_types_are_named(self):
+        d = self.doc()
+        del d["outputTruncated"]
+        del d["timings"]["commandMs"]
+        d["signal"] = "9"
+        _, problems = bench.parse_run_json(json.dumps(d))
+        self.assertIn("missing key outputTruncated", problems)
+        self.assertIn("missing timings.commandMs", problems)
+        self.assertIn("signal is neither null nor a number", problems)
+
+    def test_not_json(self):
+        doc, problems = bench.parse_run_json("airlock: something failed\n")
+        self.assertIsNone(doc)
+        self.assertTrue(problems[0].startswith("stdout is not one JSON document"))
+
+    def test_cumulative_layout_is_recognised(self):
+        t = {"vmmStartMs": 10.0, "kernelBootMs": 110.0, "agentReadyMs": 115.0, "commandMs": 117.0,
+             "shutdownMs": 120.0, "totalMs": 120.0}
+        self.assertEqual(bench.phase_layout(t), "cumulative")
+
+    def test_stats(self):
+        s = bench.stats([3, 1, None, 2])
+        self.assertEqual((s["n"], s["median"], s["min"], s["max"]), (3, 2, 1, 3))
+        self.assertIsNone(bench.stats([None]))
+
+
+class Memory(unittest.TestCase):
+    def test_guest_mapping_is_taken_out(self):
+        guest = 128 << 20
+        maps = [
+            {"size": guest, "perm": "rw-s", "name": "/dev/zero (deleted)", "rss": 12000, "pd": 12000},
+            {"size": 8 << 20, "perm": "r-xp", "name": "/usr/lib/libswiftCore.so", "rss": 5000},
+            {"size": 1 << 20, "perm": "rw-p", "name": "[heap]", "rss": 400, "pd": 400},
+            {"size": 64 << 20, "perm": "rw-p", "name": "", "rss": 100, "pd": 100},
+        ]
+        m = bench.memory_split(maps, guest)
+        self.assertEqual(m["guest_kib"], 12000)
+        self.assertEqual(m["vmm_kib"], 5500)
+        self.assertEqual(m["vmm_file_kib"], 5000)
+        self.assertEqual(m["vmm_dirty_kib"], 500)
+        self.assertTrue(m["exact_size_match"])
+
+    def test_no_guest_mapping_gives_nothing(self):
+        self.assertIsNone(bench.memory_split([{"size": 4096, "perm": "r--p", "name": "/bin/x", "rss": 4}], 128 << 20))
+
+
+@unittest.skipUnless(os.path.exists(os.path.join(TOOLS, "exec-timed")), "make bench-c first")
+class RunSectionAgainstTheFake(unittest.TestCase):
+    def run_bench(self, env=None):
+        out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+        try:
+            subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--only", "run", "--run-runs", "2",
+                            "--bin", "/nonexistent", "--tools", TOOLS, "--airlock-for-run", FAKE, "--out", out],
+                           check=True, capture_output=True, env=dict(os.environ, **(env or {})))
+            with open(out) as f:
+                return json.load(f)
+        finally:
+            os.unlink(out)
+
+    def test_phases_are_collected(self):
+        r = self.run_bench()["run"]
+        self.assertTrue(r["available"])
+        self.assertEqual(len(r["runs"]), 2)
+        self.assertEqual(r["timings_ms"]["totalMs"]["median"], 42.5)
+        self.assertEqual(r["layout"], "durations")
+        self.assertIn("--memory 128", r["command"])
+
+    def test_a_broken_document_is_a_failure(self):
+        r = self.run_bench({"FAKE_AIRLOCK_BROKEN": "1"})["run"]
+        self.assertEqual(r["runs"], [])
+        self.assertIn("missing key timedOut", r["failures"][0]["problems"])
+
+    def test_report_and_chart_render(self):
+        res = self.run_bench()
+        res["host"]["vmlinux_bytes"] = None
+        page = report.render(res)
+        self.assertIn("`airlock run -- true`, end to end", page)
+        self.assertIn("42", page)
+        svg = chart.render(res)
+        self.assertTrue(svg.startswith("<svg") and "airlock run -- true" in svg)
+
+
+if __name__ == "__main__":
+    unittest.main()
