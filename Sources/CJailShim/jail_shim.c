@@ -72,7 +72,14 @@ int airlock_jail_close_range(unsigned int first, unsigned int last) {
     return (int)syscall(SYS_close_range, first, last, 0);
 }
 
-int airlock_jail_clearenv(void) { return clearenv(); }
+// clearenv() leaves `environ` NULL, which Swift's Glibc.environ (an
+// implicitly unwrapped pointer) traps on: point it at an empty list instead.
+static char *airlock_empty_environment[] = { NULL };
+int airlock_jail_clearenv(void) {
+    if (clearenv() != 0) return -1;
+    environ = airlock_empty_environment;
+    return 0;
+}
 int airlock_jail_setgroups_none(void) { return setgroups(0, NULL); }
 int airlock_jail_setresuid(uid_t uid) { return setresuid(uid, uid, uid); }
 int airlock_jail_setresgid(gid_t gid) { return setresgid(gid, gid, gid); }

@@ -159,7 +159,8 @@ public enum Jail {
             throw .invalid("RLIMIT_NOFILE \(limits.openFiles) does not cover the kept descriptor \(highestFd): raise openFiles")
         }
         func set(_ resource: Int32, _ name: String, _ value: UInt64) throws(JailError) {
-            var limit = rlimit(rlim_cur: rlim_t(value), rlim_max: rlim_t(value))
+            let v = value == UInt64.max ? rlim_t.max : rlim_t(value)  // rlim_t.max is RLIM_INFINITY
+            var limit = rlimit(rlim_cur: v, rlim_max: v)
             _ = try jailCall("setrlimit(\(name))", String(value)) { setrlimit(__rlimit_resource_t(UInt32(resource)), &limit) }
         }
         try set(Int32(RLIMIT_NOFILE.rawValue), "RLIMIT_NOFILE", limits.openFiles)

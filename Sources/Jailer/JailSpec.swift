@@ -39,7 +39,8 @@ public struct JailRlimits: Sendable, Equatable {
     public var openFiles: UInt64
     /// RLIMIT_FSIZE: no write may reach past this offset in a regular file.
     /// It must cover the largest writable disk image (the supervisor computes
-    /// that); pass pipes, not files, for the VMM's output.
+    /// that). `UInt64.max` is no limit (`PreparedJail.spawn` lifts it when a
+    /// descriptor it passes is a regular file, such as redirected output).
     public var fileSize: UInt64
     /// RLIMIT_NPROC, counted per real uid across the host: set it only when
     /// the jail's uid is this VM's alone; nil leaves it as inherited.

@@ -291,6 +291,14 @@ public final class PreparedJail: Sendable {
         var spec = self.spec
         spec.keepFds = fds.keys.sorted()
         spec.lifelineFd = lifelineChildFd
+        // RLIMIT_FSIZE bounds the offset of every write to a regular file,
+        // output included: with output redirected to a file it would cut the
+        // output off silently (PID 1 ignores SIGXFSZ). The limit is lifted
+        // then; bounding output is the supervisor's job in that case.
+        for parent in fds.values {
+            var info = stat()
+            if fstat(parent, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG { spec.rlimits.fileSize = UInt64.max }
+        }
         try spec.validate()
 
         let env = ["\(JailSpec.environmentVariable)=\(spec.encoded())", "SWIFT_BACKTRACE=enable=no"] + environment

@@ -69,6 +69,16 @@ import Glibc
         #expect(fds.count == 4 && fds.prefix(3) == [0, 1, 2], "fds: \(fds)")
         #expect(readLink("/proc/\(pid)/fd/\(fds.last!)") == TestJails.files.disk, "the preopened disk (opened from the host path)")
 
+        // Resource limits of the process itself.
+        let limits = try FileIO.read("/proc/\(pid)/limits")
+        func limit(_ name: String) -> [String] {
+            let line = limits.split(separator: "\n").first { $0.hasPrefix(name) } ?? ""
+            return line.dropFirst(name.count).split(separator: " ").prefix(2).map(String.init)
+        }
+        #expect(limit("Max file size") == ["1048576", "1048576"], "RLIMIT_FSIZE is the writable disk's size")
+        #expect(limit("Max core file size") == ["0", "0"])
+        #expect(limit("Max open files") == ["256", "256"])
+
         // Stage 1 keeps none of the VMM's descriptors, only the lifeline and its
         // own signalfd: it cannot delay the supervisor's EOF.
         let stage1 = try FileIO.list("/proc/\(run.child.pid)/fd").compactMap { readLink("/proc/\(run.child.pid)/fd/\($0)") }
@@ -102,6 +112,19 @@ import Glibc
         #expect(stderr.contains("sandbox violation: the seccomp filter blocked system call \(syscall) ("), "\(stderr)")
         #expect(stderr.contains("on the \(thread) thread"), "\(stderr)")
         #expect(!stdout.contains("survived"), "\(stdout)")
+    }
+
+    @Test func outputToARegularFileLiftsTheFileSizeLimit() throws {
+        try requireRoot()
+        let path = "/run/airlock-test-\(getpid())/output-\(TestJails.uniqueID("out"))"
+        let out = OwnedFileDescriptor(adopting: open(path, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0o644))
+        defer { unlink(path) }
+        let jail = try TestJails.supervisor.prepare(id: TestJails.uniqueID("file-output"), TestJails.request())
+        let child = try jail.spawn(executable: TestJails.probePath, arguments: [], fds: [1: out.rawValue, 2: out.rawValue])
+        #expect(try child.wait(timeout: 10) == .exited(0))
+        try jail.destroy()
+        // Everything the probe said reached the file: RLIMIT_FSIZE did not cut it off.
+        #expect(try FileIO.read(path).contains("ready"))
     }
 
     @Test func allowedKVMRequestsPassOnEveryThread() throws {
