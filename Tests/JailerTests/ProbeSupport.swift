@@ -1,6 +1,7 @@
 import AirlockOS
 import CJailShim
 @testable import Jailer
+import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -65,8 +66,6 @@ enum TestJails {
     }
     private static let counter = Mutex(0)
 }
-
-import Synchronization
 
 /// A pipe the test reads from (the child's stdout or stderr).
 final class PipeReader {
