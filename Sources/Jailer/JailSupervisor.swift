@@ -177,6 +177,14 @@ public final class JailSupervisor: Sendable {
         return removed
     }
 
+    /// Removes the (empty) parent groups the VMs' groups were made in, so a
+    /// service manager can remove the supervisor's own group after it exits
+    /// (on v1 they nest inside it). Call it when the supervisor shuts down;
+    /// a parent that still holds a VM's group is left alone.
+    public func removeEmptyCgroupParents() {
+        for parent in cgroupParents { rmdir(parent) }
+    }
+
     /// Kill, then remove: cgroups first (so nothing of the VM runs on), then
     /// the jail directory. Everything is attempted; what failed is reported.
     static func removeJail(directory: String, cgroups: [String]) throws(JailError) {

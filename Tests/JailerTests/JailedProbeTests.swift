@@ -116,7 +116,7 @@ import Glibc
 
     @Test func outputToARegularFileLiftsTheFileSizeLimit() throws {
         try requireRoot()
-        let path = "/run/airlock-test-\(getpid())/output-\(TestJails.uniqueID("out"))"
+        let path = "/run/airlock-test/images/output-\(TestJails.uniqueID("out"))"
         let out = OwnedFileDescriptor(adopting: open(path, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0o644))
         defer { unlink(path) }
         let jail = try TestJails.supervisor.prepare(id: TestJails.uniqueID("file-output"), TestJails.request())
@@ -331,6 +331,12 @@ extension JailedProbeTests {
         #expect(after.jailDirectories == [], "left in \(TestJails.config.jailBase): \(after.jailDirectories)")
         #expect(after.cgroups == [], "cgroups left: \(after.cgroups)")
         #expect(after.zombieProbes <= before.zombieProbes, "VMMs left as zombies")
+
+        // With no VM left, the parent groups can go too (prepare remakes them).
+        TestJails.supervisor.removeEmptyCgroupParents()
+        let parents = try Cgroups.parents(layout: try Cgroups.detect(), procSelfCgroup: try FileIO.read("/proc/self/cgroup"),
+                                          name: TestJails.config.cgroupParentName)
+        for parent in parents { #expect(!FileIO.exists(parent), "\(parent) is left") }
     }
 }
 

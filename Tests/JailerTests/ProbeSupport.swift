@@ -14,12 +14,14 @@ func requireRoot() throws {
 }
 
 /// One supervisor for the whole test process, on its own base directory and
-/// cgroup parent so it never touches a real Airlock's jails.
+/// cgroup parent so it never touches a real Airlock's jails. The names are
+/// fixed, so runs of the suite reuse them (the base directory and the empty
+/// parent groups stay, as /run/airlock/jail and "airlock" do for real runs).
 enum TestJails {
     static let config: JailSupervisorConfig = {
         var c = JailSupervisorConfig()
-        c.jailBase = "/run/airlock-test-\(getpid())/jail"
-        c.cgroupParentName = "airlock-test-\(getpid())"
+        c.jailBase = "/run/airlock-test/jail"
+        c.cgroupParentName = "airlock-test"
         c.uid = 2_000_000_123
         c.gid = 2_000_000_124
         return c
@@ -39,7 +41,7 @@ enum TestJails {
 
     /// Small host files for the jail to hold: a read-only "kernel" and a writable "disk".
     static let files: (kernel: String, disk: String) = {
-        let dir = "/run/airlock-test-\(getpid())/images"
+        let dir = "/run/airlock-test/images"
         try! FileIO.makeDirectories(dir, mode: 0o755)
         let kernel = dir + "/kernel", disk = dir + "/disk.img"
         for (path, size) in [(kernel, 4096), (disk, 1 << 20)] {
@@ -62,7 +64,7 @@ enum TestJails {
     static let supervisor: JailSupervisor = try! JailSupervisor(config: config)
 
     static func uniqueID(_ tag: String) -> String {
-        counter.withLock { n in n += 1; return "\(tag)-\(n)" }
+        counter.withLock { n in n += 1; return "\(tag)-\(getpid())-\(n)" }
     }
     private static let counter = Mutex(0)
 }
