@@ -52,8 +52,13 @@ let package = Package(
         // libseccomp and libcap (Debian's -dev packages), through pkg-config.
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
+        // What the jail needs from libc that Swift cannot call: namespaces, mounts, pivot_root, the
+        // stage-1 wait loop, posix_spawn with an fd map, the async-signal-safe SIGSYS reporter.
+        .target(name: "CJailShim"),
         // The jail around every VMM: fds, rlimits, cgroups, namespaces, pivot_root, capabilities, seccomp.
-        .target(name: "Jailer", dependencies: ["AirlockOS", "CSeccomp", "CCap"]),
+        .target(name: "Jailer", dependencies: ["AirlockOS", "CAirlockShim", "CJailShim", "CSeccomp", "CCap"]),
+        // Test-only: enters a jail, installs the filters, and breaks a rule on request (JailerTests).
+        .executableTarget(name: "airlock-jail-probe", dependencies: ["Jailer", "CJailShim", "CAirlockShim"]),
         // The public library: image store, host report, the async Sandbox API.
         .target(
             name: "Airlock",
@@ -82,7 +87,7 @@ let package = Package(
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"]),
         .testTarget(name: "AgentCoreTests", dependencies: ["AgentCore", "AgentProtocol"]),
         .testTarget(name: "RootFSTests", dependencies: ["RootFS"]),
-        .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS"]),
+        .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
         .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices"]),
     ],
     swiftLanguageModes: [.v6]

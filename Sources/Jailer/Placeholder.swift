@@ -1,2 +1,0 @@
-// Placeholder until the jailer lands.
-enum JailerPlaceholder {}
