@@ -1,4 +1,5 @@
 import AgentProtocol
+import VMM
 
 /// The virtual machine a sandbox runs in.
 public struct SandboxConfig: Sendable, Codable, Equatable {
@@ -17,6 +18,8 @@ public struct SandboxConfig: Sendable, Codable, Equatable {
     public var agentPath: String = "/sbin/airlock-init"
     /// Copy the guest kernel's console to this host fd as it is written (debugging); nil keeps it in memory.
     public var consoleFD: Int32?
+    /// The host's KVM backend quirks; nil detects them (a jailed VMM cannot: /sys is outside its jail).
+    public var hostProfile: HostProfile?
 
     public init(kernelPath: String? = nil, rootfsPath: String? = nil, memoryMiB: Int = 256, cpus: Int = 1) {
         self.kernelPath = kernelPath
@@ -139,10 +142,15 @@ public enum SandboxError: Error, CustomStringConvertible, Sendable {
     case protocolViolation(String)
     /// The sandbox was used after it ended.
     case ended(String)
+    /// The jail around the VMM could not be set up or torn down.
+    case jail(String)
+    /// The VMM did something its seccomp filter forbids and was stopped.
+    case sandboxViolation(String)
 
     public var description: String {
         switch self {
-        case let .invalidConfiguration(m), let .vmm(m), let .protocolViolation(m), let .ended(m): return m
+        case let .invalidConfiguration(m), let .vmm(m), let .protocolViolation(m), let .ended(m), let .jail(m),
+             let .sandboxViolation(m): return m
         case let .agentDidNotStart(m, console):
             let tail = console.split(separator: "\n", omittingEmptySubsequences: false).suffix(25).joined(separator: "\n")
             return tail.isEmpty ? m : "\(m)\nlast lines of the guest console:\n\(tail)"

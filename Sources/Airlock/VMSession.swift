@@ -121,6 +121,7 @@ final class VMSession: @unchecked Sendable {
         mc.console = consoleLog
         mc.logger = logger
         mc.vcpuThreadSetup = hooks.vcpuThreadSetup
+        if let profile = config.hostProfile { mc.hostProfile = profile }
         guestEnvironment = mc.hostProfile.guestEnvironment
 
         let inputSpace = self.inputSpace

@@ -13,11 +13,13 @@ struct AirlockCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "airlock",
         abstract: "Run untrusted code in disposable KVM micro-VMs.",
-        subcommands: [Run.self, Boot.self, Doctor.self])
+        subcommands: [Run.self, Boot.self, Doctor.self, VMMProcess.self])
 
     /// ArgumentParser's main, except that bad usage exits 125 (as with `docker run`):
     /// 64 could be the command's own status, and scripts test for 125 as "Airlock failed".
     static func main() {
+        // A reader that goes away (airlock run ... | head) must cost its bytes, not this process.
+        signal(SIGPIPE, SIG_IGN)
         do {
             var command = try parseAsRoot()
             try command.run()
@@ -42,6 +44,11 @@ enum ExitStatus {
 struct LoggingOptions: ParsableArguments {
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical (default: warning, or $AIRLOCK_LOG).")
     var logLevel: String?
+
+    /// The level asked for (default warning).
+    var level: Logger.Level {
+        Logger.Level(rawValue: logLevel ?? ImageStore.processEnvironment()["AIRLOCK_LOG"] ?? "warning") ?? .warning
+    }
 
     func bootstrap() throws {
         let name = logLevel ?? ImageStore.processEnvironment()["AIRLOCK_LOG"] ?? "warning"
@@ -123,6 +130,17 @@ struct Boot: ParsableCommand {
             printError("airlock: \(error)")
             throw ExitCode(ExitStatus.airlockFailed)
         }
+    }
+}
+
+/// The jailed VMM that `airlock run` starts (not for people to call).
+struct VMMProcess: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: JailedRun.subcommand, abstract: "The jailed VMM process of 'airlock run' (internal).",
+        shouldDisplay: false)
+
+    func run() throws {
+        throw ExitCode(JailedRun.vmmMain())
     }
 }
 

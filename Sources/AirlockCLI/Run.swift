@@ -58,8 +58,14 @@ struct Run: ParsableCommand {
     @Flag(help: "Copy the guest kernel's console to stderr (for debugging a guest that does not boot).")
     var console = false
 
+    @Flag(help: "UNSAFE, for debugging: run the VMM in this process, without the jail (seccomp, namespaces, cgroup, dropped privileges).")
+    var noJail = false
+
     @Option(help: "Extra kernel command-line parameters.")
     var cmdline: String = ""
+
+    @Option(help: .hidden)
+    var testViolation: String?
 
     @OptionGroup var logging: LoggingOptions
 
@@ -108,6 +114,9 @@ struct Run: ParsableCommand {
         config.bootTimeoutSeconds = bootTimeout
         config.extraKernelCommandLine = cmdline
         if console { config.consoleFD = 2 }
+        if !noJail && getuid() != 0 {
+            throw ValidationError("the jail around the VMM needs root (namespaces, cgroups, pivot_root): run as root, or pass --no-jail to debug without it (unsafe)")
+        }
 
         var cmd = Command(argv)
         cmd.environment = try parsedEnvironment(ProcessInfo.processInfo.environment)
@@ -123,7 +132,15 @@ struct Run: ParsableCommand {
 
         let result: RunResult
         do {
-            result = try Sandbox.runBlocking(cmd, config: config, requestedAt: requestedAt, logger: Logger(label: "airlock.run"))
+            let logger = Logger(label: "airlock.run")
+            if noJail {
+                printError("airlock: --no-jail: the VMM runs unconfined in this process (no seccomp, namespaces, cgroup or dropped privileges); use it only to debug")
+                result = try Sandbox.runBlocking(cmd, config: config, requestedAt: requestedAt, logger: logger)
+            } else {
+                result = try JailedRun.run(cmd, config: config, stdinFromFD0: cmd.stdin != .none, streamOutput: !json,
+                                           requestedAt: requestedAt, logLevel: logging.level,
+                                           testViolation: testViolation, logger: logger)
+            }
         } catch {
             printError("airlock: \(error)")
             throw ExitCode(SandboxExitCode.airlockFailed)

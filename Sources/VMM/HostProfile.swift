@@ -8,8 +8,8 @@ import Glibc
 /// emulates guest kernel code, cannot filter CPUID and rejects a few
 /// instructions; see ../shared/docs/kvm-on-this-host.md. Everything that profile
 /// needs lives here, so no device model knows about it.
-public struct HostProfile: Equatable, Sendable {
-    public enum Backend: String, Equatable, Sendable {
+public struct HostProfile: Equatable, Sendable, Codable {
+    public enum Backend: String, Equatable, Sendable, Codable {
         case hardware = "hardware virtualization"
         case pvm = "PVM (kvm_pvm, guest kernel emulated)"
     }

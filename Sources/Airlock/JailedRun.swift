@@ -1,0 +1,275 @@
+import AirlockOS
+import Foundation
+import Jailer
+import Logging
+import Synchronization
+import VMM
+
+/// `airlock run` inside the jail: the supervisor (the caller's process, root,
+/// unjailed) prepares a jail and a cgroup, starts the `airlock` executable
+/// again as the VMM (`airlock __vmm`), hands it the run over a pipe, and gets
+/// the result back over another. The VMM enters the jail before it reads
+/// anything from the guest (docs/security.md).
+///
+/// Descriptors of the VMM process: 0 the command's stdin (or /dev/null), 1 and
+/// 2 the caller's stdout and stderr (streamed output and Airlock's messages),
+/// 3 the request (JSON, read to EOF), 4 the result (JSON, written once).
+public enum JailedRun {
+    /// The hidden subcommand that runs the VMM side.
+    public static let subcommand = "__vmm"
+    static let requestFD: Int32 = 3
+    static let resultFD: Int32 = 4
+    /// Guest RAM plus this for the VMM process itself (measured peaks: 23-33 MB).
+    static let vmmMemoryAllowance: UInt64 = 128 << 20
+
+    /// What crosses from the supervisor to the VMM.
+    struct Request: Codable {
+        var config: SandboxConfig
+        var arguments: [String]
+        var environment: [[String]]
+        var workingDirectory: String
+        var user: String
+        var timeoutSeconds: Double?
+        var maxOutputBytes: Int?
+        var stdinFromFD0: Bool
+        var streamOutput: Bool
+        var requestedAt: UInt64
+        var logLevel: String
+        /// Tests only: a forbidden system call the VMM makes once its filters are on ("main:execve", "vcpu:ioctl").
+        var testViolation: String?
+    }
+
+    /// What crosses back: a result, or the error that stopped the sandbox.
+    struct Reply: Codable {
+        var result: RunResult?
+        var error: String?
+    }
+
+    /// Runs `command` in a jailed VMM process and waits for it. `streamOutput`
+    /// sends the command's output straight to this process's stdout and
+    /// stderr; otherwise it is captured into the result. `stdinFromFD0` passes
+    /// this process's stdin through.
+    public static func run(_ command: Command, config: SandboxConfig, stdinFromFD0: Bool, streamOutput: Bool,
+                           vmmExecutable: String = "/proc/self/exe", requestedAt: UInt64,
+                           logLevel: Logger.Level = .warning, testViolation: String? = nil,
+                           logger: Logger) throws(SandboxError) -> RunResult {
+        try Sandbox.validate(command)
+        // Everything that can be checked is checked here, before a jail exists.
+        let images = try ImageResolution.resolve(config)
+        var inner = config
+        inner.kernelPath = "/vmlinux"
+        inner.rootfsPath = "/rootfs.ext4"
+        inner.hostProfile = config.hostProfile ?? .detect()  // /sys is not in the jail
+        let request = Request(
+            config: inner, arguments: command.arguments, environment: command.environment.map { [$0.name, $0.value] },
+            workingDirectory: command.workingDirectory, user: command.user, timeoutSeconds: command.timeoutSeconds,
+            maxOutputBytes: command.maxOutputBytes, stdinFromFD0: stdinFromFD0, streamOutput: streamOutput,
+            requestedAt: requestedAt, logLevel: logLevel.rawValue, testViolation: testViolation)
+
+        let supervisor: JailSupervisor
+        do {
+            supervisor = try JailSupervisor()
+            let swept = try supervisor.sweep()
+            if !swept.isEmpty { logger.notice("removed \(swept.count) jails left by earlier runs: \(swept)") }
+        } catch {
+            throw .jail("\(error)")
+        }
+        let id = "run-\(getpid())-\(monotonicNanoseconds() % 1_000_000_000)"
+        let jail: PreparedJail
+        do {
+            jail = try supervisor.prepare(id: id, JailRequest(
+                files: [JailFile(hostPath: images.kernel, jailPath: "/vmlinux"),
+                        JailFile(hostPath: images.rootfs, jailPath: "/rootfs.ext4")],
+                devices: [.kvm],
+                limits: CgroupLimits(memoryBytes: (UInt64(config.memoryMiB) << 20) + vmmMemoryAllowance, tasks: 64)))
+        } catch {
+            throw .jail("\(error)")
+        }
+        defer {
+            do { try jail.destroy() } catch { logger.error("cleaning up jail \(id): \(error)") }
+            supervisor.removeEmptyCgroupParents()
+        }
+
+        // Raw descriptors, closed by hand: each end must be closed at a precise moment (the
+        // child's ends right after the spawn, so that EOF means the child is done).
+        var requestPipe: [Int32] = [-1, -1], resultPipe: [Int32] = [-1, -1]
+        guard pipe(&requestPipe) == 0 else { throw .vmm("cannot create a pipe to the VMM process: \(String(cString: strerror(errno)))") }
+        guard pipe(&resultPipe) == 0 else {
+            requestPipe.forEach { close($0) }
+            throw .vmm("cannot create a pipe to the VMM process: \(String(cString: strerror(errno)))")
+        }
+        // close-on-exec on our ends too: the spawn hands the child exactly the fds it lists.
+        for fd in requestPipe + resultPipe { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let devNull = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        let child: JailedChild
+        do {
+            child = try jail.spawn(executable: vmmExecutable, arguments: [subcommand],
+                                   fds: [0: stdinFromFD0 ? 0 : devNull, 1: 1, 2: 2,
+                                         requestFD: requestPipe[0], resultFD: resultPipe[1]])
+        } catch {
+            (requestPipe + resultPipe + [devNull]).forEach { close($0) }
+            throw .jail("\(error)")
+        }
+        [requestPipe[0], resultPipe[1], devNull].forEach { close($0) }
+
+        SignalForwarder.start(child)
+        defer { SignalForwarder.stop() }
+        let encoded = (try? JSONEncoder().encode(request)) ?? Data()
+        // A VMM that died early makes this fail with EPIPE (the CLI ignores SIGPIPE), not hang.
+        try? encoded.withUnsafeBytes { try AirlockOS.writeAll(fd: requestPipe[1], $0) }
+        close(requestPipe[1])
+        let body = readToEnd(resultPipe[0])
+        close(resultPipe[0])
+        let exit: JailExit
+        do { exit = try child.wait(timeout: nil) ?? .signaled(SIGKILL) } catch { throw .jail("\(error)") }
+
+        let signal = SignalForwarder.received.load(ordering: .relaxed)
+        if signal != 0 {
+            var r = RunResult()
+            r.exitCode = 128 + signal
+            r.failure = "interrupted by signal \(signal); the VM was stopped"
+            return r
+        }
+        if exit.isSeccompViolation {
+            throw .sandboxViolation("the VMM broke its seccomp sandbox (the line above names the system call) and was stopped: this is a bug in Airlock, please report it")
+        }
+        if exit == .exited(JailExitCode.setupFailed) {
+            throw .jail("the VMM could not enter its jail (the line above says why)")
+        }
+        guard let reply = try? JSONDecoder().decode(Reply.self, from: body) else {
+            throw .vmm("the VMM process ended (\(exit)) without a result")
+        }
+        if let error = reply.error { throw .vmm(error) }
+        guard let result = reply.result else { throw .vmm("the VMM process ended (\(exit)) without a result") }
+        return result
+    }
+
+    /// The VMM side: `airlock __vmm`, started by `run` above. Returns the process's exit status.
+    public static func vmmMain() -> Int32 {
+        signal(SIGPIPE, SIG_IGN)
+        // Jail.enter wants a single-threaded process and /sys for nothing; the host profile
+        // came in the request, read after the jail is up.
+        do { _ = try Jail.enter() } catch {
+            FileHandle.standardError.write(Data("airlock: the VMM cannot enter its jail: \(error)\n".utf8))
+            return JailExitCode.setupFailed
+        }
+        let reply: Reply
+        do {
+            let request = try JSONDecoder().decode(Request.self, from: readToEnd(requestFD))
+            close(requestFD)
+            let level = Logger.Level(rawValue: request.logLevel) ?? .warning
+            LoggingSystem.bootstrap { label in
+                var h = StreamLogHandler.standardError(label: label)
+                h.logLevel = level
+                return h
+            }
+            var command = Command(request.arguments)
+            command.environment = request.environment.compactMap { $0.count == 2 ? ($0[0], $0[1]) : nil }
+            command.workingDirectory = request.workingDirectory
+            command.user = request.user
+            command.timeoutSeconds = request.timeoutSeconds
+            command.maxOutputBytes = request.maxOutputBytes
+            command.stdin = request.stdinFromFD0 ? .fileDescriptor(0) : .none
+            if request.streamOutput {
+                command.stdout = .fileDescriptor(1)
+                command.stderr = .fileDescriptor(2)
+            }
+            let violation = request.testViolation.flatMap(TestViolation.init)
+            let hooks = SessionHooks(
+                beforeThreads: {
+                    try Seccomp.install(.main)
+                    if let violation, violation.role == "main" { violation.commit() }
+                },
+                vcpuThreadSetup: { _ in
+                    try Seccomp.install(.vcpu)
+                    if let violation, violation.role == "vcpu" { violation.commit() }
+                })
+            let result = try Sandbox.runBlocking(command, config: request.config, requestedAt: request.requestedAt,
+                                                 logger: Logger(label: "airlock.vmm"), hooks: hooks)
+            reply = Reply(result: result)
+        } catch let error as SandboxError {
+            reply = Reply(error: error.description)
+        } catch {
+            reply = Reply(error: "the run request from the supervisor is unreadable: \(error)")
+        }
+        let data = (try? JSONEncoder().encode(reply)) ?? Data()
+        try? data.withUnsafeBytes { try AirlockOS.writeAll(fd: resultFD, $0) }
+        return reply.error == nil ? 0 : SandboxExitCode.airlockFailed
+    }
+
+    static func readToEnd(_ fd: Int32) -> Data {
+        var out = Data()
+        var buffer = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n > 0 { out.append(contentsOf: buffer[0..<n]); continue }
+            if n < 0 && errno == EINTR { continue }
+            return out
+        }
+    }
+}
+
+/// A forbidden system call made on purpose, for the tests that prove the
+/// filters hold in the real VMM (`airlock run --test-violation ROLE:CALL`).
+struct TestViolation {
+    let role: String
+    let call: String
+
+    init?(_ text: String) {
+        let parts = text.split(separator: ":").map(String.init)
+        guard parts.count == 2, ["main", "vcpu"].contains(parts[0]),
+              ["execve", "socket", "open", "ioctl"].contains(parts[1]) else { return nil }
+        role = parts[0]
+        call = parts[1]
+    }
+
+    /// Makes the call; the filter's SIGSYS handler ends the process before it returns.
+    func commit() {
+        switch call {
+        case "execve":
+            let argv: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/true"), nil]
+            _ = argv.withUnsafeBufferPointer { execv("/bin/true", $0.baseAddress!) }
+        case "socket":
+            _ = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        case "open":
+            _ = open("/etc/passwd", O_RDONLY)
+        default:
+            // An allowed call (ioctl) with a request the filter does not list: KVM_CREATE_VM on stdout.
+            _ = ioctl(1, 0xAE01, 0)
+        }
+    }
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP at the supervisor into a clean stop of the
+/// jailed VMM (which then ends its VM), so the jail is still removed.
+enum SignalForwarder {
+    static let received = Atomic<Int32>(0)
+    nonisolated(unsafe) static var previousMask = sigset_t()
+
+    static func start(_ child: JailedChild) {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        pthread_sigmask(SIG_BLOCK, &set, &previousMask)
+        let box = UncheckedBox(child)
+        let waitOn = set
+        try? startDetachedThread {
+            var signal: Int32 = 0
+            var waitSet = waitOn
+            while sigwait(&waitSet, &signal) == 0 {
+                received.store(signal, ordering: .relaxed)
+                box.value.terminate()
+            }
+        }
+    }
+
+    static func stop() {
+        pthread_sigmask(SIG_SETMASK, &previousMask, nil)
+    }
+}
+
+final class UncheckedBox<T>: @unchecked Sendable {
+    // @unchecked: the JailedChild is only signalled from the forwarder thread; signalling is thread-safe.
+    let value: T
+    init(_ value: T) { self.value = value }
+}
