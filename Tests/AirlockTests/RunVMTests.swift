@@ -22,7 +22,7 @@ enum VMTests {
     }
 
     /// Runs the CLI with `arguments`, feeding `stdin`; returns status, stdout and stderr.
-    static func airlock(_ arguments: [String], stdin: Data? = nil) throws -> (status: Int32, stdout: String, stderr: String) {
+    static func airlock(_ arguments: [String], stdin: Data? = nil) throws -> (status: Int32, stdout: String, stderr: String, pid: Int32) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try airlockExecutable())
         p.arguments = arguments
@@ -42,7 +42,7 @@ enum VMTests {
         DispatchQueue.global().async(group: group) { errData = err.fileHandleForReading.readDataToEndOfFile() }
         group.wait()
         p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+        return (p.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self), p.processIdentifier)
     }
 }
 
@@ -51,9 +51,10 @@ struct TestFailure: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-/// `airlock run` end to end, as a user runs it: one VM boot covers the
-/// command's stdout and stderr kept apart on the real descriptors, its exit
-/// status, --env, --workdir and stdin piped through.
+/// `airlock run` end to end, as a user runs it (jailed, the default): one VM
+/// boot covers the command's stdout and stderr kept apart on the real
+/// descriptors, its exit status, --env, --workdir, stdin piped through, and a
+/// jail that is gone afterwards.
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct RunCLIVMTests {
     @Test(.timeLimit(.minutes(5)))
@@ -64,6 +65,8 @@ struct RunCLIVMTests {
         #expect(r.status == 7, "stderr: \(r.stderr)")
         #expect(r.stdout == "out\nhello there\n/tmp\npiped input\n")
         #expect(r.stderr == "err\n")
+        // It ran jailed (the default), and its jail and cgroups are gone.
+        #expect(JailProbe.leftovers(of: r.pid).isEmpty)
     }
 }
 

@@ -1,0 +1,221 @@
+import Foundation
+import Testing
+@testable import Airlock
+
+/// The jail around the real VMM (`airlock run` without --no-jail), seen from
+/// the host: what a running VMM process may do, that forbidden system calls end
+/// it with the sandbox status, and that nothing outlives a run. Needs root and
+/// /dev/kvm; fails loudly without them.
+enum JailProbe {
+    static func requireRoot() throws {
+        guard getuid() == 0 else { throw TestFailure("the jail tests need root (namespaces, cgroups): run the suite as root, or AIRLOCK_SKIP_VM_TESTS=1") }
+    }
+
+    /// Starts `airlock run ARGS` with stdout on a pipe.
+    static func start(_ arguments: [String]) throws -> (process: Process, stdout: FileHandle, stderr: Pipe) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try VMTests.airlockExecutable())
+        p.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        return (p, out.fileHandleForReading, err)
+    }
+
+    /// The jailed VMM of supervisor `pid`: the `__vmm` descendant that is PID 1 of its own namespace.
+    static func vmm(of supervisor: Int32) -> Int32? {
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard let pid = Int32(entry), let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+                  let cmdline = try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline")),
+                  String(decoding: cmdline, as: UTF8.self).contains(JailedRun.subcommand) else { continue }
+            let nspid = field("NSpid", in: status)?.split(separator: "\t").map(String.init) ?? []
+            guard nspid.last == "1", descends(pid, from: supervisor) else { continue }
+            return pid
+        }
+        return nil
+    }
+
+    static func descends(_ pid: Int32, from ancestor: Int32) -> Bool {
+        var current = pid
+        for _ in 0..<8 {
+            guard let status = try? String(contentsOfFile: "/proc/\(current)/status", encoding: .utf8),
+                  let ppid = field("PPid", in: status).flatMap({ Int32($0) }) else { return false }
+            if ppid == ancestor { return true }
+            current = ppid
+        }
+        return false
+    }
+
+    static func field(_ name: String, in status: String) -> String? {
+        status.split(separator: "\n").first { $0.hasPrefix(name + ":") }
+            .map { $0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces) }
+    }
+
+    static func waitFor<T>(seconds: Double, _ poll: () -> T?) -> T? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if let v = poll() { return v }
+            usleep(20_000)
+        }
+        return nil
+    }
+
+    /// Jail directories and cgroups named after supervisor `pid` (ids are run-<pid>-...).
+    static func leftovers(of supervisor: Int32) -> [String] {
+        var found: [String] = []
+        let prefix = "run-\(supervisor)-"
+        let jails = (try? FileManager.default.contentsOfDirectory(atPath: "/run/airlock/jail")) ?? []
+        found += jails.filter { $0.hasPrefix(prefix) }.map { "/run/airlock/jail/" + $0 }
+        if let walker = FileManager.default.enumerator(atPath: "/sys/fs/cgroup") {
+            while let path = walker.nextObject() as? String {
+                if walker.level > 5 { walker.skipDescendants(); continue }
+                if (path as NSString).lastPathComponent.hasPrefix(prefix) {
+                    found.append("/sys/fs/cgroup/" + path)
+                    walker.skipDescendants()
+                }
+            }
+        }
+        return found
+    }
+
+    static func openFDs() -> Int {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).count
+    }
+}
+
+/// A forbidden system call in the real VMM, on its main thread or a vCPU
+/// thread, after the filters are on: SIGSYS, the sandbox status (the CLI turns
+/// it into 125 with the call named), and no jail left. No guest boots: the
+/// call is made before the first KVM_RUN.
+@Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
+struct SeccompInTheVMMTests {
+    @Test(arguments: ["main", "vcpu"], [("execve", "execve (59)"), ("socket", "socket (41)"), ("open", "openat (257)"), ("ioctl", "ioctl (16)")])
+    func aForbiddenCallEndsTheVMMWithTheSandboxStatus(role: String, call: (name: String, reported: String)) throws {
+        try JailProbe.requireRoot()
+        let (p, out, err) = try JailProbe.start(["run", "--test-violation", "\(role):\(call.name)", "--", "true"])
+        _ = out.readDataToEndOfFile()
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 125)
+        #expect(stderr.contains("blocked system call \(call.reported) on the \(role) thread"), "\(stderr)")
+        #expect(stderr.contains("the VMM broke its seccomp sandbox"), "\(stderr)")
+        #expect(JailProbe.leftovers(of: p.processIdentifier).isEmpty)
+    }
+}
+
+@Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
+struct JailedVMMTests {
+    /// While its guest boots, every thread of the VMM is filtered, unprivileged
+    /// and namespaced, its root is the jail, its descriptors are the declared
+    /// ones and what it opened in the jail, its cgroup limits are in force;
+    /// killing it ends the run as an Airlock failure and leaves nothing behind.
+    @Test(.timeLimit(.minutes(3)))
+    func aRunningVMMIsConfinedAndAKilledOneLeavesNothing() throws {
+        try JailProbe.requireRoot()
+        let (p, out, err) = try JailProbe.start(["run", "--memory", "128", "--", "sleep", "60"])
+        let supervisor = p.processIdentifier
+        defer { if p.isRunning { p.terminate() } }
+        // Found once its vCPU thread exists (a thread set up after the machine: main, pumps, vCPU).
+        let vmm = try #require(JailProbe.waitFor(seconds: 30) { () -> Int32? in
+            guard let pid = JailProbe.vmm(of: supervisor),
+                  let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task"), tasks.count >= 4 else { return nil }
+            return pid
+        }, "no jailed VMM with its threads appeared")
+        usleep(300_000)  // the vCPU thread installs its filter first thing
+
+        let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(vmm)/task")
+        for tid in tasks {
+            let status = try String(contentsOfFile: "/proc/\(vmm)/task/\(tid)/status", encoding: .utf8)
+            for (name, want) in [("Seccomp", "2"), ("NoNewPrivs", "1"), ("CapEff", "0000000000000000"),
+                                 ("CapPrm", "0000000000000000"), ("CapBnd", "0000000000000000"), ("CapAmb", "0000000000000000")] {
+                #expect(JailProbe.field(name, in: status) == want, "thread \(tid) \(name)")
+            }
+            let uids = JailProbe.field("Uid", in: status)?.split(separator: "\t") ?? []
+            let gids = JailProbe.field("Gid", in: status)?.split(separator: "\t") ?? []
+            #expect(!uids.isEmpty && !uids.contains("0") && !gids.contains("0"), "thread \(tid) runs as \(uids) / \(gids)")
+        }
+        for ns in ["mnt", "pid", "ipc", "uts", "net"] {
+            let theirs = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(vmm)/ns/\(ns)")
+            let ours = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/\(ns)")
+            #expect(theirs != ours, "\(ns) namespace is the host's")
+        }
+        let root = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(vmm)/root").sorted()
+        #expect(root == ["dev", "rootfs.ext4", "vmlinux"], "the VMM's root holds \(root)")
+
+        // Descriptors: the declared five, the lifeline, and what the VMM opened inside the jail.
+        for fd in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(vmm)/fd") {
+            let target = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(vmm)/fd/\(fd)")) ?? "?"
+            let allowed = target.hasPrefix("pipe:") || target.hasPrefix("anon_inode:") || target == "/dev/null"
+                || target == "/dev/kvm" || target == "/rootfs.ext4" || target.hasPrefix("/dev/pts/")
+                || target.hasPrefix("socket:") && Int(fd)! <= 2
+            #expect(allowed, "fd \(fd) of the VMM is \(target)")
+        }
+
+        // Cgroup limits, read back from the VMM's own cgroups.
+        let cgroups = try String(contentsOfFile: "/proc/\(vmm)/cgroup", encoding: .utf8).split(separator: "\n")
+        func cgroupFile(_ controller: String, _ file: String) -> String? {
+            guard let line = cgroups.first(where: { $0.split(separator: ":")[1].split(separator: ",").contains(Substring(controller)) }) else { return nil }
+            let path = line.split(separator: ":", maxSplits: 2)[2]
+            return (try? String(contentsOfFile: "/sys/fs/cgroup/\(controller)\(path)/\(file)", encoding: .utf8))?
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        #expect(cgroupFile("memory", "memory.limit_in_bytes") == String((128 << 20) + JailedRun.vmmMemoryAllowance))
+        #expect(cgroupFile("pids", "pids.max") == "64")
+        #expect(!JailProbe.leftovers(of: supervisor).isEmpty, "the jail exists while the VM runs")
+
+        kill(vmm, SIGKILL)
+        _ = out.readDataToEndOfFile()
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 125, "\(stderr)")
+        #expect(stderr.contains("without a result"), "\(stderr)")
+        #expect(JailProbe.leftovers(of: supervisor).isEmpty, "\(JailProbe.leftovers(of: supervisor))")
+    }
+
+    /// 200 jailed VMMs that end every way but a clean guest shutdown (which the
+    /// CLI VM test covers): a seccomp kill on either thread, SIGKILL from
+    /// outside, and the supervisor interrupted (SIGTERM) while the VMM runs.
+    /// No jail directory, cgroup, mount or descriptor of ours is left.
+    @Test(.timeLimit(.minutes(10)))
+    func twoHundredRunsLeaveNothingBehind() throws {
+        try JailProbe.requireRoot()
+        let mountsBefore = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n").count
+        // Counted after a few runs: Foundation's Process opens descriptors of its own on first use.
+        var fdsBefore = 0
+        var supervisors: [Int32] = []
+        var outcomes: [String: Int] = [:]
+        for i in 0..<200 {
+            if i == 8 { fdsBefore = JailProbe.openFDs() }
+            let arguments: [String]
+            switch i % 4 {
+            case 0: arguments = ["run", "--test-violation", "main:execve", "--", "true"]
+            case 1: arguments = ["run", "--test-violation", "vcpu:socket", "--", "true"]
+            default: arguments = ["run", "--", "sleep", "60"]
+            }
+            let (p, out, err) = try JailProbe.start(arguments)
+            supervisors.append(p.processIdentifier)
+            if i % 4 >= 2 {
+                // Once the VMM is up, end it from outside (2) or interrupt its supervisor (3).
+                if let vmm = JailProbe.waitFor(seconds: 20, { JailProbe.vmm(of: p.processIdentifier) }) {
+                    if i % 4 == 2 { kill(vmm, SIGKILL) } else { p.terminate() }
+                } else {
+                    p.terminate()
+                }
+            }
+            _ = out.readDataToEndOfFile()
+            _ = err.fileHandleForReading.readDataToEndOfFile()
+            p.waitUntilExit()
+            outcomes["\(i % 4):\(p.terminationStatus)", default: 0] += 1
+        }
+        #expect(outcomes["0:125"] == 50 && outcomes["1:125"] == 50 && outcomes["2:125"] == 50, "\(outcomes)")
+        // An interrupted supervisor stops the VM and exits 128+SIGTERM.
+        #expect(outcomes["3:143"] == 50, "\(outcomes)")
+        let left = supervisors.flatMap { JailProbe.leftovers(of: $0) }
+        #expect(left.isEmpty, "\(left.prefix(10))")
+        let mountsAfter = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n").count
+        #expect(mountsAfter == mountsBefore)
+        #expect(JailProbe.openFDs() <= fdsBefore, "descriptors before \(fdsBefore), after \(JailProbe.openFDs())")
+    }
+}
