@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest fuzz-virtio clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail fuzz-virtio clean doctor
 
 all: build
 
@@ -97,6 +97,11 @@ bench-c: deps
 	gcc -O2 -DMICRO_C='"'$$(realpath $(KVM_PROBES)/micro.c)'"' -o $(BENCH_OUT)/exit-floor bench/exit-floor.c
 	gcc -O2 -Wall -shared -fPIC -o $(BENCH_OUT)/kvm-probe.so bench/kvm-probe.c -ldl
 	gcc -O2 -Wall -o $(BENCH_OUT)/exec-timed bench/exec-timed.c
+
+## bench-jail: what the jail adds to one `airlock run -- true` (wall, memory), jailed and --no-jail alternating
+JAIL_ROUNDS ?= 3
+bench-jail: images build-release
+	python3 bench/jail_overhead.py $$($(SWIFT) build -c release --show-bin-path)/airlock $(JAIL_ROUNDS)
 
 ## bench-exits: one port-I/O exit through Airlock's run loop vs the C floor (micro.c), same run
 bench-exits: bench-c

@@ -21,6 +21,8 @@ public enum JailedRun {
     static let resultFD: Int32 = 4
     /// Guest RAM plus this for the VMM process itself (measured peaks: 23-33 MB).
     static let vmmMemoryAllowance: UInt64 = 128 << 20
+    /// CPUs beyond one per vCPU for the VMM's own threads (output, stdin, the controller).
+    static let vmmCPUAllowance = 0.5
 
     /// What crosses from the supervisor to the VMM.
     struct Request: Codable {
@@ -81,7 +83,8 @@ public enum JailedRun {
                 files: [JailFile(hostPath: images.kernel, jailPath: "/vmlinux"),
                         JailFile(hostPath: images.rootfs, jailPath: "/rootfs.ext4")],
                 devices: [.kvm],
-                limits: CgroupLimits(memoryBytes: (UInt64(config.memoryMiB) << 20) + vmmMemoryAllowance, tasks: 64)))
+                limits: CgroupLimits(memoryBytes: (UInt64(config.memoryMiB) << 20) + vmmMemoryAllowance, tasks: 64,
+                                     cpus: Double(config.cpus) + vmmCPUAllowance)))
         } catch {
             throw .jail("\(error)")
         }

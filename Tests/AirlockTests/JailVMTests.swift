@@ -163,6 +163,9 @@ struct JailedVMMTests {
         }
         #expect(cgroupFile("memory", "memory.limit_in_bytes") == String((128 << 20) + JailedRun.vmmMemoryAllowance))
         #expect(cgroupFile("pids", "pids.max") == "64")
+        // One vCPU plus the allowance for the VMM's own threads, per CFS period.
+        let period = try #require(cgroupFile("cpu", "cpu.cfs_period_us").flatMap { Double($0) })
+        #expect(cgroupFile("cpu", "cpu.cfs_quota_us") == String(Int((1 + JailedRun.vmmCPUAllowance) * period)))
         #expect(!JailProbe.leftovers(of: supervisor).isEmpty, "the jail exists while the VM runs")
 
         kill(vmm, SIGKILL)
