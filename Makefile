@@ -52,7 +52,7 @@ doctor: build
 ## demo: set everything up and run a command in a fresh VM
 demo: images build-release
 	$$($(SWIFT) build -c release --show-bin-path)/airlock doctor
-	$$($(SWIFT) build -c release --show-bin-path)/airlock run -- sh -c 'echo "hello from $$(uname -sr) in a micro-VM"; cat /proc/cpuinfo | grep -m1 "model name"' 
+	$$($(SWIFT) build -c release --show-bin-path)/airlock run -- sh -c 'echo "hello from $$(uname -sr) in a micro-VM, as $$(id -un)"; grep MemTotal /proc/meminfo' 
 
 ## test: set everything up and run the whole suite (VM tests included;
 ## AIRLOCK_SKIP_VM_TESTS=1 leaves them out on purpose)
