@@ -20,6 +20,9 @@ struct Run: ParsableCommand {
 
             --timeout counts from the moment the command starts in the guest, so it means the same \
             on a fast host and on one where the guest kernel boots slowly; --boot-timeout bounds the boot.
+
+            The VMM runs in a jail (its own namespaces, a pivot_root directory, a cgroup, no \
+            capabilities, seccomp; see docs/security.md), which needs root; --no-jail is for debugging only.
             """)
 
     @Option(help: "The guest kernel (vmlinux or bzImage). Default: the installed image (make images).")
