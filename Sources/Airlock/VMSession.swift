@@ -93,14 +93,13 @@ final class VMSession: @unchecked Sendable {
     private let controlWrite = DispatchSemaphore(value: 1)
     private let busy = DispatchSemaphore(value: 1)
     /// Set by the machine's thread when `Machine.run` has returned (before the event is posted).
-    private let vmFinished = StopFlag()
+    private let vmFinished = OneWayFlag()
 
     private let requestedAt: UInt64
     private var helloAt: UInt64 = 0
     private var nextRunID: UInt32 = 1
     private(set) var exit: MachineExit?
     private(set) var endError: String?
-    private var overflowed = false
     private var firstRunDone = false
 
     static let controlPort = 0, stdoutPort = 1, stderrPort = 2
@@ -201,7 +200,7 @@ final class VMSession: @unchecked Sendable {
             try startDetachedThread {
                 let result: Result<MachineExit, VMMError>
                 do throws(VMMError) { result = .success(try machine.run()) } catch { result = .failure(error) }
-                finished.stop()
+                finished.set()
                 events.post(.vmEnded(result), always: true)
             }
         } catch {
@@ -255,9 +254,9 @@ final class VMSession: @unchecked Sendable {
     }
 
     /// Feeds a run's stdin on its own thread; the returned flag stops it.
-    private func startStdinFeeder(_ source: StdinSource, runID: UInt32) -> StopFlag? {
+    private func startStdinFeeder(_ source: StdinSource, runID: UInt32) -> OneWayFlag? {
         if case .none = source { return nil }
-        let flag = StopFlag()
+        let flag = OneWayFlag()
         do {
             try startDetachedThread { [self] in feedStdin(source, runID: runID, flag: flag) }
         } catch {
@@ -267,8 +266,8 @@ final class VMSession: @unchecked Sendable {
         return flag
     }
 
-    private func feedStdin(_ source: StdinSource, runID: UInt32, flag: StopFlag) {
-        let cancelled = { flag.stopped }
+    private func feedStdin(_ source: StdinSource, runID: UInt32, flag: OneWayFlag) {
+        let cancelled = { flag.isSet }
         let chunk = AgentProtocol.Limits.stdinChunk
         switch source {
         case .none:
@@ -299,9 +298,9 @@ final class VMSession: @unchecked Sendable {
 
     /// One read from a host fd, polling so that a stop request is seen within 100 ms
     /// even when the fd never becomes readable (a terminal nobody types into).
-    static func readChunk(fd: Int32, max: Int, flag: StopFlag) -> ReadOutcome {
+    static func readChunk(fd: Int32, max: Int, flag: OneWayFlag) -> ReadOutcome {
         var buffer = [UInt8](repeating: 0, count: max)
-        while !flag.stopped {
+        while !flag.isSet {
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             let r = poll(&p, 1, 100)
             if r < 0 && errno != EINTR { return .endOfFile }
@@ -363,11 +362,12 @@ final class EventQueue: Sendable {
     }
 }
 
-/// A flag a controller sets and a feeder thread polls.
-final class StopFlag: Sendable {
+/// A flag one thread raises once and others poll: a stop request for a
+/// feeder, or the machine thread's "Machine.run has returned".
+final class OneWayFlag: Sendable {
     private let flag = Atomic<Bool>(false)
-    var stopped: Bool { flag.load(ordering: .relaxed) }
-    func stop() { flag.store(true, ordering: .relaxed) }
+    var isSet: Bool { flag.load(ordering: .relaxed) }
+    func set() { flag.store(true, ordering: .relaxed) }
 }
 
 extension VMSession {
@@ -395,15 +395,15 @@ extension VMSession {
         stderrPump.begin(command.stderr, limit: command.maxOutputBytes)
         var result = RunResult()
         let finished = vmFinished
-        guard pushFrame(HostMessage.run(request).encoded(), cancelled: { finished.stopped }) else {
+        guard pushFrame(HostMessage.run(request).encoded(), cancelled: { finished.isSet }) else {
             _ = waitForEnd(seconds: Self.shutdownSeconds)
             throw .ended("\(endDescription) before the run request was delivered")
         }
 
         var startedAt: UInt64 = 0, exitedAt: UInt64 = 0
         var report: (status: CommandStatus?, out: UInt64, err: UInt64)?
-        var stdinFlag: StopFlag?
-        defer { stdinFlag?.stop() }
+        var stdinFlag: OneWayFlag?
+        defer { stdinFlag?.set() }
         var deadline: UInt64? = Self.deadline(after: config.bootTimeoutSeconds)
         waiting: while report == nil {
             guard let event = nextEvent(until: deadline) else {
@@ -449,7 +449,7 @@ extension VMSession {
                 continue
             }
         }
-        stdinFlag?.stop()
+        stdinFlag?.set()
 
         if let report {
             switch report.status {
@@ -524,7 +524,7 @@ extension VMSession {
         defer { busy.signal() }
         guard !ended else { return }
         let finished = vmFinished
-        if pushFrame(HostMessage.shutdown.encoded(), cancelled: { finished.stopped }), waitForEnd(seconds: Self.shutdownSeconds) {
+        if pushFrame(HostMessage.shutdown.encoded(), cancelled: { finished.isSet }), waitForEnd(seconds: Self.shutdownSeconds) {
             closePumps()
             return
         }
