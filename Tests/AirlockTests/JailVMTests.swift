@@ -80,8 +80,40 @@ enum JailProbe {
         return found
     }
 
-    static func openFDs() -> Int {
-        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).count
+    /// What descriptor `fd` of this process refers to, as /proc shows it ("pipe:[1234]"), or "" when it is closed.
+    static func fdTarget(_ fd: Int32) -> String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? ""
+    }
+
+    static func ownDescriptorTargets() -> Set<String> {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return Set(fds.compactMap { Int32($0) }.map(fdTarget))
+    }
+
+    /// Mount points on the host that lie in a jail of supervisor `pid`.
+    static func mounts(of supervisor: Int32) -> [String] {
+        let mountinfo = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        let prefix = "/run/airlock/jail/run-\(supervisor)-"
+        return mountinfo.split(separator: "\n").compactMap { line in
+            let point = line.split(separator: " ").dropFirst(4).first.map(String.init) ?? ""
+            return point.hasPrefix(prefix) ? point : nil
+        }
+    }
+
+    /// Descriptors, in any process on the host, that point into a jail of supervisor `pid`.
+    static func descriptorsIntoJails(of supervisor: Int32) -> [String] {
+        let prefix = "/run/airlock/jail/run-\(supervisor)-"
+        var found: [String] = []
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard Int32(entry) != nil else { continue }
+            for fd in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(entry)/fd")) ?? [] {
+                let link = "/proc/\(entry)/fd/\(fd)"
+                if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: link), target.hasPrefix(prefix) {
+                    found.append("\(link) -> \(target)")
+                }
+            }
+        }
+        return found
     }
 }
 
@@ -184,13 +216,13 @@ struct JailedVMMTests {
     @Test(.timeLimit(.minutes(10)))
     func twoHundredRunsLeaveNothingBehind() throws {
         try JailProbe.requireRoot()
-        let mountsBefore = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n").count
-        // Counted after a few runs: Foundation's Process opens descriptors of its own on first use.
-        var fdsBefore = 0
+        // Other suites run in this process at the same time and open and close
+        // descriptors and mounts of their own, so totals would race: every check
+        // below is about these runs' own pipes, jails and cgroups.
         var supervisors: [Int32] = []
+        var pipes: Set<String> = []
         var outcomes: [String: Int] = [:]
         for i in 0..<200 {
-            if i == 8 { fdsBefore = JailProbe.openFDs() }
             let arguments: [String]
             switch i % 4 {
             case 0: arguments = ["run", "--test-violation", "main:execve", "--", "true"]
@@ -199,6 +231,8 @@ struct JailedVMMTests {
             }
             let (p, out, err) = try JailProbe.start(arguments)
             supervisors.append(p.processIdentifier)
+            pipes.insert(JailProbe.fdTarget(out.fileDescriptor))
+            pipes.insert(JailProbe.fdTarget(err.fileHandleForReading.fileDescriptor))
             if i % 4 >= 2 {
                 // Once the VMM is up, end it from outside (2) or interrupt its supervisor (3).
                 if let vmm = JailProbe.waitFor(seconds: 20, { JailProbe.vmm(of: p.processIdentifier) }) {
@@ -217,8 +251,15 @@ struct JailedVMMTests {
         #expect(outcomes["3:143"] == 50, "\(outcomes)")
         let left = supervisors.flatMap { JailProbe.leftovers(of: $0) }
         #expect(left.isEmpty, "\(left.prefix(10))")
-        let mountsAfter = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n").count
-        #expect(mountsAfter == mountsBefore)
-        #expect(JailProbe.openFDs() <= fdsBefore, "descriptors before \(fdsBefore), after \(JailProbe.openFDs())")
+        let mounts = supervisors.flatMap { JailProbe.mounts(of: $0) }
+        #expect(mounts.isEmpty, "\(mounts.prefix(10))")
+        // No process on the host holds a descriptor into one of these jails, and
+        // this process holds none of the pipes the runs used.
+        let holders = supervisors.flatMap { JailProbe.descriptorsIntoJails(of: $0) }
+        #expect(holders.isEmpty, "\(holders.prefix(10))")
+        pipes.remove("")
+        #expect(pipes.count == 400, "each run has its own stdout and stderr pipe")
+        let stillOpen = JailProbe.ownDescriptorTargets().intersection(pipes)
+        #expect(stillOpen.isEmpty, "\(stillOpen.prefix(10))")
     }
 }
