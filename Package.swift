@@ -25,7 +25,7 @@ let package = Package(
         // The only code that touches guest RAM: bounds-checked reads and writes.
         .target(name: "GuestMemory", dependencies: ["AirlockOS"]),
         // x86-64 Linux boot protocol: ELF and bzImage loaders, boot_params, e820, command line.
-        .target(name: "LinuxBoot", dependencies: ["GuestMemory"]),
+        .target(name: "LinuxBoot", dependencies: ["GuestMemory", "AirlockOS"]),
         // Virtio 1.x over MMIO: split virtqueues with chain validation, the transport.
         .target(name: "Virtio", dependencies: ["GuestMemory"]),
         // Device models behind the transport: block (file-backed).
@@ -80,8 +80,8 @@ let package = Package(
         // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).
         .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS"]),
 
-        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
-        .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory"]),
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "AirlockOS"]),
+        .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "AirlockOS"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioDevices", "GuestMemory"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"]),

@@ -20,11 +20,19 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible, Sendabl
     case outOfBounds(address: GuestAddress, length: UInt64)
     /// address + length passes 2^64.
     case overflow(address: GuestAddress, length: UInt64)
+    /// A page-granular operation (mapping a file into RAM) got a range or file offset that is not page-aligned.
+    case notPageAligned(address: GuestAddress, length: UInt64, fileOffset: UInt64)
+    /// The host refused to map a file into guest RAM (errno text); RAM is as it was.
+    case hostMappingFailed(address: GuestAddress, length: UInt64, reason: String)
 
     public var description: String {
         switch self {
         case let .outOfBounds(a, l): return "guest range \(a)+0x\(String(l, radix: 16)) is outside guest RAM"
         case let .overflow(a, l): return "guest range \(a)+0x\(String(l, radix: 16)) overflows 64 bits"
+        case let .notPageAligned(a, l, o):
+            return "guest range \(a)+0x\(String(l, radix: 16)) and file offset 0x\(String(o, radix: 16)) are not all page-aligned"
+        case let .hostMappingFailed(a, l, reason):
+            return "cannot map a file at guest range \(a)+0x\(String(l, radix: 16)): \(reason)"
         }
     }
 }
@@ -128,12 +136,54 @@ public final class GuestMemory: @unchecked Sendable {
         return out
     }
 
-    /// Sets `count` bytes to `value`.
+    /// Sets `count` bytes to `value`. Whole pages set to zero are handed back
+    /// to the kernel instead of written (they read as zeros and cost no memory
+    /// until the guest touches them); the rest is written.
     public func fill(at address: GuestAddress, count: UInt64, value: UInt8 = 0) throws(GuestMemoryError) {
         guard count > 0 else { return }
         let (i, offset) = try check(address, length: count)
-        // Sound: checked above; count fits in Int because it is within a region.
-        (regions[i].mapping.base + offset).initializeMemory(as: UInt8.self, repeating: value, count: Int(count))
+        let mapping = regions[i].mapping
+        // count fits in Int because it lies within a region, whose size did.
+        let end = offset + Int(count)
+        let page = MemoryMapping.pageSize
+        // The page-aligned middle of [offset, end): empty when the range is within one page.
+        let first = (offset + page - 1) / page * page, last = end / page * page
+        if value == 0, first < last, mapping.discardPages(at: first, length: last - first) {
+            // Sound: [offset, first) and [last, end) lie inside [offset, end), checked above.
+            (mapping.base + offset).initializeMemory(as: UInt8.self, repeating: 0, count: first - offset)
+            (mapping.base + last).initializeMemory(as: UInt8.self, repeating: 0, count: end - last)
+            return
+        }
+        // Sound: checked above.
+        (mapping.base + offset).initializeMemory(as: UInt8.self, repeating: value, count: Int(count))
+    }
+
+    /// Puts `length` bytes of the file open as `fd`, from `fileOffset`, at
+    /// guest `address`, copy-on-write: the guest reads the host's page cache of
+    /// the file (shared with every VM that maps the same file), its first write
+    /// to a page gets a private copy, and the file never changes. The range and
+    /// the offset must be page-aligned and the range inside one region; the
+    /// caller must have checked that the file holds [fileOffset, fileOffset +
+    /// length). Used for kernel images, where it replaces a 10 MiB copy.
+    public func mapFile(fd: Int32, fileOffset: UInt64, at address: GuestAddress, length: UInt64) throws(GuestMemoryError) {
+        let page = UInt64(MemoryMapping.pageSize)
+        guard address.raw % page == 0, length % page == 0, fileOffset % page == 0, length > 0 else {
+            throw .notPageAligned(address: address, length: length, fileOffset: fileOffset)
+        }
+        let (i, offset) = try check(address, length: length)
+        guard let fileOffsetInt = Int(exactly: fileOffset) else { throw .overflow(address: address, length: length) }
+        let mapping = regions[i].mapping
+        do {
+            // length fits in Int: it lies within a region.
+            try mapping.overlayPrivateFile(fd: fd, fileOffset: fileOffsetInt, at: offset, length: Int(length), what: "a file in guest RAM")
+        } catch {
+            // A failed MAP_FIXED may already have unmapped the old pages: put
+            // zeroed RAM back so the range is never a hole the host could fault on.
+            guard mapping.restoreAnonymousPages(at: offset, length: Int(length)) else {
+                fatalError("guest RAM at \(address)+\(length) could not be restored after a failed file mapping (\(error)); the VMM cannot continue safely")
+            }
+            throw .hostMappingFailed(address: address, length: length, reason: "\(error)")
+        }
     }
 
     /// Reads a little-endian integer.

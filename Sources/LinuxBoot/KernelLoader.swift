@@ -1,3 +1,4 @@
+import AirlockOS
 import GuestMemory
 
 /// Which of the two x86-64 kernel formats was booted; the zero page differs between them.
@@ -59,14 +60,30 @@ public enum KernelLoader {
     /// Detects ELF vs bzImage, validates everything, copies into guest memory.
     /// `path` is only used in error messages.
     public static func load(_ image: [UInt8], path: String, into memory: GuestMemory) throws(LinuxBootError) -> LoadedKernel {
-        let file = UntrustedFile(bytes: image, path: path)
-        if image.starts(with: ELFLoader.magic) {
+        // withUnsafeBytes is rethrows, which erases the typed error: carry it out in a Result.
+        let result = image.withUnsafeBytes { bytes in
+            Result { () throws(LinuxBootError) in try load(UntrustedFile(bytes: bytes, path: path, descriptor: nil), into: memory) }
+        }
+        return try result.get()
+    }
+
+    /// The same from a mapped file, read in place: a vmlinux's segments are
+    /// mapped into guest RAM copy-on-write instead of copied, so several VMs
+    /// booting one kernel share its unwritten pages through the page cache.
+    public static func load(_ file: MappedFile, into memory: GuestMemory) throws(LinuxBootError) -> LoadedKernel {
+        try withExtendedLifetime(file) { () throws(LinuxBootError) in
+            try load(UntrustedFile(bytes: file.bytes, path: file.path, descriptor: file.descriptor.rawValue), into: memory)
+        }
+    }
+
+    static func load(_ file: UntrustedFile, into memory: GuestMemory) throws(LinuxBootError) -> LoadedKernel {
+        if file.bytes.starts(with: ELFLoader.magic) {
             return try ELFLoader.load(file, into: memory)
         }
-        if BzImageLoader.hasSetupHeaderSignature(image) {
+        if BzImageLoader.hasSetupHeaderSignature(file.bytes) {
             return try BzImageLoader.load(file, into: memory)
         }
-        throw .unrecognizedKernel(path: path, firstBytes: Array(image.prefix(8)))
+        throw .unrecognizedKernel(path: file.path, firstBytes: Array(file.bytes.prefix(8)))
     }
 
     /// Where a bzImage's protected-mode code goes: the classic high-load address.
@@ -147,8 +164,8 @@ enum ELFLoader {
 
         // Everything is validated; only now is guest memory written.
         for s in segments {
-            try GuestMemoryWriter.copy(try f.slice(s.fileOffset, length: s.fileSize, "segment \(s.index)"),
-                                       to: s.address, memory: memory, path: path)
+            try GuestMemoryWriter.place(f, offset: s.fileOffset, length: s.fileSize, at: s.address,
+                                        memory: memory, what: "segment \(s.index)")
             // The bss: RAM may hold anything (a reused VM, a previous load), and the kernel expects zeros.
             try GuestMemoryWriter.zero(at: s.address + s.fileSize, count: s.memorySize - s.fileSize, memory: memory, path: path)
         }
@@ -176,7 +193,7 @@ enum BzImageLoader {
     static let loadedHigh: UInt8 = 0x01
     static let xlfKernel64: UInt16 = 0x01
 
-    static func hasSetupHeaderSignature(_ image: [UInt8]) -> Bool {
+    static func hasSetupHeaderSignature(_ image: UnsafeRawBufferPointer) -> Bool {
         image.count >= 0x206 && image[0x202..<0x206].elementsEqual(signature)
     }
 

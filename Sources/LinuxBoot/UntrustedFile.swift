@@ -1,3 +1,4 @@
+import AirlockOS
 import GuestMemory
 
 /// A kernel file's bytes, read only through bounds-checked accessors.
@@ -6,9 +7,15 @@ import GuestMemory
 /// is hostile until proven otherwise: each access checks offset + length for
 /// 64-bit overflow and against the file size before a byte is read, and fails
 /// with an error that names the structure being read.
+///
+/// The bytes are borrowed (an array's storage or a file mapping): an
+/// `UntrustedFile` lives only inside the call that lends them.
 struct UntrustedFile {
-    let bytes: [UInt8]
+    let bytes: UnsafeRawBufferPointer
     let path: String
+    /// The open file behind `bytes`, when the image came from disk: page-aligned
+    /// parts of it can then be mapped into guest RAM instead of copied.
+    let descriptor: Int32?
 
     var size: UInt64 { UInt64(bytes.count) }
 
@@ -17,7 +24,7 @@ struct UntrustedFile {
         let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow { throw .rangeOverflows(path: path, what: what(), offset: offset, length: length) }
         if end > size { throw .truncated(path: path, what: what(), start: offset, end: end, fileSize: size) }
-        // Both fit in Int: end <= size, which is an array count.
+        // Both fit in Int: end <= size, which is a buffer count.
         return Int(offset)..<Int(end)
     }
 
@@ -29,20 +36,45 @@ struct UntrustedFile {
         return value
     }
 
-    /// The bytes of a checked range, without copying.
-    func slice(_ offset: UInt64, length: UInt64, _ what: @autoclosure () -> String) throws(LinuxBootError) -> ArraySlice<UInt8> {
-        bytes[try range(offset, length: length, what())]
+    /// The bytes of a checked range, without copying, indexed from 0.
+    func slice(_ offset: UInt64, length: UInt64, _ what: @autoclosure () -> String) throws(LinuxBootError) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: bytes[try range(offset, length: length, what())])
     }
 }
 
-/// Copies validated file bytes into guest RAM; the one place loaders write guest memory.
+/// Puts validated file bytes into guest RAM; the one place loaders write guest memory.
 enum GuestMemoryWriter {
-    static func copy(_ source: ArraySlice<UInt8>, to address: UInt64, memory: GuestMemory, path: String) throws(LinuxBootError) {
-        // withUnsafeBytes is rethrows, which erases the typed error: carry it out in a Result.
-        let result = source.withUnsafeBytes { buffer in
-            Result { () throws(GuestMemoryError) in try memory.write(at: GuestAddress(address), from: buffer) }
+    static func copy(_ source: UnsafeRawBufferPointer, to address: UInt64, memory: GuestMemory, path: String) throws(LinuxBootError) {
+        do { try memory.write(at: GuestAddress(address), from: source) } catch { throw .guestMemory(path: path, error) }
+    }
+
+    /// Places file bytes [offset, offset + length) at guest `address`: the
+    /// whole pages in the middle are mapped from the file copy-on-write when
+    /// the file is open and the offset and address agree modulo the page size
+    /// (a vmlinux's segments do: the linker aligns them), the partial pages at
+    /// either end are copied. Anything else is copied whole. The caller has
+    /// checked that the file holds the range and guest RAM holds the target.
+    static func place(_ f: UntrustedFile, offset: UInt64, length: UInt64, at address: UInt64,
+                      memory: GuestMemory, what: @autoclosure () -> String) throws(LinuxBootError) {
+        let source = try f.slice(offset, length: length, what())
+        let page = UInt64(MemoryMapping.pageSize)
+        // address + length and offset + length cannot overflow: both ranges were checked by the caller.
+        let first = (address + page - 1) / page * page
+        let last = (address + length) / page * page
+        guard let fd = f.descriptor, offset % page == address % page, first < last else {
+            return try copy(source, to: address, memory: memory, path: f.path)
         }
-        do { try result.get() } catch { throw .guestMemory(path: path, error) }
+        let head = Int(first - address), middle = last - first
+        do {
+            try memory.mapFile(fd: fd, fileOffset: offset + UInt64(head), at: GuestAddress(first), length: middle)
+        } catch .hostMappingFailed {
+            // RAM is intact (mapFile restored it): copying is slower but the same.
+            return try copy(source, to: address, memory: memory, path: f.path)
+        } catch {
+            throw .guestMemory(path: f.path, error)
+        }
+        try copy(UnsafeRawBufferPointer(rebasing: source[..<head]), to: address, memory: memory, path: f.path)
+        try copy(UnsafeRawBufferPointer(rebasing: source[(head + Int(middle))...]), to: last, memory: memory, path: f.path)
     }
 
     static func zero(at address: UInt64, count: UInt64, memory: GuestMemory, path: String) throws(LinuxBootError) {

@@ -92,7 +92,8 @@ enum JailProbe {
 
     /// Mount points on the host that lie in a jail of supervisor `pid`.
     static func mounts(of supervisor: Int32) -> [String] {
-        let mountinfo = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        // Read to the end: String(contentsOfFile:) stops after one read (about 4 KiB) of a /proc file.
+        let mountinfo = String(decoding: FileHandle(forReadingAtPath: "/proc/self/mountinfo")?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
         let prefix = "/run/airlock/jail/run-\(supervisor)-"
         return mountinfo.split(separator: "\n").compactMap { line in
             let point = line.split(separator: " ").dropFirst(4).first.map(String.init) ?? ""

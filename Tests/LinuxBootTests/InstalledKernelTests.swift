@@ -1,3 +1,4 @@
+import AirlockOS
 import Foundation
 import GuestMemory
 import Testing
@@ -25,6 +26,18 @@ struct InstalledKernelTests {
         try params.setE820(E820Entry.e820Map(memory: m))
         let initrd = try InitrdPlacer.place(size: 2 << 20, kernel: k, memory: m, path: "initrd")
         #expect(initrd.raw >= k.end.raw)
+    }
+
+    @Test func theInstalledVmlinuxLoadsTheSameMappedAsCopied() throws {
+        let path = try #require(installedKernelPath)
+        let image = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        let copied = try testMemory(128 << 20)
+        let kc = try KernelLoader.load(image, path: path, into: copied)
+        let mapped = try testMemory(128 << 20)
+        let km = try KernelLoader.load(try MappedFile(path: path, role: "kernel"), into: mapped)
+        #expect(km.start == kc.start && km.end == kc.end && km.entry == kc.entry)
+        let count = Int(kc.end.raw - kc.start.raw)
+        #expect(try mapped.readBytes(at: kc.start, count: count) == copied.readBytes(at: kc.start, count: count))
     }
 }
 
