@@ -13,7 +13,6 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
-        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.0"),
     ],
     targets: [
         // KVM ioctl numbers and structs; the variadic ioctl wrapped so Swift can call it.
@@ -52,6 +51,8 @@ let package = Package(
         // libseccomp and libcap (Debian's -dev packages), through pkg-config.
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
+        // OpenSSL's libcrypto (libssl-dev, which the kernel build needs anyway): SHA-256 of images.
+        .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         // What the jail needs from libc that Swift cannot call: namespaces, mounts, pivot_root, the
         // stage-1 wait loop, posix_spawn with an fd map, the async-signal-safe SIGSYS reporter.
         .target(name: "CJailShim"),
@@ -64,7 +65,7 @@ let package = Package(
             name: "Airlock",
             dependencies: [
                 "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
-                .product(name: "Crypto", package: "swift-crypto"),
+                "COpenSSL",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // Thin CLI over the libraries.
@@ -74,7 +75,10 @@ let package = Package(
                 "Airlock", "VMM", "AirlockOS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-            ]),
+            ],
+            // The Swift runtime linked in: the dynamic loader's symbol look-ups were a
+            // third of the time from exec to the first KVM_RUN (docs/benchmarks.md).
+            linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "--start-group", "-l_FoundationCollections", "-l_FoundationCShims", "-Xlinker", "--end-group"])]),
         // Exit-cost benchmark: the VMM's run loop against the C floor (make bench-exits).
         .executableTarget(name: "airlock-bench-exits", dependencies: ["VMM", "KVM", "VirtioDevices"]),
         // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).

@@ -118,7 +118,8 @@ def smaps(pid):
                 if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
                     parts = line.split(None, 5)
                     lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    cur = {"size": hi - lo, "perm": parts[1], "name": parts[5].strip() if len(parts) > 5 else "", "rss": 0}
+                    cur = {"lo": lo, "hi": hi, "size": hi - lo, "perm": parts[1],
+                           "name": parts[5].strip() if len(parts) > 5 else "", "rss": 0}
                     maps.append(cur)
                 elif cur is not None and line.startswith(("Rss:", "Private_Dirty:", "Shared_Dirty:")):
                     key = {"Rss:": "rss", "Private_Dirty:": "pd", "Shared_Dirty:": "sd"}[line.split()[0]]
@@ -133,6 +134,22 @@ def is_anonymous(name):
         or name.startswith("/SYSV")
 
 
+def guest_run(maps, guest_bytes):
+    """Adjacent mappings, starting and ending with shared anonymous memory, that span guest_bytes."""
+    ordered = sorted((m for m in maps if "lo" in m), key=lambda m: m["lo"])
+    for i, first in enumerate(ordered):
+        if not (is_anonymous(first["name"]) and first["perm"].endswith("s")):
+            continue
+        run = [first]
+        for m in ordered[i + 1:]:
+            if m["lo"] != run[-1]["hi"] or run[-1]["hi"] - first["lo"] >= guest_bytes:
+                break
+            run.append(m)
+        if run[-1]["hi"] - first["lo"] == guest_bytes and len(run) > 1 and is_anonymous(run[-1]["name"]):
+            return run
+    return []
+
+
 def memory_split(maps, guest_bytes):
     """Total Rss, the guest RAM's Rss (the anonymous mapping of exactly the guest
     size, or failing that the largest anonymous mapping at least that big) and
@@ -141,6 +158,11 @@ def memory_split(maps, guest_bytes):
         return None
     anon = [m for m in maps if is_anonymous(m["name"])]
     exact = [m for m in anon if m["size"] == guest_bytes]
+    # The VMM maps the kernel's segments into guest RAM copy-on-write, which
+    # splits the RAM mapping: a run of adjacent mappings, shared anonymous memory
+    # with file pieces between, spanning exactly the guest's size, is the RAM.
+    if not exact:
+        exact = guest_run(maps, guest_bytes)
     guest = exact or sorted((m for m in anon if m["size"] >= guest_bytes), key=lambda m: m["size"])[:1]
     if not guest:
         return None  # the guest RAM is not mapped (yet, or any more)

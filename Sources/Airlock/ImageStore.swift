@@ -1,5 +1,5 @@
 import AirlockOS
-import Crypto
+import COpenSSL
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -43,10 +43,23 @@ public struct ImageStore: Sendable {
     public func installedImages() -> [Image] {
         [Self.kernelName, Self.rootfsName, Self.initramfsName].compactMap { name in
             let path = imagesDirectory + "/" + name
-            guard let bytes = try? readWholeFile(path, role: "image") else { return nil }
-            let digest = SHA256.hash(data: bytes).map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
-            return Image(name: name, path: path, size: bytes.count, sha256: digest)
+            guard let file = try? MappedFile(path: path, role: "image"), let digest = Self.sha256(file.bytes) else { return nil }
+            return Image(name: name, path: path, size: file.size, sha256: digest)
         }
+    }
+
+    /// Lower-case hex SHA-256 of `bytes` (OpenSSL), or nil if libcrypto fails.
+    static func sha256(_ bytes: UnsafeRawBufferPointer) -> String? {
+        guard let context = EVP_MD_CTX_new() else { return nil }
+        defer { EVP_MD_CTX_free(context) }
+        var digest = [UInt8](repeating: 0, count: Int(EVP_MAX_MD_SIZE))
+        var length: UInt32 = 0
+        guard EVP_DigestInit_ex(context, EVP_sha256(), nil) == 1,
+              bytes.isEmpty || EVP_DigestUpdate(context, bytes.baseAddress, bytes.count) == 1,
+              EVP_DigestFinal_ex(context, &digest, &length) == 1
+        else { return nil }
+        let hex = Array("0123456789abcdef".utf8)
+        return String(decoding: digest.prefix(Int(length)).flatMap { [hex[Int($0 >> 4)], hex[Int($0 & 0xF)]] }, as: UTF8.self)
     }
 
     public static func exists(_ path: String) -> Bool {

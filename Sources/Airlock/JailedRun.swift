@@ -1,5 +1,8 @@
 import AirlockOS
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Jailer
 import Logging
 import Synchronization
@@ -153,7 +156,7 @@ public enum JailedRun {
         // Jail.enter wants a single-threaded process and /sys for nothing; the host profile
         // came in the request, read after the jail is up.
         do { _ = try Jail.enter() } catch {
-            FileHandle.standardError.write(Data("airlock: the VMM cannot enter its jail: \(error)\n".utf8))
+            writeToStandardError("airlock: the VMM cannot enter its jail: \(error)\n")
             return JailExitCode.setupFailed
         }
         let reply: Reply

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The `--json` document.
 struct RunReport: Encodable {
@@ -57,7 +60,7 @@ extension RunResult {
 /// Sizes on the command line: a number with an optional K, M or G suffix (binary units).
 public enum SizeArgument {
     public static func bytes(_ text: String, option: String) throws(SandboxError) -> Int {
-        let t = text.trimmingCharacters(in: .whitespaces)
+        let t = Self.trimmed(text)
         var digits = Substring(t)
         var multiplier = 1
         let suffixes: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("B", 1)]
@@ -74,9 +77,14 @@ public enum SizeArgument {
         return v
     }
 
+    /// `text` without leading and trailing spaces and tabs.
+    static func trimmed(_ text: String) -> String {
+        String(text.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
+    }
+
     /// A memory size in MiB: a bare number is MiB already.
     public static func mebibytes(_ text: String, option: String) throws(SandboxError) -> Int {
-        if let n = Int(text.trimmingCharacters(in: .whitespaces)) {
+        if let n = Int(Self.trimmed(text)) {
             guard n > 0 else { throw SandboxError.invalidConfiguration("\(option) \(n) is not a positive size: give MiB (e.g. 256) or a size like 1G") }
             return n
         }

@@ -1,7 +1,7 @@
 import Airlock
 import AirlockOS
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import Logging
 import VMM
 #if canImport(Glibc)
@@ -27,7 +27,7 @@ struct AirlockCommand: ParsableCommand {
             let code = exitCode(for: error)
             if code == .validationFailure {
                 printError(fullMessage(for: error))
-                Foundation.exit(ExitStatus.airlockFailed)
+                Glibc.exit(ExitStatus.airlockFailed)
             }
             exit(withError: error)
         }
@@ -156,7 +156,5 @@ struct Doctor: ParsableCommand {
 }
 
 func printError(_ message: String) {
-    var line = message
-    line.append("\n")
-    line.utf8.withContiguousStorageIfAvailable { try? AirlockOS.writeAll(fd: 2, UnsafeRawBufferPointer($0)) }
+    writeToStandardError(message + "\n")
 }

@@ -1,7 +1,10 @@
 import Airlock
 import AirlockOS
 import ArgumentParser
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 struct Run: ParsableCommand {

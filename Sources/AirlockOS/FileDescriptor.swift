@@ -64,3 +64,9 @@ public func writeAll(fd: Int32, _ bytes: UnsafeRawBufferPointer) throws(SystemEr
         done += n
     }
 }
+
+/// Writes `text` to standard error, best effort: a closed stderr must not stop the caller.
+public func writeToStandardError(_ text: String) {
+    var text = text
+    text.withUTF8 { try? writeAll(fd: 2, UnsafeRawBufferPointer($0)) }
+}
