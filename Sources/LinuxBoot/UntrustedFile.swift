@@ -58,7 +58,8 @@ enum GuestMemoryWriter {
                       memory: GuestMemory, what: @autoclosure () -> String) throws(LinuxBootError) {
         let source = try f.slice(offset, length: length, what())
         let page = UInt64(MemoryMapping.pageSize)
-        // address + length and offset + length cannot overflow: both ranges were checked by the caller.
+        // No overflow: the caller proved [address, address + length) lies in guest RAM, whose
+        // regions are page-aligned and end at or below 2^64 - page, so rounding up stays below 2^64.
         let first = (address + page - 1) / page * page
         let last = (address + length) / page * page
         guard let fd = f.descriptor, offset % page == address % page, first < last else {
