@@ -15,6 +15,9 @@ of the same run.
 """
 import json, os, statistics, subprocess, sys, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (its smaps helpers)
+
 MEMORY_MIB = 128
 
 
@@ -51,22 +54,27 @@ def rss_kib(pid):
 
 
 def guest_rss_kib(pid):
-    """Rss of the anonymous mapping exactly the guest's size (guest RAM), if this process has one."""
-    size = MEMORY_MIB * 1024
+    """Pss of this process's guest RAM, if it has any: the shared anonymous
+    mapping of exactly the guest's size, or (with the kernel mapped into it
+    copy-on-write) the run of adjacent mappings that spans it (bench.guest_run)."""
+    size = MEMORY_MIB << 20
     try:
         with open(f"/proc/{pid}/smaps") as f:
             lines = f.read().split("\n")
     except OSError:
         return 0
-    total, current = 0, None
+    maps, current = [], None
     for line in lines:
         parts = line.split()
         if len(parts) >= 5 and "-" in parts[0] and ":" not in parts[0]:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            current = (hi - lo) // 1024
-        elif line.startswith("Pss:") and current == size:
-            total += int(parts[1])
-    return total
+            current = {"lo": lo, "hi": hi, "size": hi - lo, "perm": parts[1],
+                       "name": " ".join(parts[5:]) if len(parts) > 5 else "", "pss": 0}
+            maps.append(current)
+        elif line.startswith("Pss:") and current is not None:
+            current["pss"] = int(parts[1])
+    exact = [m for m in maps if m["size"] == size and bench.is_anonymous(m["name"])]
+    return sum(m["pss"] for m in (exact or bench.guest_run(maps, size)))
 
 
 def one(binary, jailed):
@@ -108,7 +116,12 @@ def main():
     report["extra_wall_s"] = report["jailed"]["wall_s"]["median"] - report["no_jail"]["wall_s"]["median"]
     report["extra_vmm_start_ms"] = report["jailed"]["vmm_start_ms"]["median"] - report["no_jail"]["vmm_start_ms"]["median"]
     report["extra_memory_mib"] = report["jailed"]["memory_mib"]["median"] - report["no_jail"]["memory_mib"]["median"]
-    print(json.dumps(report, indent=1))
+    text = json.dumps(report, indent=1)
+    print(text)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "jail-overhead.json")
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,25 @@ class Memory(unittest.TestCase):
         self.assertEqual(m["vmm_dirty_kib"], 500)
         self.assertTrue(m["exact_size_match"])
 
+    def test_guest_ram_split_by_the_mapped_kernel_is_found_by_adjacency(self):
+        mib = 1 << 20
+        def m(lo, hi, perm, name, rss):
+            return {"lo": lo * mib, "hi": hi * mib, "size": (hi - lo) * mib, "perm": perm, "name": name, "rss": rss}
+        maps = [
+            m(0, 8, "rw-p", "", 100),                          # a thread stack: not the guest's
+            m(8, 24, "rw-s", "/dev/zero (deleted)", 1000),     # RAM below the kernel
+            m(24, 30, "rw-p", "/images/vmlinux", 2000),         # kernel text, copy-on-write
+            m(30, 31, "rw-s", "/dev/zero (deleted)", 10),
+            m(31, 32, "rw-p", "/images/vmlinux", 20),           # kernel data
+            m(32, 136, "rw-s", "/dev/zero (deleted)", 300),     # the rest of 128 MiB
+            m(200, 210, "r-xp", "/usr/bin/airlock", 4000),
+        ]
+        s = bench.memory_split(maps, 128 * mib)
+        self.assertEqual(s["guest_kib"], 3330)
+        self.assertEqual(s["vmm_kib"], 4100)
+        self.assertEqual(s["vmm_file_kib"], 4000)
+        self.assertEqual(len(s["guest_mapping"]), 5)
+
     def test_no_guest_mapping_gives_nothing(self):
         self.assertIsNone(bench.memory_split([{"size": 4096, "perm": "r--p", "name": "/bin/x", "rss": 4}], 128 << 20))
 

@@ -7,6 +7,10 @@ import Glibc
 struct RunReport: Encodable {
     let stdout: String
     let stderr: String
+    /// The exact bytes, base64, when they are not valid UTF-8 (the text above
+    /// then has U+FFFD in their place); null when the text is exact.
+    let stdoutBase64: String?
+    let stderrBase64: String?
     let exitCode: Int32
     let signal: Int32?
     let timedOut: Bool
@@ -18,6 +22,8 @@ struct RunReport: Encodable {
     init(_ r: RunResult) {
         stdout = r.stdoutText
         stderr = r.stderrText
+        stdoutBase64 = Self.base64UnlessText(r.stdout)
+        stderrBase64 = Self.base64UnlessText(r.stderr)
         exitCode = r.exitCode
         signal = r.signal
         timedOut = r.timedOut
@@ -27,15 +33,20 @@ struct RunReport: Encodable {
         timings = r.timings
     }
 
+    static func base64UnlessText(_ bytes: [UInt8]) -> String? {
+        String(validating: bytes, as: UTF8.self) == nil ? Data(bytes).base64EncodedString() : nil
+    }
 
     // Explicit so that a nil signal or failure is written as null: readers see every key.
     enum CodingKeys: String, CodingKey {
-        case stdout, stderr, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings
+        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings
     }
     func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(stdout, forKey: .stdout)
         try c.encode(stderr, forKey: .stderr)
+        try c.encode(stdoutBase64, forKey: .stdoutBase64)
+        try c.encode(stderrBase64, forKey: .stderrBase64)
         try c.encode(exitCode, forKey: .exitCode)
         try c.encode(signal, forKey: .signal)
         try c.encode(timedOut, forKey: .timedOut)
@@ -48,7 +59,8 @@ struct RunReport: Encodable {
 
 extension RunResult {
     /// The `airlock run --json` document: every key present (null where absent),
-    /// output as text (invalid UTF-8 replaced), timings in milliseconds.
+    /// output as text, plus its exact bytes in base64 where they are not UTF-8;
+    /// timings in milliseconds.
     public func jsonDocument() -> String {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .prettyPrinted]

@@ -213,11 +213,26 @@ struct ConfigurationTests {
         r.exitCode = 7
         r.timings.commandMs = 1.5
         let object = try JSONSerialization.jsonObject(with: Data(r.jsonDocument().utf8)) as! [String: Any]
-        #expect(Set(object.keys) == ["stdout", "stderr", "exitCode", "signal", "timedOut", "outputTruncated", "failure", "systemEvent", "timings"])
+        #expect(Set(object.keys) == ["stdout", "stderr", "stdoutBase64", "stderrBase64", "exitCode", "signal", "timedOut",
+                                     "outputTruncated", "failure", "systemEvent", "timings"])
         #expect(object["stdout"] as? String == "out\n" && object["exitCode"] as? Int == 7)
-        #expect(object["signal"] is NSNull)
+        #expect(object["signal"] is NSNull && object["stdoutBase64"] is NSNull && object["stderrBase64"] is NSNull)
         let timings = try #require(object["timings"] as? [String: Any])
         #expect(Set(timings.keys) == ["vmmStartMs", "kernelBootMs", "agentReadyMs", "commandMs", "shutdownMs", "totalMs"])
+    }
+}
+
+extension ConfigurationTests {
+    /// Output that is not UTF-8 keeps its exact bytes in base64 beside the text.
+    @Test func theJSONDocumentKeepsBytesThatAreNotText() throws {
+        var r = RunResult()
+        r.stdout = [0x68, 0x69, 0xFF, 0x00, 0x0A]
+        r.stderr = Array("é\n".utf8)
+        let object = try JSONSerialization.jsonObject(with: Data(r.jsonDocument().utf8)) as! [String: Any]
+        #expect(object["stdout"] as? String == "hi\u{FFFD}\u{0}\n")
+        let exact = try #require((object["stdoutBase64"] as? String).flatMap { Data(base64Encoded: $0) })
+        #expect([UInt8](exact) == r.stdout)
+        #expect(object["stderr"] as? String == "é\n" && object["stderrBase64"] is NSNull)
     }
 }
 
