@@ -52,7 +52,9 @@ let package = Package(
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
         // OpenSSL's libcrypto (libssl-dev, which the kernel build needs anyway): SHA-256 of images.
-        .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+        // Linked from its static archive by the Airlock target, so the VMM does not load and
+        // relocate all of libcrypto.so at every start for a digest only `airlock doctor` takes.
+        .systemLibrary(name: "COpenSSL"),
         // What the jail needs from libc that Swift cannot call: namespaces, mounts, pivot_root, the
         // stage-1 wait loop, posix_spawn with an fd map, the async-signal-safe SIGSYS reporter.
         .target(name: "CJailShim"),
@@ -67,7 +69,8 @@ let package = Package(
                 "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
                 "COpenSSL",
                 .product(name: "Logging", package: "swift-log"),
-            ]),
+            ],
+            linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
         // Thin CLI over the libraries.
         .executableTarget(
             name: "AirlockCLI",
