@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -505,6 +506,38 @@ def memory_summary(runs):
     }
 
 
+def memory_floor(a):
+    """The Rss of bench/floor.swift (a Swift program that only waits, linked like
+    `airlock`), split like the VMM's: what any Swift VMM on this host starts from."""
+    swiftc = shutil.which("swiftc")
+    if not swiftc:
+        return {"error": "swiftc is not on PATH"}
+    binary = os.path.join(a.tools, "swift-floor")
+    try:
+        subprocess.run([swiftc, "-O", "-static-stdlib", os.path.join(ROOT, "bench", "floor.swift"), "-o", binary],
+                       check=True, capture_output=True, text=True, timeout=300)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        return {"error": f"cannot build bench/floor.swift: {getattr(e, 'stderr', '') or e}"}
+    p = subprocess.Popen([binary], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        p.stdout.readline()  # "floor ready": the runtime is up
+        maps = smaps(p.pid) or []
+    finally:
+        p.kill()
+        p.wait()
+    total = sum(m["rss"] for m in maps)
+    files = [m for m in maps if m["name"].startswith("/") and not is_anonymous(m["name"])]
+    by_file = {}
+    for m in files:
+        by_file[os.path.basename(m["name"])] = by_file.get(os.path.basename(m["name"]), 0) + m["rss"]
+    res = {"rss_mib": total / 1024, "file_mib": sum(m["rss"] for m in files) / 1024,
+           "dirty_mib": sum(m.get("pd", 0) + m.get("sd", 0) for m in maps) / 1024,
+           "top_files_kib": sorted(by_file.items(), key=lambda kv: -kv[1])[:6]}
+    log(f"memory floor: a Swift program that only waits, linked like airlock: Rss {res['rss_mib']:.2f} MiB "
+        f"(file-backed {res['file_mib']:.2f})")
+    return res
+
+
 # -------------------------------------------------------------------------- run
 
 RUN_KEYS = ["stdout", "stderr", "exitCode", "signal", "timedOut", "outputTruncated", "systemEvent", "timings"]
@@ -850,6 +883,7 @@ def main():
         results[s]["section_seconds"] = round(time.monotonic() - t, 1)
     if "boot" in results and results["boot"].get("runs"):
         results["memory"] = {"boot": memory_summary(results["boot"]["runs"])}
+        results["memory"]["floor"] = memory_floor(a)
     if "run" in results and results["run"].get("runs"):
         results.setdefault("memory", {})["run"] = memory_summary(results["run"]["runs"])
     results["host"]["loadavg_at_end"] = read_file("/proc/loadavg").split()[:3]

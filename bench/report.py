@@ -78,7 +78,10 @@ def summary(res):
     if mem:
         L.append(f"| VMM memory beside the guest's (Rss minus the guest RAM's Rss), 128 MiB, 1 vCPU, during `airlock boot` "
                  f"| **{mmm(mem['vmm_mib'], 1, 'MiB')}**; of it file-backed (binary, shared libraries) {num(mem['vmm_file_mib']['median'], 1)} MiB, "
-                 f"dirty {num(mem['vmm_dirty_mib']['median'], 1)} MiB | under 5 MiB; Firecracker: at most 5 MiB | {verdict(mem['vmm_mib']['median'] < 5)} |")
+                 f"dirty {num(mem['vmm_dirty_mib']['median'], 1)} MiB"
+                 + (f"; a Swift program that only waits, linked the same way: {num(fl['rss_mib'], 1)} MiB"
+                    if (fl := (res.get('memory') or {}).get('floor')) and not fl.get('error') else "")
+                 + f" | under 5 MiB; Firecracker: at most 5 MiB | {verdict(mem['vmm_mib']['median'] < 5)} |")
     blk = res.get("blk") or {}
     if blk.get("ratio") is not None:
         L.append(f"| virtio-blk sequential read, guest / host ({blk['size_mib']} MiB) | **{blk['ratio']:.3f}** "
@@ -311,6 +314,16 @@ shadow pages) is not in any Rss and not counted.
             f"{n} {num(k / 1024, 2)} MiB" for n, k in src["top_files_kib"]) + ".")
     if src and not src.get("exact_size_match"):
         L.append("\nNo mapping of exactly the guest size was found; the smallest anonymous mapping at least that big stood in.")
+    fl = m.get("floor")
+    if fl and not fl.get("error"):
+        L.append(f"\nFor scale, in the same run: a Swift program that only waits (`bench/floor.swift`), linked the way "
+                 f"`airlock` is (the Swift runtime static, glibc and libstdc++ shared), has an Rss of "
+                 f"{num(fl['rss_mib'], 2)} MiB, {num(fl['file_mib'], 2)} MiB of it file-backed ("
+                 + ", ".join(f"{n} {num(k / 1024, 2)} MiB" for n, k in fl["top_files_kib"])
+                 + "). That is the floor under any VMM written in Swift and linked this way on this host; "
+                 "the rest of the VMM's figure is its own code and data.")
+    elif fl:
+        L.append(f"\nThe memory floor (`bench/floor.swift`) was not measured: {fl['error']}")
     qf = (res.get("qemu") or {}).get("firmware_memory")
     if qf:
         p = qf["peak_vmm"]
