@@ -22,7 +22,7 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible, Sendabl
     case overflow(address: GuestAddress, length: UInt64)
     /// A page-granular operation (mapping a file into RAM) got a range or file offset that is not page-aligned.
     case notPageAligned(address: GuestAddress, length: UInt64, fileOffset: UInt64)
-    /// The host refused to map a file into guest RAM (errno text); RAM is as it was.
+    /// The host refused to map a file into guest RAM (errno text); the range reads as zeros.
     case hostMappingFailed(address: GuestAddress, length: UInt64, reason: String)
 
     public var description: String {

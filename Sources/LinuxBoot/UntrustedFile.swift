@@ -69,7 +69,7 @@ enum GuestMemoryWriter {
         do {
             try memory.mapFile(fd: fd, fileOffset: offset + UInt64(head), at: GuestAddress(first), length: middle)
         } catch .hostMappingFailed {
-            // RAM is intact (mapFile restored it): copying is slower but the same.
+            // The range is RAM again, zeroed (mapFile restored it); the copy writes all of it.
             return try copy(source, to: address, memory: memory, path: f.path)
         } catch {
             throw .guestMemory(path: f.path, error)
