@@ -84,16 +84,18 @@ let package = Package(
             linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "--start-group", "-l_FoundationCollections", "-l_FoundationCShims", "-Xlinker", "--end-group"])]),
         // Exit-cost benchmark: the VMM's run loop against the C floor (make bench-exits).
         .executableTarget(name: "airlock-bench-exits", dependencies: ["VMM", "KVM", "VirtioDevices"]),
+        // A seeded generator for the fuzzer and the randomized tests, so a failure replays from its seed.
+        .target(name: "SeededRandom"),
         // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).
-        .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS"]),
+        .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS", "SeededRandom"]),
 
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "AirlockOS"]),
-        .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "AirlockOS"]),
+        .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "AirlockOS", "SeededRandom"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioDevices", "GuestMemory"]),
-        .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"]),
+        .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol", "SeededRandom"]),
         .testTarget(name: "AgentCoreTests", dependencies: ["AgentCore", "AgentProtocol"]),
-        .testTarget(name: "RootFSTests", dependencies: ["RootFS"]),
+        .testTarget(name: "RootFSTests", dependencies: ["RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
         .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices"]),
     ],

@@ -11,22 +11,13 @@
 // on any violation.
 import AirlockOS
 import GuestMemory
+import SeededRandom
 import Virtio
 import VirtioDevices
 #if canImport(Glibc)
 import Glibc
 #endif
 
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 final class NullLine: InterruptLine { func setLevel(_ high: Bool) {} }
 
@@ -47,7 +38,7 @@ func fail(_ message: String) -> Never {
 let arguments = CommandLine.arguments
 let iterations = arguments.count > 1 ? Int(arguments[1]) ?? 1_000_000 : 1_000_000
 let seed = arguments.count > 2 ? UInt64(arguments[2]) ?? 1 : 1
-var rng = SplitMix64(state: seed)
+var rng = SplitMix64(seed: seed)
 
 // A 64-sector read-only disk with known contents.
 let diskPath = "/tmp/airlock-fuzz-\(getpid()).img"

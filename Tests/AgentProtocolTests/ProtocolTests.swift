@@ -1,3 +1,4 @@
+import SeededRandom
 import Testing
 @testable import AgentProtocol
 
@@ -134,7 +135,7 @@ struct ProtocolTests {
 
     /// Random bytes and mutated valid frames into both decoders: errors are fine, traps are not.
     @Test func randomAndMutatedStreamsNeverTrap() {
-        var rng = SplitMix(seed: 0xA1B2)
+        var rng = SplitMix64(seed: 0xA1B2)
         let valid = Self.hostMessages.flatMap { $0.encoded() } + Self.guestMessages.flatMap { $0.encoded() }
         var decoded = 0
         for round in 0..<3000 {
@@ -159,14 +160,3 @@ struct ProtocolTests {
     }
 }
 
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}

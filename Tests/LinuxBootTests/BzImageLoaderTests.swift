@@ -1,4 +1,5 @@
 import GuestMemory
+import SeededRandom
 import Testing
 @testable import LinuxBoot
 

@@ -1,4 +1,5 @@
 import Foundation
+import SeededRandom
 import Testing
 @testable import RootFS
 
@@ -351,21 +352,6 @@ func rootFSErrorOrResult<T>(_ body: () throws(RootFSError) -> T) -> String? {
     }
 }
 
-/// A small seeded generator, so a failing round can be replayed.
-struct SplitMix64 {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
-}
 
 extension UInt64 {
     var asUInt32: UInt32 { UInt32(truncatingIfNeeded: self) }

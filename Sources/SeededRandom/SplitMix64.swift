@@ -1,0 +1,21 @@
+/// SplitMix64: a tiny seeded generator for fuzzers and randomized tests, so a
+/// failing round replays from its seed. Not for anything that needs secrecy.
+public struct SplitMix64: RandomNumberGenerator, Sendable {
+    public var state: UInt64
+
+    public init(seed: UInt64) { state = seed }
+
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// A number in 0..<n (n > 0); the slight modulo bias does not matter here.
+    public mutating func below(_ n: Int) -> Int {
+        precondition(n > 0, "below(0)")
+        return Int(next() % UInt64(n))
+    }
+}
