@@ -58,7 +58,7 @@ struct Run: ParsableCommand {
     @Option(help: "Keep at most this many bytes of each of stdout and stderr (K, M, G suffixes allowed); the rest is dropped and flagged. Default: unlimited when streaming, 64M with --json.")
     var maxOutput: String?
 
-    @Flag(help: "Print one JSON document (output, exit code, signal, timeout, truncation, system event, timings) instead of streaming.")
+    @Flag(help: "Print one JSON document (output, with its exact bytes in base64 where they are not UTF-8; exit code, signal, timeout, truncation, system event, timings) instead of streaming.")
     var json = false
 
     @Flag(help: "Copy the guest kernel's console to stderr (for debugging a guest that does not boot).")

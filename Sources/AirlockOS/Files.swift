@@ -25,28 +25,6 @@ public struct FileAccessError: Error, CustomStringConvertible, Sendable {
     }
 }
 
-/// Reads a whole regular file into memory.
-public func readWholeFile(_ path: String, role: String, limit: Int = Int.max) throws(FileAccessError) -> [UInt8] {
-    do throws(SystemError) {
-        let fd = try OwnedFileDescriptor.open(path, flags: O_RDONLY)
-        var info = stat()
-        _ = try retryingSyscall("fstat", subject: path) { fstat(fd.rawValue, &info) }
-        if (info.st_mode & S_IFMT) == S_IFDIR { throw SystemError("open", subject: path, errno: EISDIR) }
-        let size = Int(info.st_size)
-        if size > limit { throw SystemError("read", subject: path, errno: EFBIG) }
-        var bytes = [UInt8](repeating: 0, count: size)
-        var result: Result<Int, SystemError> = .success(0)
-        bytes.withUnsafeMutableBytes { buf in
-            result = Result { () throws(SystemError) -> Int in try fd.readExactly(into: buf, at: 0, path: path) }
-        }
-        let n = try result.get()
-        if n < size { bytes.removeLast(size - n) }
-        return bytes
-    } catch {
-        throw FileAccessError(path: path, role: role, underlying: error)
-    }
-}
-
 /// A regular file opened and mapped read-only, for images read in place
 /// (a kernel is 10+ MiB: reading it into an array cost more page faults than
 /// the rest of VM creation). The descriptor stays open so parts of the file can

@@ -194,13 +194,16 @@ public final class Machine: @unchecked Sendable {
             do { try memory.write(cmdBytes, at: Layout.commandLineAddress) } catch { throw VMMError.memory(error) }
             params.setCommandLine(address: Layout.commandLineAddress, size: UInt32(cmdBytes.count - 1))
             if let initrdPath {
-                let initrd: [UInt8]
-                do { initrd = try readWholeFile(initrdPath, role: "initrd") } catch {
+                let initrd: MappedFile
+                do { initrd = try MappedFile(path: initrdPath, role: "initrd") } catch {
                     throw VMMError.invalidConfiguration(error.description)
                 }
-                let at = try InitrdPlacer.place(size: UInt64(initrd.count), kernel: kernel, memory: memory, path: initrdPath)
-                do { try memory.write(initrd, at: at) } catch { throw VMMError.memory(error) }
-                params.setInitrd(address: at, size: UInt64(initrd.count))
+                let at = try InitrdPlacer.place(size: UInt64(initrd.size), kernel: kernel, memory: memory, path: initrdPath)
+                // Copied straight from the file's pages: no intermediate buffer.
+                do { try withExtendedLifetime(initrd) { () throws(GuestMemoryError) in try memory.write(at: at, from: initrd.bytes) } } catch {
+                    throw VMMError.memory(error)
+                }
+                params.setInitrd(address: at, size: UInt64(initrd.size))
             }
             try params.setE820(E820Entry.map(for: memory))
             try params.write(to: memory, at: Layout.zeroPageAddress)

@@ -303,33 +303,3 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
         return out
     }
 }
-
-/// Port output written straight to a host descriptor (a pipe to the CLI, say).
-///
-/// The descriptor is switched to non-blocking mode: a reader that falls behind
-/// makes writes fail with EAGAIN, and those bytes are dropped and counted
-/// rather than stalling the vCPU that is serving the guest's transmit queue.
-public final class FileDescriptorOutput: ConsoleOutput {
-    public let fd: Int32
-    private let dropped = Mutex(0)
-
-    public init(fd: Int32) {
-        self.fd = fd
-        let flags = fcntl(fd, F_GETFL)
-        if flags >= 0 { _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
-    }
-
-    public func write(_ bytes: UnsafeRawBufferPointer) {
-        var done = 0
-        while done < bytes.count {
-            let n = Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done)
-            if n > 0 { done += n; continue }
-            if n < 0 && errno == EINTR { continue }
-            break  // EAGAIN (reader behind), EPIPE (reader gone) or an error: drop the rest
-        }
-        if done < bytes.count { dropped.withLock { $0 += bytes.count - done } }
-    }
-
-    /// Bytes that could not be written without blocking.
-    public var droppedBytes: Int { dropped.withLock { $0 } }
-}

@@ -1,4 +1,5 @@
 import Foundation
+import GuestMemory
 import Testing
 import VirtioDevices
 @testable import VMM
@@ -11,6 +12,32 @@ import VirtioDevices
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct LinuxBootKVMTests {
     static var imagesDirectory: String { VMTests.imagesDirectory }
+
+    /// No boot: the initrd is copied from its file into guest RAM where the zero
+    /// page says, byte for byte; a missing one is an error that names it.
+    @Test func anInitrdLandsWhereTheZeroPageSays() throws {
+        let kernel = Self.imagesDirectory + "/vmlinux"
+        try #require(FileManager.default.fileExists(atPath: kernel), "no guest kernel at \(kernel): run 'make images' first")
+        let path = NSTemporaryDirectory() + "airlock-initrd-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let content = (0..<300_001).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        try Data(content).write(to: URL(fileURLWithPath: path))
+        defer { unlink(path) }
+
+        var config = MachineConfig()
+        config.memoryBytes = 128 << 20
+        config.console = BoundedCapture(limit: 1 << 20)
+        let machine = try Machine(config)
+        try machine.loadLinux(kernelPath: kernel, initrdPath: path, extraCommandLine: "")
+        let address = try machine.memory.read(UInt32.self, at: GuestAddress(Layout.zeroPageAddress.raw + 0x218))  // ramdisk_image
+        let size = try machine.memory.read(UInt32.self, at: GuestAddress(Layout.zeroPageAddress.raw + 0x21C))     // ramdisk_size
+        #expect(size == UInt32(content.count))
+        #expect(try machine.memory.readBytes(at: GuestAddress(UInt64(address)), count: content.count) == content)
+
+        let other = try Machine(config)
+        #expect { try other.loadLinux(kernelPath: kernel, initrdPath: "/nonexistent/initrd", extraCommandLine: "") } throws: {
+            "\($0)".contains("/nonexistent/initrd") && "\($0)".contains("does not exist")
+        }
+    }
 
     @Test(.timeLimit(.minutes(5)))
     func kernelBootsToUserSpaceAndRebootsCleanly() throws {

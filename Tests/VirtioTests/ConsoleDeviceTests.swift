@@ -178,18 +178,3 @@ final class MultiQueueDriver {
         #expect(!console.isOpenInGuest(port: 1))
     }
 }
-
-@Suite struct FileDescriptorOutputTests {
-    @Test func writesUntilThePipeIsFullThenDropsAndCounts() throws {
-        var fds: [Int32] = [0, 0]
-        #expect(pipe(&fds) == 0)
-        defer { close(fds[0]); close(fds[1]) }
-        let out = FileDescriptorOutput(fd: fds[1])
-        let chunk = [UInt8](repeating: 0x42, count: 1 << 16)
-        // A pipe holds 64 KiB by default: the second and third chunks cannot all fit.
-        for _ in 0..<3 { chunk.withUnsafeBytes { out.write($0) } }
-        #expect(out.droppedBytes >= 1 << 16)
-        var buffer = [UInt8](repeating: 0, count: 16)
-        #expect(read(fds[0], &buffer, 16) == 16 && buffer.allSatisfy { $0 == 0x42 })
-    }
-}
