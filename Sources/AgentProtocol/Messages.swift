@@ -62,6 +62,33 @@ public struct RunRequest: Equatable, Sendable {
     }
 }
 
+extension RunRequest {
+    /// Why the agent would refuse this request (a limit its decoder enforces, or
+    /// the frame size), or nil when it fits. The host asks before it sends, so
+    /// an oversized command is an error for its caller, not a refused frame.
+    public var limitProblem: String? {
+        typealias L = AgentProtocol.Limits
+        if arguments.count > L.arguments {
+            return "\(arguments.count) arguments are more than the \(L.arguments) a command may have"
+        }
+        if environment.count > L.environment {
+            return "\(environment.count) environment variables are more than the \(L.environment) a command may have"
+        }
+        let strings = [("an argument", arguments), ("an environment variable", environment),
+                       ("the working directory", [workingDirectory]), ("the user", [user])]
+        for (what, values) in strings {
+            if let long = values.first(where: { $0.utf8.count > L.stringBytes }) {
+                return "\(what) of \(long.utf8.count) bytes is longer than the \(L.stringBytes) bytes one may have"
+            }
+        }
+        let size = HostMessage.run(self).tagAndBody().1.count
+        if size + 1 > Frame.maxLength {
+            return "the command, its arguments and environment take \(size) bytes, more than the \(Frame.maxLength - 1) one run request may hold"
+        }
+        return nil
+    }
+}
+
 /// How a command ended.
 public enum CommandStatus: Equatable, Sendable {
     case exited(Int32)
@@ -88,6 +115,11 @@ public enum HostMessage: Equatable, Sendable {
     enum Tag: UInt8 { case run = 1, stdin = 2, stdinEOF = 3, shutdown = 4 }
 
     public func encoded() -> [UInt8] {
+        let (tag, body) = tagAndBody()
+        return Frame.encode(type: tag.rawValue, body: body)
+    }
+
+    func tagAndBody() -> (Tag, [UInt8]) {
         var w = WireWriter()
         let tag: Tag
         switch self {
@@ -110,7 +142,7 @@ public enum HostMessage: Equatable, Sendable {
         case .shutdown:
             tag = .shutdown
         }
-        return Frame.encode(type: tag.rawValue, body: w.bytes)
+        return (tag, w.bytes)
     }
 
     public static func decode(type: UInt8, body: [UInt8]) throws(ProtocolError) -> HostMessage {

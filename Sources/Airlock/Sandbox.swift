@@ -1,3 +1,4 @@
+import AgentProtocol
 import AirlockOS
 import Logging
 import Synchronization
@@ -48,18 +49,20 @@ public final class Sandbox: Sendable {
     /// Cancelling the task stops the VM (the result then carries the failure).
     public func run(_ command: Command) async throws(SandboxError) -> RunResult {
         try Self.validate(command)
-        let session = self.session
-        return try await Self.cancellable(SessionHandle(session)) { () throws(SandboxError) -> RunResult in
-            try session.run(command, shutdownAfter: false)
-        }
+        return try await perform(command, shutdownAfter: false)
     }
 
     /// Runs one command and then ends the VM (the agent syncs and reboots after reporting).
     public func runAndShutDown(_ command: Command) async throws(SandboxError) -> RunResult {
         try Self.validate(command)
+        return try await perform(command, shutdownAfter: true)
+    }
+
+    /// A validated command on the session's thread; cancelling the task stops the VM.
+    private func perform(_ command: Command, shutdownAfter: Bool) async throws(SandboxError) -> RunResult {
         let session = self.session
         return try await Self.cancellable(SessionHandle(session)) { () throws(SandboxError) -> RunResult in
-            try session.run(command, shutdownAfter: true)
+            try session.run(command, shutdownAfter: shutdownAfter)
         }
     }
 
@@ -81,9 +84,9 @@ public final class Sandbox: Sendable {
     /// Boots a fresh VM, runs `command` in it, and ends the VM: `airlock run`.
     public static func run(_ command: Command, config: SandboxConfig = SandboxConfig(), requestedAt: UInt64? = nil,
                            logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> RunResult {
-        try validate(command)
+        try validate(command)  // before the boot, so a bad command costs no VM
         let sandbox = try await boot(config, requestedAt: requestedAt ?? monotonicNanoseconds(), logger: logger)
-        return try await sandbox.runAndShutDown(command)
+        return try await sandbox.perform(command, shutdownAfter: true)
     }
 
     /// `run` for callers that are threads already (the CLI's main thread).
@@ -107,6 +110,11 @@ public final class Sandbox: Sendable {
         }
         for (name, _) in command.environment where name.isEmpty || name.contains("=") || name.utf8.contains(0) {
             throw .invalidConfiguration("environment variable name '\(name)' is not valid: give NAME=VALUE with a NAME that has no '='")
+        }
+        // The agent's limits, checked before any boot (the session checks the
+        // request again with the guest's own environment added).
+        if let problem = RunRequest(command, runID: 0, extraEnvironment: [], shutdownAfter: false).limitProblem {
+            throw .invalidConfiguration("\(problem): pass large inputs on stdin or in a file instead")
         }
     }
 

@@ -27,7 +27,15 @@ final class ControlChannel: ConsoleOutput, @unchecked Sendable {
             s.decoder.feed(bytes)
             var out: [GuestMessage] = []
             do throws(ProtocolError) {
-                while let frame = try s.decoder.next() { out.append(try GuestMessage.decode(type: frame.type, body: frame.body)) }
+                while let frame = try s.decoder.next() {
+                    // The agent sends a handful of messages per run: a buffer packed with
+                    // more than the event queue holds is a flood, stopped here on the
+                    // vCPU thread before it becomes millions of decoded messages.
+                    guard out.count < VMSession.maxPendingEvents else {
+                        throw .malformed("more than \(VMSession.maxPendingEvents) messages in one write: the agent is flooding the control port")
+                    }
+                    out.append(try GuestMessage.decode(type: frame.type, body: frame.body))
+                }
                 return (out, nil)
             } catch {
                 s.failed = true
@@ -49,6 +57,16 @@ final class ConsoleLog: ConsoleOutput, @unchecked Sendable {
     func write(_ bytes: UnsafeRawBufferPointer) {
         capture.write(bytes)
         if let copy { try? AirlockOS.writeAll(fd: copy, bytes) }
+    }
+}
+
+extension RunRequest {
+    /// The agent's view of `command`, with `extraEnvironment` (the host profile's) first.
+    init(_ command: Command, runID: UInt32, extraEnvironment: [String], shutdownAfter: Bool) {
+        self.init(runID: runID, arguments: command.arguments,
+                  environment: extraEnvironment + command.environment.map { "\($0.name)=\($0.value)" },
+                  workingDirectory: command.workingDirectory, user: command.user,
+                  hasStdin: command.stdin != .none, shutdownAfter: shutdownAfter)
     }
 }
 
@@ -330,15 +348,18 @@ public struct SessionHooks: Sendable {
 /// The controller's inbox. Bounded: a guest that floods the control port
 /// faster than the controller reads is broken or hostile, and is told so once.
 final class EventQueue: Sendable {
-    private let queue = Mutex<(events: [VMSession.Event], overflowed: Bool)>(([], false))
+    private let queue = Mutex<(events: [VMSession.Event], overflowed: Bool, progressPending: Bool)>(([], false, false))
     private let signal = DispatchSemaphore(value: 0)
 
     func post(_ event: VMSession.Event, always: Bool = false) {
         queue.withLock { q in
-            // Progress only wakes the controller to re-check: one pending is as good as many.
-            if case .progress = event, q.events.contains(where: { if case .progress = $0 { true } else { false } }) { return }
+            // Progress only wakes the controller to re-check: one pending is as good as many
+            // (a flag, not a scan: output posts progress from the vCPU thread for every buffer).
+            let isProgress = if case .progress = event { true } else { false }
+            if isProgress && q.progressPending { return }
             if q.events.count < VMSession.maxPendingEvents || always {
                 q.events.append(event)
+                if isProgress { q.progressPending = true }
             } else if !q.overflowed {
                 q.overflowed = true
                 q.events.append(.protocolError(.malformed("more than \(VMSession.maxPendingEvents) unread messages: the agent is flooding the control port")))
@@ -350,7 +371,12 @@ final class EventQueue: Sendable {
     /// The oldest event, waiting until `deadline` (monotonic ns; nil: forever); nil on timeout.
     func next(until deadline: UInt64?) -> VMSession.Event? {
         while true {
-            if let e = queue.withLock({ q -> VMSession.Event? in q.events.isEmpty ? nil : q.events.removeFirst() }) { return e }
+            if let e = queue.withLock({ q -> VMSession.Event? in
+                guard !q.events.isEmpty else { return nil }
+                let e = q.events.removeFirst()
+                if case .progress = e { q.progressPending = false }
+                return e
+            }) { return e }
             if let deadline {
                 let now = monotonicNanoseconds()
                 guard now < deadline else { return nil }
@@ -377,25 +403,26 @@ extension VMSession {
         busy.wait()
         defer { busy.signal() }
         guard !ended else { throw .ended("the sandbox has ended: \(endDescription)") }
-        guard !command.arguments.isEmpty, !command.arguments[0].isEmpty else {
-            throw .invalidConfiguration("the command is empty: give the program to run and its arguments (airlock run -- CMD ARGS...)")
-        }
+        // Sandbox.validate checked the command; the guest's own environment is added here.
+        let request = RunRequest(command, runID: nextRunID, extraEnvironment: guestEnvironment, shutdownAfter: shutdownAfter)
+        if let problem = request.limitProblem { throw .invalidConfiguration("\(problem): pass large inputs on stdin or in a file instead") }
         let runID = nextRunID
         nextRunID &+= 1
         let firstRun = !firstRunDone
         firstRunDone = true
         let requested = firstRun ? helloAt : monotonicNanoseconds()
 
-        let request = RunRequest(
-            runID: runID, arguments: command.arguments,
-            environment: guestEnvironment + command.environment.map { "\($0.name)=\($0.value)" },
-            workingDirectory: command.workingDirectory, user: command.user,
-            hasStdin: command.stdin != .none, shutdownAfter: shutdownAfter)
         stdoutPump.begin(command.stdout, limit: command.maxOutputBytes)
         stderrPump.begin(command.stderr, limit: command.maxOutputBytes)
         var result = RunResult()
         let finished = vmFinished
-        guard pushFrame(HostMessage.run(request).encoded(), cancelled: { finished.isSet }) else {
+        // A guest that never posts receive buffers on the control port must not hold the caller forever.
+        let takeBy = Self.deadline(after: Self.shutdownSeconds)
+        guard pushFrame(HostMessage.run(request).encoded(), cancelled: { finished.isSet || monotonicNanoseconds() >= takeBy }) else {
+            if !finished.isSet {
+                destroy()
+                throw .protocolViolation("the agent did not take the run request within \(Int(Self.shutdownSeconds)) s: the VM was stopped")
+            }
             _ = waitForEnd(seconds: Self.shutdownSeconds)
             throw .ended("\(endDescription) before the run request was delivered")
         }
@@ -492,16 +519,19 @@ extension VMSession {
     }
 
     /// Waits until both output ports have delivered what the agent reported sending.
-    /// A slow reader on the host may take as long as it likes while bytes keep
-    /// moving; `drainSeconds` without any progress means the guest lied.
+    /// The guest gets `drainSeconds` from the exit report to send the rest, and
+    /// cannot stretch that by trickling bytes; a slow reader on the host may take
+    /// as long as it likes while the host still holds output to deliver.
     private func drainOutput(stdout: UInt64, stderr: UInt64) -> Bool {
-        var deadline = Self.deadline(after: Self.drainSeconds)
+        let guestDeadline = Self.deadline(after: Self.drainSeconds)
+        var deadline = guestDeadline
         while true {
             if stdoutPump.received >= stdout && stderrPump.received >= stderr && stdoutPump.idle && stderrPump.idle { return true }
             guard let event = nextEvent(until: deadline) else { return false }
             switch event {
             case let .vmEnded(r): record(r)
-            case .progress: deadline = Self.deadline(after: Self.drainSeconds)
+            case .progress where !(stdoutPump.idle && stderrPump.idle):
+                deadline = max(guestDeadline, Self.deadline(after: Self.drainSeconds))
             default: break
             }
         }
@@ -524,7 +554,9 @@ extension VMSession {
         defer { busy.signal() }
         guard !ended else { return }
         let finished = vmFinished
-        if pushFrame(HostMessage.shutdown.encoded(), cancelled: { finished.isSet }), waitForEnd(seconds: Self.shutdownSeconds) {
+        let takeBy = Self.deadline(after: Self.shutdownSeconds)
+        if pushFrame(HostMessage.shutdown.encoded(), cancelled: { finished.isSet || monotonicNanoseconds() >= takeBy }),
+           waitForEnd(seconds: Self.shutdownSeconds) {
             closePumps()
             return
         }

@@ -54,6 +54,11 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
     public static let inputCapacity = 64 << 10
     /// Control messages waiting for control receive buffers.
     static let controlBacklogLimit = 256
+    /// The most guest output one transmit chain may carry. Linux sends at most
+    /// 32 KiB per write (a spliced pipe, 16 pages); without a cap a chain of 64
+    /// descriptors that all point at the whole of RAM would hand the host's
+    /// output buffers gigabytes at once. Bytes past it are dropped and counted.
+    public static let transmitChainLimit = 1 << 20
 
     enum Control {
         static let deviceReady: UInt16 = 0, deviceAdd: UInt16 = 1, deviceRemove: UInt16 = 2
@@ -88,6 +93,8 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
         var droppedControl = 0
         var driverReady = false
         var malformedControl = 0
+        /// Guest output past `transmitChainLimit` in a chain, dropped.
+        var oversizedTransmitBytes: UInt64 = 0
     }
 
     public let ports: [PortSpec]
@@ -159,12 +166,20 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
             if transmit {
                 let output = ports[port].output
                 result = queues[index].drain(memory: memory, while: { output?.acceptsMore ?? true }) { chain in
-                    // Guest output: copied out buffer by buffer, never held back.
+                    // Guest output: copied out buffer by buffer, never held back, at most
+                    // transmitChainLimit bytes of it per chain.
+                    var room = Self.transmitChainLimit
+                    var dropped: UInt64 = 0
                     for d in chain.readable where d.length > 0 {
-                        _ = try? memory.withMutableBytes(at: d.address, length: UInt64(d.length)) { b in
+                        let take = min(Int(d.length), room)
+                        dropped += UInt64(Int(d.length) - take)
+                        guard take > 0 else { continue }
+                        room -= take
+                        _ = try? memory.withMutableBytes(at: d.address, length: UInt64(take)) { b in
                             output?.write(UnsafeRawBufferPointer(b))
                         }
                     }
+                    if dropped > 0 { state.withLock { $0.oversizedTransmitBytes &+= dropped } }
                     return 0
                 }
             } else {
@@ -184,6 +199,9 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
         default: return nil
         }
     }
+
+    /// Guest output dropped because a transmit chain carried more than `transmitChainLimit`.
+    public var oversizedTransmitBytes: UInt64 { state.withLock { $0.oversizedTransmitBytes } }
 
     /// Acts on one control message from the driver (struct virtio_console_control: id le32, event le16, value le16).
     func handleControl(_ message: [UInt8]) {
@@ -250,9 +268,6 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
         if result.returnedBuffers { ports[port].inputConsumed?() }
         return result
     }
-
-    /// Bytes of host input waiting for `port`'s receive buffers.
-    public func pendingInput(port: Int) -> Int { state.withLock { $0.ports[port].input.count } }
 
     /// Pops receive buffers while `next` has bytes, writes them in, returns what did not fit.
     private func fill(_ queue: inout SplitQueue, memory: GuestMemory, next: () -> [UInt8]?,

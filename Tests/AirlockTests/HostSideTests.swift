@@ -146,6 +146,21 @@ extension ControlChannelTests {
         var count = 0
         while queue.next(until: 0) != nil { count += 1 }
         #expect(count == 1)
+        // Once the pending one is taken, the next progress wakes the controller again.
+        queue.post(.progress)
+        #expect(queue.next(until: 0) != nil)
+    }
+
+    /// One write packed with more messages than the event queue holds is stopped
+    /// where it is decoded, not turned into millions of messages.
+    @Test func oneWritePackedWithMessagesIsAFlood() {
+        let sink = Sink()
+        let channel = ControlChannel(post: sink.post)
+        let frame = GuestMessage.started(runID: 1, pid: 9).encoded()
+        let packed = [[UInt8]](repeating: frame, count: VMSession.maxPendingEvents + 10).flatMap { $0 }
+        packed.withUnsafeBytes { channel.write($0) }
+        #expect(sink.messages.count == VMSession.maxPendingEvents)
+        #expect(sink.errors == 1)
     }
 }
 
@@ -205,6 +220,27 @@ struct ConfigurationTests {
         c = Command(["true"])
         c.timeoutSeconds = 0
         #expect(throws: SandboxError.self) { try Sandbox.validate(c) }
+    }
+
+    /// Commands over the agent's limits are refused before any boot, with a
+    /// message that says what is too big, instead of trapping or being refused
+    /// by the agent after the boot.
+    @Test func commandsOverTheAgentsLimitsAreRefusedBeforeBooting() {
+        func problem(_ c: Command) -> String? {
+            do { try Sandbox.validate(c); return nil } catch { return error.description }
+        }
+        let big = String(repeating: "x", count: AgentProtocol.Limits.stringBytes + 1)
+        #expect(problem(Command(["echo", big]))?.contains("an argument of \(big.utf8.count) bytes") == true)
+        #expect(problem(Command(["true"] + [String](repeating: "a", count: AgentProtocol.Limits.arguments)))?
+            .contains("arguments are more than") == true)
+        var env = Command(["true"])
+        env.environment = [("A", big)]
+        #expect(problem(env)?.contains("an environment variable") == true)
+        // Each piece within its limit, together over one frame.
+        let piece = String(repeating: "y", count: AgentProtocol.Limits.stringBytes)
+        let total = problem(Command(["echo"] + [String](repeating: piece, count: 9)))
+        #expect(total?.contains("one run request may hold") == true, "\(total ?? "accepted")")
+        #expect(problem(Command(["echo"] + [String](repeating: piece, count: 7))) == nil)
     }
 
     @Test func theJSONDocumentHasEveryKey() throws {

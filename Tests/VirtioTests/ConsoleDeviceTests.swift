@@ -44,13 +44,15 @@ final class MultiQueueDriver {
     }
 
     /// Posts a one-descriptor buffer on queue q (writable for the device when `writable`), holding `bytes`.
-    func post(_ q: Int, bytes: [UInt8] = [], length: UInt32 = 4096, writable: Bool, notify: Bool = true) throws {
+    /// `readableLength` claims more than `bytes` for a readable buffer (a hostile length over guest RAM).
+    func post(_ q: Int, bytes: [UInt8] = [], length: UInt32 = 4096, writable: Bool, notify: Bool = true,
+              readableLength: UInt32? = nil) throws {
         let i = availIndex[q, default: 0]
         let slot = i % size
         try memory.write(bytes, at: GuestAddress(buffer(q, slot)))
         let d = desc(q) + UInt64(slot) * 16
         try memory.write(buffer(q, slot), at: GuestAddress(d))
-        try memory.write(writable ? length : UInt32(bytes.count), at: GuestAddress(d + 8))
+        try memory.write(writable ? length : readableLength ?? UInt32(bytes.count), at: GuestAddress(d + 8))
         try memory.write(UInt16(writable ? 2 : 0), at: GuestAddress(d + 12))
         try memory.write(slot, at: GuestAddress(avail(q) + 4 + 2 * UInt64(slot)))
         availIndex[q] = i &+ 1
@@ -134,6 +136,17 @@ final class MultiQueueDriver {
         #expect(String(decoding: stdout.bytes, as: UTF8.self) == "hello world")
         try driver.post(5, bytes: [UInt8](repeating: 0x41, count: 100), writable: false)
         #expect(stdout.bytes.count == 64 && stdout.droppedBytes == 100 - 53)
+    }
+
+    /// One chain may carry at most `transmitChainLimit` bytes of output: a
+    /// 4 MiB buffer (all of it guest RAM) hands the port 1 MiB, the rest is counted.
+    @Test func oneTransmitChainCarriesAtMostTheLimit() throws {
+        try driver.post(5, bytes: [0x41], writable: false, readableLength: 4 << 20)
+        #expect(stdout.bytes.count == 64)
+        #expect(stdout.droppedBytes == ConsoleDevice.transmitChainLimit - 64)
+        #expect(console.oversizedTransmitBytes == UInt64((4 << 20) - ConsoleDevice.transmitChainLimit))
+        // The queue goes on: the next chain is delivered as usual.
+        #expect(try driver.received(5).count == 1)
     }
 
     @Test func hostInputWaitsForTheGuestToOpenThePort() throws {
