@@ -25,6 +25,8 @@ public final class Agent {
     let stderrPort: Int32
     let signals: Int32
     var decoder = FrameDecoder()
+    /// Reused for every read of the control port (one per stdin frame during a run).
+    var controlBuffer = [UInt8](repeating: 0, count: 64 << 10)
     var inbox: [HostMessage] = []
     var stdoutTotal: UInt64 = 0
     var stderrTotal: UInt64 = 0
@@ -44,6 +46,11 @@ public final class Agent {
         sigaddset(&chld, SIGCHLD)
         sigprocmask(SIG_BLOCK, &chld, nil)
         let signals = signalfd(-1, &chld, Int32(SFD_CLOEXEC | SFD_NONBLOCK))
+        // Without it no child's exit would ever be seen: say so and end the VM.
+        guard signals >= 0 else {
+            console("signalfd: \(Sys.errorText(errno)); cannot watch the command")
+            powerOff()
+        }
 
         Mounts.setUp()
         let agent: Agent
@@ -115,14 +122,13 @@ public final class Agent {
     /// Reads what the control port has and decodes whole frames into the inbox.
     /// False when the stream is broken: a malformed frame cannot be skipped.
     func readControl() -> Bool {
-        var buffer = [UInt8](repeating: 0, count: 64 << 10)
-        let n = buffer.withUnsafeMutableBytes { read(control, $0.baseAddress, $0.count) }
+        let n = controlBuffer.withUnsafeMutableBytes { read(control, $0.baseAddress, $0.count) }
         if n < 0 {
             if errno == EAGAIN || errno == EINTR { return true }
             Self.console("reading the control port: \(Sys.errorText(errno))")
             return false
         }
-        decoder.feed(buffer[0..<n])
+        decoder.feed(controlBuffer[0..<n])
         do {
             while let frame = try decoder.next() {
                 inbox.append(try HostMessage.decode(type: frame.type, body: frame.body))

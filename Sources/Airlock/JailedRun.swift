@@ -86,7 +86,9 @@ public enum JailedRun {
                 files: [JailFile(hostPath: images.kernel, jailPath: "/vmlinux"),
                         JailFile(hostPath: images.rootfs, jailPath: "/rootfs.ext4")],
                 devices: [.kvm],
-                limits: CgroupLimits(memoryBytes: (UInt64(config.memoryMiB) << 20) + vmmMemoryAllowance, tasks: 64,
+                limits: CgroupLimits(memoryBytes: (UInt64(config.memoryMiB) << 20) + vmmMemoryAllowance
+                                                    // captured output lives in the VMM until the end: room for both streams
+                                                    + (streamOutput ? 0 : 2 * UInt64(Command.capturedBytesLimit(command.maxOutputBytes))), tasks: 64,
                                      cpus: Double(config.cpus) + vmmCPUAllowance)))
         } catch {
             throw .jail("\(error)")
@@ -124,7 +126,7 @@ public enum JailedRun {
         // A VMM that died early makes this fail with EPIPE (the CLI ignores SIGPIPE), not hang.
         try? encoded.withUnsafeBytes { try AirlockOS.writeAll(fd: requestPipe[1], $0) }
         close(requestPipe[1])
-        let body = readToEnd(resultPipe[0])
+        let received = ResultWire.read(fd: resultPipe[0], outputLimit: Command.captureLimit)
         close(resultPipe[0])
         let exit: JailExit
         do { exit = try child.wait(timeout: nil) ?? .signaled(SIGKILL) } catch { throw .jail("\(error)") }
@@ -142,11 +144,13 @@ public enum JailedRun {
         if exit == .exited(JailExitCode.setupFailed) {
             throw .jail("the VMM could not enter its jail (the line above says why)")
         }
-        guard let reply = try? JSONDecoder().decode(Reply.self, from: body) else {
+        guard let received, let reply = try? JSONDecoder().decode(Reply.self, from: Data(received.json)) else {
             throw .vmm("the VMM process ended (\(exit)) without a result")
         }
         if let error = reply.error { throw .vmm(error) }
-        guard let result = reply.result else { throw .vmm("the VMM process ended (\(exit)) without a result") }
+        guard var result = reply.result else { throw .vmm("the VMM process ended (\(exit)) without a result") }
+        result.stdout = received.stdout
+        result.stderr = received.stderr
         return result
     }
 
@@ -198,9 +202,53 @@ public enum JailedRun {
         } catch {
             reply = Reply(error: "the run request from the supervisor is unreadable: \(error)")
         }
-        let data = (try? JSONEncoder().encode(reply)) ?? Data()
-        try? data.withUnsafeBytes { try AirlockOS.writeAll(fd: resultFD, $0) }
+        // The output goes beside the JSON as raw bytes: as JSON numbers it would be
+        // four times its size, in a process whose memory the cgroup bounds.
+        var bare = reply
+        bare.result?.stdout = []
+        bare.result?.stderr = []
+        let json = (try? JSONEncoder().encode(bare)) ?? Data()
+        ResultWire.write(fd: resultFD, json: [UInt8](json), stdout: reply.result?.stdout ?? [], stderr: reply.result?.stderr ?? [])
         return reply.error == nil ? 0 : SandboxExitCode.airlockFailed
+    }
+
+    /// The result pipe: three little-endian u64 lengths (the JSON reply without
+    /// output, stdout, stderr), then those bytes. The supervisor (root) reads it
+    /// from a jailed process it does not trust, so every length is bounded
+    /// before anything is read.
+    enum ResultWire {
+        static let jsonLimit = 1 << 20
+
+        static func write(fd: Int32, json: [UInt8], stdout: [UInt8], stderr: [UInt8]) {
+            var header: [UInt8] = []
+            for n in [json.count, stdout.count, stderr.count] { withUnsafeBytes(of: UInt64(n).littleEndian) { header += $0 } }
+            // A supervisor that is gone makes these fail with EPIPE: nothing is left to tell.
+            for part in [header, json, stdout, stderr] { try? part.withUnsafeBytes { try AirlockOS.writeAll(fd: fd, $0) } }
+        }
+
+        /// The three parts, or nil when the stream is short or claims more than the limits.
+        static func read(fd: Int32, outputLimit: Int) -> (json: [UInt8], stdout: [UInt8], stderr: [UInt8])? {
+            guard let header = readExactly(fd: fd, count: 24) else { return nil }
+            let lengths = (0..<3).map { i in header[(8 * i)..<(8 * i + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+            guard lengths[0] <= UInt64(jsonLimit), lengths[1] <= UInt64(outputLimit), lengths[2] <= UInt64(outputLimit),
+                  let json = readExactly(fd: fd, count: Int(lengths[0])),
+                  let out = readExactly(fd: fd, count: Int(lengths[1])),
+                  let err = readExactly(fd: fd, count: Int(lengths[2]))
+            else { return nil }
+            return (json, out, err)
+        }
+
+        static func readExactly(fd: Int32, count: Int) -> [UInt8]? {
+            var bytes = [UInt8](repeating: 0, count: count)
+            var done = 0
+            while done < count {
+                let n = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + done, count - done) }
+                if n > 0 { done += n; continue }
+                if n < 0 && errno == EINTR { continue }
+                return nil
+            }
+            return bytes
+        }
     }
 
     static func readToEnd(_ fd: Int32) -> Data {

@@ -55,7 +55,7 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
     /// Routes output to a new run's destination; bytes that come before any run are counted and dropped.
     func begin(_ destination: OutputDestination, limit: Int?) {
         var effective = limit
-        if case .capture = destination { effective = min(limit ?? Command.captureLimit, Command.captureLimit) }
+        if case .capture = destination { effective = Command.capturedBytesLimit(limit) }
         state.withLock { $0.sink = Sink(destination: destination, limit: effective) }
     }
 

@@ -68,6 +68,9 @@ public struct Command: Sendable {
     /// The most a captured stream keeps when no `maxOutputBytes` is given.
     public static let captureLimit = 64 << 20
 
+    /// What one captured stream keeps at most: `maxOutputBytes`, never over `captureLimit`.
+    static func capturedBytesLimit(_ maxOutputBytes: Int?) -> Int { min(maxOutputBytes ?? captureLimit, captureLimit) }
+
     public init(_ arguments: [String]) { self.arguments = arguments }
 }
 

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/filter.h>
+#include <malloc.h>
 #include <linux/seccomp.h>
 #include <poll.h>
 #include <sched.h>
@@ -111,10 +112,12 @@ int airlock_jail_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid
 int airlock_jail_pidfd_send_signal(int pidfd, int sig) {
     return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
 }
-int airlock_jail_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+int airlock_jail_single_malloc_arena(void) { return mallopt(M_ARENA_MAX, 1) == 1 ? 0 : -1; }
 int airlock_jail_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
 int airlock_jail_seccomp_load(const void *program, unsigned int instructions, unsigned int flags) {
+    // The kernel's own limit; above it .len would silently wrap to a short prefix of the program.
+    if (instructions == 0 || instructions > BPF_MAXINSNS) { errno = EINVAL; return -1; }
     struct sock_fprog prog = { .len = (unsigned short)instructions, .filter = (struct sock_filter *)program };
     return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog);
 }
@@ -316,6 +319,13 @@ int airlock_jail_spawn(pid_t *pid, const char *path, char *const argv[], char *c
         rc = posix_spawn_file_actions_adddup2(&actions, parent_fds[i], highest + 1 + i);
     for (int i = 0; i < count && rc == 0; i++)
         rc = posix_spawn_file_actions_adddup2(&actions, highest + 1 + i, child_fds[i]);
+    // Every other descriptor is closed: the gaps below the highest child fd
+    // (an inherited fd 0 that the map leaves out, say) and everything above it.
+    for (int fd = 0; fd < highest_child && rc == 0; fd++) {
+        int mapped = 0;
+        for (int i = 0; i < count; i++) if (child_fds[i] == fd) mapped = 1;
+        if (!mapped) rc = posix_spawn_file_actions_addclose(&actions, fd);
+    }
     if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, highest_child + 1);
 
     sigset_t empty, all;

@@ -172,6 +172,15 @@ enum Cgroups {
     }
 
     /// Creates the VM's group under each parent and writes its limits.
+    /// The CPU limit, refused when it is not a positive finite number of CPUs (it becomes a quota in µs).
+    static func checkedCPUs(_ cpus: Double?) throws(JailError) -> Double? {
+        guard let cpus else { return nil }
+        guard cpus.isFinite, cpus > 0, cpus <= 4096 else {
+            throw .invalid("a CPU limit of \(cpus) is not a positive number of CPUs (at most 4096)")
+        }
+        return cpus
+    }
+
     static func create(layout: CgroupLayout, parents: [String], id: String, limits: CgroupLimits) throws(JailError) -> [String] {
         var made: [String] = []
         do throws(JailError) {
@@ -209,7 +218,7 @@ enum Cgroups {
             try set("memory.max", String(limits.memoryBytes))
             if file("memory.swap.max") != nil { try set("memory.swap.max", "0") }
             try set("pids.max", String(limits.tasks))
-            if let cpus = limits.cpus {
+            if let cpus = try Self.checkedCPUs(limits.cpus) {
                 try set("cpu.max", "\(max(1000, UInt64(cpus * Double(quotaPeriod)))) \(quotaPeriod)")
             }
         case .v1:
@@ -218,7 +227,7 @@ enum Cgroups {
             // be at least the memory limit, so it is written second.
             if file("memory.memsw.limit_in_bytes") != nil { try set("memory.memsw.limit_in_bytes", String(limits.memoryBytes)) }
             try set("pids.max", String(limits.tasks))
-            if let cpus = limits.cpus {
+            if let cpus = try Self.checkedCPUs(limits.cpus) {
                 try set("cpu.cfs_period_us", String(quotaPeriod))
                 try set("cpu.cfs_quota_us", String(max(1000, UInt64(cpus * Double(quotaPeriod)))))
             }

@@ -240,8 +240,8 @@ public enum Jail {
         // A bind takes the source mount's flags; the remount sets ours. Flags
         // the source mount has (atime, nosuid...) are repeated: inside a user
         // namespace the kernel refuses a remount that would clear them.
-        let inherited = airlock_jail_mount_flags_of(target)
-        var flags = AIRLOCK_MS_BIND | AIRLOCK_MS_REMOUNT | AIRLOCK_MS_NOSUID | AIRLOCK_MS_NOEXEC | UInt(max(0, inherited))
+        let inherited = try jailCall("statvfs", target) { airlock_jail_mount_flags_of(target) }
+        var flags = AIRLOCK_MS_BIND | AIRLOCK_MS_REMOUNT | AIRLOCK_MS_NOSUID | AIRLOCK_MS_NOEXEC | UInt(inherited)
         if !allowDevices { flags |= AIRLOCK_MS_NODEV }
         if !writable { flags |= AIRLOCK_MS_RDONLY }
         _ = try jailCall("remount", target, hint: "mount flags \(String(flags, radix: 16))") {
@@ -256,7 +256,7 @@ public enum Jail {
         _ = try jailCall("pivot_root", root) { airlock_jail_pivot_root(".", ".") }
         _ = try jailCall("umount", "the old root") { airlock_jail_umount2(".", AIRLOCK_MNT_DETACH) }
         _ = try jailCall("chdir", "/") { chdir("/") }
-        let inherited = UInt(max(0, airlock_jail_mount_flags_of("/")))
+        let inherited = UInt(try jailCall("statvfs", "the jail root") { airlock_jail_mount_flags_of("/") })
         _ = try jailCall("remount", "the jail root read-only") {
             airlock_jail_mount(nil, "/", nil, AIRLOCK_MS_BIND | AIRLOCK_MS_REMOUNT | AIRLOCK_MS_RDONLY | AIRLOCK_MS_NOSUID | AIRLOCK_MS_NOEXEC | inherited, nil)
         }

@@ -132,6 +132,9 @@ public struct JailSpec: Sendable, Equatable {
         guard !hostname.isEmpty, hostname.utf8.count <= 64 else {
             throw .invalid("hostname '\(hostname)' must be 1 to 64 bytes")
         }
+        if let lifelineFd, lifelineFd < 0 {
+            throw .invalid("lifeline fd \(lifelineFd) is negative: give the descriptor's number")
+        }
         if let lifelineFd, keepFds.contains(lifelineFd) {
             throw .invalid("lifeline fd \(lifelineFd) is also a kept fd: the lifeline must not reach the VMM")
         }

@@ -387,9 +387,6 @@ public final class JailedChild: Sendable {
         self.lifeline = Mutex(lifeline)
     }
 
-    /// A pidfd for the child: readable once it has exited (for an event loop).
-    public var pidfdRawValue: Int32 { pidfd.rawValue }
-
     /// Ends the VM now (a timeout, a cancelled run): SIGTERM to the child,
     /// which SIGKILLs the VMM, reaps it, and dies of the SIGTERM. Follow it
     /// with `wait`.
@@ -415,7 +412,9 @@ public final class JailedChild: Sendable {
             var remaining: Int32 = -1
             if let timeout {
                 let elapsed = Double(monotonicNanoseconds() - start) / 1e9
-                remaining = Int32(max(0, (timeout - elapsed) * 1000).rounded(.up))
+                // Clamped: a timeout past poll's 24.8 days (or not finite) waits as long as poll can.
+                let ms = max(0, (timeout - elapsed) * 1000).rounded(.up)
+                remaining = ms.isFinite && ms < Double(Int32.max) ? Int32(ms) : Int32.max
             }
             var p = pollfd(fd: pidfd.rawValue, events: Int16(POLLIN), revents: 0)
             let n = poll(&p, 1, remaining)

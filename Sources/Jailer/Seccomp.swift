@@ -158,6 +158,11 @@ public enum Seccomp {
         var now = time(nil)
         var parts = tm()
         _ = localtime_r(&now, &parts)
+        // One malloc arena for every thread. glibc shrinks a thread's own arena
+        // only after reading /proc/sys/vm/overcommit_memory once, with openat:
+        // a vCPU thread that captured megabytes of guest output and freed them
+        // was killed for that call. The main arena shrinks with brk instead.
+        _ = airlock_jail_single_malloc_arena()
         _ = try jailCall("prctl(PR_SET_NO_NEW_PRIVS)") { airlock_jail_set_no_new_privs() }
     }
 

@@ -32,8 +32,9 @@ public enum SeccompPolicy {
         .irqLine,                                // device interrupts raised by MMIO/PIO writes handled on this thread
     ]
 
-    /// KVM requests any thread makes after set-up: the vCPUs' (they inherit
-    /// this filter) plus KVM_IRQ_LINE from threads that deliver host input.
+    /// KVM requests any thread makes after set-up: the same list. vCPU threads
+    /// inherit this filter, and the threads that deliver host input raise
+    /// interrupts with KVM_IRQ_LINE, which the vCPU list already has.
     public static let mainKVMRequests: [KVMRequest] = vcpuKVMRequests
 
     static let main: [SyscallRule] = [

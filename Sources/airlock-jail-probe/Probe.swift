@@ -21,6 +21,7 @@ struct Options: Sendable {
     var violationThread = "main"
     var allowedIoctl = false
     var hold = false
+    var mallocChurn = false
 
     init(_ arguments: [String]) {
         var args = arguments[...]
@@ -30,6 +31,7 @@ struct Options: Sendable {
             case "--on": violationThread = args.popFirst() ?? "main"
             case "--allowed-ioctl": allowedIoctl = true
             case "--hold": hold = true
+            case "--malloc-churn": mallocChurn = true
             default: fail("unknown argument \(arg)", code: 2)
             }
         }
@@ -102,6 +104,16 @@ func vcpuThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer?
     shared.update { $0.installed = true }
     shared.wait { $0.go }
     if shared.options.allowedIoctl { allowedIoctl(on: "vcpu", kvmFd: shared.kvmFd) }
+    if shared.options.mallocChurn {
+        // Megabytes in blocks under malloc's mmap threshold, freed again: the
+        // heap shrinks, as it does after a vCPU thread captured guest output.
+        for _ in 0..<4 {
+            let blocks = (0..<128).compactMap { _ in malloc(64 << 10) }
+            for b in blocks { memset(b, 0x5A, 64 << 10) }
+            for b in blocks.reversed() { free(b) }
+        }
+        say("malloc churn survived on vcpu")
+    }
     if shared.options.violationThread == "vcpu", let rule = shared.options.violation {
         say("survived on vcpu: \(breakRule(rule, kvmFd: shared.kvmFd))")
         exit(3)

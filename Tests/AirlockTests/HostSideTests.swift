@@ -258,6 +258,46 @@ struct ConfigurationTests {
     }
 }
 
+/// The jailed VMM's result reaches the root supervisor as bounded, framed bytes.
+struct ResultWireTests {
+    func roundTrip(_ write: @escaping @Sendable (Int32) -> Void, limit: Int = 1 << 20)
+        -> (json: [UInt8], stdout: [UInt8], stderr: [UInt8])? {
+        // The reader may stop early (that is the point); the writer then gets EPIPE, as the VMM does.
+        signal(SIGPIPE, SIG_IGN)
+        var fds: [Int32] = [-1, -1]
+        #expect(pipe(&fds) == 0)
+        let writer = fds[1]
+        let done = DispatchSemaphore(value: 0)
+        Thread { write(writer); close(writer); done.signal() }.start()
+        let got = JailedRun.ResultWire.read(fd: fds[0], outputLimit: limit)
+        close(fds[0])
+        done.wait()
+        return got
+    }
+
+    @Test func outputTravelsAsRawBytesBesideTheReply() throws {
+        let out = (0..<300_000).map { UInt8(truncatingIfNeeded: $0) }
+        let got = try #require(roundTrip { JailedRun.ResultWire.write(fd: $0, json: Array("{}".utf8), stdout: out, stderr: [0xFF]) })
+        #expect(got.json == Array("{}".utf8) && got.stdout == out && got.stderr == [0xFF])
+    }
+
+    @Test func aClaimOverTheLimitsOrAShortStreamIsNoResult() {
+        // stdout claims 2 MiB against a 1 MiB limit: refused before anything is read or allocated.
+        #expect(roundTrip({ JailedRun.ResultWire.write(fd: $0, json: [], stdout: [UInt8](repeating: 1, count: 2 << 20), stderr: []) }) == nil)
+        #expect(roundTrip({ fd in
+            var header = [UInt8](repeating: 0, count: 24)
+            header[7] = 0x80  // a JSON length of 2^63
+            _ = header.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, 24) }
+        }) == nil)
+        // A stream that ends before the bytes it announced.
+        #expect(roundTrip({ fd in
+            var header = [UInt8](repeating: 0, count: 24)
+            header[8] = 10
+            _ = header.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, 24) }
+        }) == nil)
+    }
+}
+
 extension ConfigurationTests {
     /// Output that is not UTF-8 keeps its exact bytes in base64 beside the text.
     @Test func theJSONDocumentKeepsBytesThatAreNotText() throws {

@@ -138,6 +138,18 @@ import Glibc
         #expect(stdout.contains("allowed ioctl(KVM_IRQ_LINE) on vcpu -> -"), "\(stdout)")
     }
 
+    /// A vCPU thread that allocates and frees megabytes under its filter lives:
+    /// malloc must not need a system call the filters forbid (glibc shrinking a
+    /// thread's own arena opens /proc/sys/vm/overcommit_memory).
+    @Test func mallocChurnOnAVCPUThreadPassesTheFilter() throws {
+        try requireRoot()
+        let run = try ProbeRun(id: TestJails.uniqueID("malloc"), arguments: ["--malloc-churn"])
+        let exit = try run.finish()
+        let stdout = run.stdout.all()
+        #expect(exit == .exited(0), "stdout: \(stdout) stderr: \(run.stderr.all())")
+        #expect(stdout.contains("malloc churn survived on vcpu"), "\(stdout)")
+    }
+
     @Test func cgroupLimitsAreInForceAndTheGroupGoesAwayWhenTheVMMIsKilled() throws {
         try requireRoot()
         let request = TestJails.request(memory: 80 << 20, tasks: 12, cpus: 0.25)

@@ -61,9 +61,10 @@ int airlock_jail_lock_securebits(void);
 
 int airlock_jail_pidfd_open(pid_t pid);
 int airlock_jail_pidfd_send_signal(int pidfd, int sig);
-int airlock_jail_memfd(const char *name);
 /// pipe2(fds, O_CLOEXEC).
 int airlock_jail_pipe(int fds[2]);
+/// mallopt(M_ARENA_MAX, 1): every thread allocates from the main arena. 0, or -1.
+int airlock_jail_single_malloc_arena(void);
 int airlock_jail_seccomp_load(const void *program, unsigned int instructions, unsigned int flags);
 
 /// Stage 0 -> 1/2. Blocks the forwarded signals (TERM, INT, HUP, QUIT) and
@@ -87,8 +88,8 @@ int airlock_jail_pipe_hung_up(int fd);
 
 /// User-namespace mapping helper, run in stage 0 before unshare(CLONE_NEWUSER):
 /// forks a helper that waits for a byte on a pipe, writes
-/// /proc/<parent>/{setgroups,uid_map,gid_map} mapping `uid`/`gid` to
-/// themselves, and exits 0 (1 on failure). Returns the helper pid and the
+/// /proc/<parent>/{uid_map,gid_map} mapping namespace uid/gid 0 to `uid`/`gid`
+/// outside, and exits 0 (1 on failure). Returns the helper pid and the
 /// pipe's write end in `*go_fd`.
 pid_t airlock_jail_spawn_idmapper(uid_t uid, gid_t gid, int *go_fd);
 /// Waits for a child and returns its raw wait status (EINTR retried).
