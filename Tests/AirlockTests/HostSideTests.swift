@@ -114,3 +114,42 @@ extension ConfigurationTests {
     }
 }
 
+
+extension ConfigurationTests {
+    /// A guest larger than what the host has available is refused before any VM, saying how much there is.
+    @Test func guestMemoryIsCheckedAgainstWhatTheHostHas() throws {
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:         1000000 kB\nMemAvailable:    8388608 kB\n"
+        #expect(HostMemory.available(meminfo: meminfo) == 8 << 30)
+        #expect(throws: Never.self) { try HostMemory.check(guestMiB: 4096, meminfo: meminfo) }
+        do {
+            try HostMemory.check(guestMiB: 65536, meminfo: meminfo)
+            Issue.record("64 GiB accepted with 8 GiB available")
+        } catch {
+            #expect(error.description.contains("--memory 65536 MiB is more than this host can give: 8192 MiB is available"), "\(error)")
+            #expect(error.description.contains("ask for at most 8064 MiB"), "\(error)")
+        }
+        // Without /proc/meminfo there is nothing to check against: the cgroup limit still bounds the VMM.
+        #expect(throws: Never.self) { try HostMemory.check(guestMiB: 65536, meminfo: "") }
+    }
+
+    /// A permission problem is not reported as a missing image: it names the owner and mode.
+    @Test func anUnreadableImageIsToldFromAMissingOne() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("airlock-perm-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let image = dir.appendingPathComponent("vmlinux").path
+        FileManager.default.createFile(atPath: image, contents: Data([1, 2, 3]))
+        chmod(image, 0o600)
+        let denied = ImageResolution.problem(image, what: "guest kernel", option: "--kernel", installed: true, errno: EACCES)
+        #expect(denied.contains("exists but this user") && denied.contains("mode 600") && !denied.contains("make images"), "\(denied)")
+        let missing = ImageResolution.problem(dir.appendingPathComponent("none").path, what: "guest kernel", option: "--kernel",
+                                              installed: true, errno: ENOENT)
+        #expect(missing.contains("does not exist") && missing.contains("make images"), "\(missing)")
+        // A directory on the way that cannot be searched is named instead of the file.
+        chmod(dir.path, 0o000)
+        defer { chmod(dir.path, 0o755) }
+        if getuid() != 0 {
+            #expect(FilePermissions.describe(image).contains("is not searchable"))
+        }
+    }
+}
