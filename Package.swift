@@ -48,6 +48,11 @@ let package = Package(
             linkerSettings: [.unsafeFlags(["-static-executable"])]),
         // Read-only look-ups in an ext4 image (does the rootfs hold the agent?), without mounting it.
         .target(name: "RootFS", dependencies: ["AirlockOS"]),
+        // Workspace disks in, artifacts out: a host directory made into an ext4 image (mke2fs -d),
+        // and the files a guest left in it copied back as hostile input (RootFS reads the image).
+        .target(
+            name: "Workspace", dependencies: ["RootFS", "COpenSSL"],
+            linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
         // libseccomp and libcap (Debian's -dev packages), through pkg-config.
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
@@ -67,7 +72,7 @@ let package = Package(
             name: "Airlock",
             dependencies: [
                 "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
-                "COpenSSL",
+                "COpenSSL", "Workspace",
                 .product(name: "Logging", package: "swift-log"),
             ],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
@@ -89,6 +94,9 @@ let package = Package(
         // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).
         .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS", "SeededRandom"]),
 
+        // Seeded hostile images against the artifact extractor and the tree reader under it (make fuzz-artifacts).
+        .executableTarget(name: "airlock-fuzz-artifacts", dependencies: ["Workspace", "RootFS", "SeededRandom"]),
+
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "AirlockOS"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "AirlockOS", "SeededRandom"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices"]),
@@ -96,6 +104,7 @@ let package = Package(
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol", "SeededRandom"]),
         .testTarget(name: "AgentCoreTests", dependencies: ["AgentCore", "AgentProtocol"]),
         .testTarget(name: "RootFSTests", dependencies: ["RootFS", "SeededRandom"]),
+        .testTarget(name: "WorkspaceTests", dependencies: ["Workspace", "RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
         .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices"]),
     ],
