@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail fuzz-virtio clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail fuzz-virtio fuzz-artifacts rootfs-build clean doctor
 
 all: build
 
@@ -124,6 +124,12 @@ FUZZ_SEED ?= 1
 fuzz-virtio: deps
 	$(SWIFT) build -c release --product airlock-fuzz-virtio
 	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-virtio $(FUZZ_ITERATIONS) $(FUZZ_SEED)
+
+## fuzz-artifacts: seeded hostile workspace images against the artifact extractor and the ext4 tree reader
+FUZZ_ARTIFACT_ROUNDS ?= 20000
+fuzz-artifacts: deps
+	$(SWIFT) build -c release --product airlock-fuzz-artifacts
+	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-artifacts $(FUZZ_ARTIFACT_ROUNDS) $(FUZZ_SEED)
 
 clean:
 	rm -rf .build
