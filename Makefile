@@ -40,6 +40,11 @@ images: kernel rootfs
 rootfs-debian: deps
 	rootfs/build-debian.sh
 
+## rootfs-build: optional toolchain image (Debian with build-essential, make, python3, git and the
+## agent) for `airlock run --image build`; debootstrap, needs root and the Debian mirror
+rootfs-build: deps agent
+	rootfs/build-debian.sh --name build --agent $(AGENT) --include build-essential,make,git
+
 build: deps
 	$(SWIFT) build
 
