@@ -20,6 +20,12 @@ public final class Agent {
     /// After the command exits, how long its leftover output may take to drain.
     static let drainMilliseconds = 5_000
 
+    /// Disks mounted at start (unmounted, after a sync, at power-off), and the
+    /// mounts that failed: while any did, every run is refused with the reason.
+    /// Set once by `main` before anything else runs; PID 1 is single-threaded.
+    nonisolated(unsafe) static var mountedDisks: [String] = []
+    nonisolated(unsafe) static var mountFailures: [String] = []
+
     let control: Int32
     let stdoutPort: Int32
     let stderrPort: Int32
@@ -53,6 +59,9 @@ public final class Agent {
         }
 
         Mounts.setUp()
+        let disks = DiskMounts.setUp()
+        mountedDisks = disks.mounted
+        mountFailures = disks.failures
         let agent: Agent
         switch Ports.open(waitMilliseconds: portWaitMilliseconds) {
         case let .success(p):
@@ -74,7 +83,16 @@ public final class Agent {
     /// VMM sees an i8042 reset, which is how an Airlock guest says it is done.
     static func powerOff() -> Never {
         kill(-1, SIGKILL)
+        // Let the killed exit (and close their files) before the disks are unmounted.
+        let deadline = Sys.monotonicMilliseconds() + 200
+        while Sys.monotonicMilliseconds() < deadline {
+            var status: Int32 = 0
+            let pid = waitpid(-1, &status, WNOHANG)
+            if pid < 0 && errno == ECHILD { break }
+            if pid <= 0 { Sys.sleep(milliseconds: 2) }
+        }
         sync()
+        DiskMounts.tearDown(mountedDisks)
         reboot(RB_AUTOBOOT)
         // reboot only returns on failure (no CAP_SYS_BOOT cannot happen for PID 1):
         // exiting PID 1 panics the kernel, and panic=-1 reboots it, which ends the VM too.
@@ -157,6 +175,9 @@ public final class Agent {
 
     /// Resolves the user, environment and executable, makes the pipes and starts the command.
     func prepare(_ request: RunRequest) -> Result<RunningCommand, AgentError> {
+        if !Self.mountFailures.isEmpty {
+            return .failure(.setup("the disks the host attached could not all be mounted: \(Self.mountFailures.joined(separator: "; "))"))
+        }
         let passwd = Accounts.parsePasswd(Sys.readFile("/etc/passwd") ?? "")
         let groups = Accounts.parseGroup(Sys.readFile("/etc/group") ?? "")
         let creds: Credentials
