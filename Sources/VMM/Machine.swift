@@ -254,6 +254,18 @@ public final class Machine: @unchecked Sendable {
         return device
     }
 
+    /// `addBlockDevice(path:readOnly:)` for a disk already open (`path` names it in messages).
+    @discardableResult
+    public func addBlockDevice(file: OwnedFileDescriptor, path: String, readOnly: Bool) throws(VMMError) -> BlockDevice {
+        let device: BlockDevice
+        do { device = try BlockDevice(file: file, path: path, readOnly: readOnly) } catch {
+            throw .invalidConfiguration(error.description)
+        }
+        try addVirtioDevice(device)
+        blockDevices.append(device)
+        return device
+    }
+
     /// Adds a multiport virtio-console (before `loadLinux`). Port n of the k-th
     /// virtio device appears in the guest as /dev/vport{k}p{n}, named by its spec.
     /// Feed host input with `console.queueInput` and then `transport.serviceQueue`.

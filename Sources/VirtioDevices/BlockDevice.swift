@@ -47,13 +47,23 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     private let serial: [UInt8]
     private let counters = Mutex((requests: 0, errors: 0))
 
-    public init(path: String, readOnly: Bool, serial: String = "airlock") throws(FileAccessError) {
+    public convenience init(path: String, readOnly: Bool, serial: String = "airlock") throws(FileAccessError) {
+        let file: OwnedFileDescriptor
+        do { file = try OwnedFileDescriptor.open(path, flags: readOnly ? O_RDONLY : O_RDWR) } catch {
+            throw FileAccessError(path: path, role: "disk image", underlying: error)
+        }
+        try self.init(file: file, path: path, readOnly: readOnly, serial: serial)
+    }
+
+    /// A disk on a descriptor someone else opened (a jailed VMM gets its writable
+    /// images this way: the jail's uid may not open them). `path` names it in
+    /// messages. A read-only disk refuses writes whatever the descriptor allows,
+    /// and its descriptor should be O_RDONLY too.
+    public init(file: OwnedFileDescriptor, path: String, readOnly: Bool, serial: String = "airlock") throws(FileAccessError) {
         self.path = path
         self.readOnly = readOnly
-        do {
-            file = try OwnedFileDescriptor.open(path, flags: readOnly ? O_RDONLY : O_RDWR)
-            sectors = UInt64(try file.size(path: path)) / Self.sectorSize
-        } catch {
+        self.file = file
+        do { sectors = UInt64(try file.size(path: path)) / Self.sectorSize } catch {
             throw FileAccessError(path: path, role: "disk image", underlying: error)
         }
         self.serial = Array(serial.utf8.prefix(20))
