@@ -51,7 +51,7 @@ let package = Package(
         // Workspace disks in, artifacts out: a host directory made into an ext4 image (mke2fs -d),
         // and the files a guest left in it copied back as hostile input (RootFS reads the image).
         .target(
-            name: "Workspace", dependencies: ["RootFS", "COpenSSL"],
+            name: "WorkspaceDisks", dependencies: ["RootFS", "COpenSSL"],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
         // libseccomp and libcap (Debian's -dev packages), through pkg-config.
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
@@ -72,7 +72,7 @@ let package = Package(
             name: "Airlock",
             dependencies: [
                 "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
-                "COpenSSL", "Workspace",
+                "COpenSSL", "WorkspaceDisks",
                 .product(name: "Logging", package: "swift-log"),
             ],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
@@ -95,7 +95,7 @@ let package = Package(
         .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS", "SeededRandom"]),
 
         // Seeded hostile images against the artifact extractor and the tree reader under it (make fuzz-artifacts).
-        .executableTarget(name: "airlock-fuzz-artifacts", dependencies: ["Workspace", "RootFS", "SeededRandom"]),
+        .executableTarget(name: "airlock-fuzz-artifacts", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
 
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "AirlockOS"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "AirlockOS", "SeededRandom"]),
@@ -104,9 +104,9 @@ let package = Package(
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol", "SeededRandom"]),
         .testTarget(name: "AgentCoreTests", dependencies: ["AgentCore", "AgentProtocol"]),
         .testTarget(name: "RootFSTests", dependencies: ["RootFS", "SeededRandom"]),
-        .testTarget(name: "WorkspaceTests", dependencies: ["Workspace", "RootFS", "SeededRandom"]),
+        .testTarget(name: "WorkspaceDisksTests", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
-        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices"]),
+        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices", "RootFS"]),
     ],
     swiftLanguageModes: [.v6]
 )

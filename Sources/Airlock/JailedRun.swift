@@ -61,13 +61,22 @@ public enum JailedRun {
         try Sandbox.validate(command)
         // Everything that can be checked is checked here, before a jail exists.
         let images = try ImageResolution.resolve(config)
-        var inner = config
+        // The workspace image is built here and its artifacts collected here, outside the jail;
+        // the disks go in as descriptors (BuildStep.swift).
+        let step = try BuildStep.prepare(command, config: config, rootfs: images.rootfs)
+        defer { step.cleanUp() }
+        let prepared = step.command
+        var inner = step.config
         inner.kernelPath = "/vmlinux"
         inner.rootfsPath = "/rootfs.ext4"
         inner.hostProfile = config.hostProfile ?? .detect()  // /sys is not in the jail
+        let diskFiles = step.config.disks.enumerated().map { i, disk in
+            JailFile(hostPath: disk.path, jailPath: "/disk\(i).img", writable: !disk.readOnly, preopen: true)
+        }
+        for (i, file) in diskFiles.enumerated() { inner.disks[i].path = file.jailPath }
         let request = Request(
-            config: inner, arguments: command.arguments, environment: command.environment.map { [$0.name, $0.value] },
-            workingDirectory: command.workingDirectory, user: command.user, timeoutSeconds: command.timeoutSeconds,
+            config: inner, arguments: prepared.arguments, environment: prepared.environment.map { [$0.name, $0.value] },
+            workingDirectory: prepared.workingDirectory, user: prepared.user, timeoutSeconds: prepared.timeoutSeconds,
             maxOutputBytes: command.maxOutputBytes, stdinFromFD0: stdinFromFD0, streamOutput: streamOutput,
             requestedAt: requestedAt, logLevel: logLevel.rawValue, testViolation: testViolation)
 
@@ -84,7 +93,7 @@ public enum JailedRun {
         do {
             jail = try supervisor.prepare(id: id, JailRequest(
                 files: [JailFile(hostPath: images.kernel, jailPath: "/vmlinux"),
-                        JailFile(hostPath: images.rootfs, jailPath: "/rootfs.ext4")],
+                        JailFile(hostPath: images.rootfs, jailPath: "/rootfs.ext4")] + diskFiles,
                 devices: [.kvm],
                 limits: CgroupLimits(memoryBytes: (UInt64(config.memoryMiB) << 20) + vmmMemoryAllowance
                                                     // captured output lives in the VMM until the end: room for both streams
@@ -151,6 +160,7 @@ public enum JailedRun {
         guard var result = reply.result else { throw .vmm("the VMM process ended (\(exit)) without a result") }
         result.stdout = received.stdout
         result.stderr = received.stderr
+        step.collect(into: &result)
         return result
     }
 
@@ -159,10 +169,13 @@ public enum JailedRun {
         signal(SIGPIPE, SIG_IGN)
         // Jail.enter wants a single-threaded process and /sys for nothing; the host profile
         // came in the request, read after the jail is up.
-        do { _ = try Jail.enter() } catch {
+        let jailed: JailedProcess
+        do { jailed = try Jail.enter() } catch {
             writeToStandardError("airlock: the VMM cannot enter its jail: \(error)\n")
             return JailExitCode.setupFailed
         }
+        // The disks were opened by Jail.enter as root: the jail's uid may not open them.
+        let preopened = UncheckedBox(jailed)
         let reply: Reply
         do {
             let request = try JSONDecoder().decode(Request.self, from: readToEnd(requestFD))
@@ -193,8 +206,9 @@ public enum JailedRun {
                 vcpuThreadSetup: { _ in
                     try Seccomp.install(.vcpu)
                     if let violation, violation.role == "vcpu" { violation.commit() }
-                })
-            let result = try Sandbox.runBlocking(command, config: request.config, requestedAt: request.requestedAt,
+                },
+                openFile: { preopened.value.take($0) })
+            let result = try Sandbox.runPrepared(command, config: request.config, requestedAt: request.requestedAt,
                                                  logger: Logger(label: "airlock.vmm"), hooks: hooks)
             reply = Reply(result: result)
         } catch let error as SandboxError {

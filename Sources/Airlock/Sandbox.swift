@@ -35,9 +35,16 @@ public final class Sandbox: Sendable {
     /// - Parameter requestedAt: when the caller's request began (monotonic ns), for `RunTimings.vmmStartMs`.
     public static func boot(_ config: SandboxConfig, requestedAt: UInt64? = nil,
                             logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> Sandbox {
+        try await boot(config, requestedAt: requestedAt, logger: logger, checkDisks: true)
+    }
+
+    /// `checkDisks`: the caller's disks are checked against the root filesystem first
+    /// (a build step has checked its own already).
+    static func boot(_ config: SandboxConfig, requestedAt: UInt64?, logger: Logger, checkDisks: Bool) async throws(SandboxError) -> Sandbox {
         let start = requestedAt ?? monotonicNanoseconds()
         let handle = SessionHandle()
         return try await cancellable(handle) { () throws(SandboxError) -> Sandbox in
+            if checkDisks && !config.disks.isEmpty { _ = try prepareBuildStep(Command(["true"]), config: config) }
             let session = try makeSession(config, requestedAt: start, logger: logger)
             handle.set(session)
             try session.boot()
@@ -49,12 +56,14 @@ public final class Sandbox: Sendable {
     /// Cancelling the task stops the VM (the result then carries the failure).
     public func run(_ command: Command) async throws(SandboxError) -> RunResult {
         try Self.validate(command)
+        try BuildStep.refuseInSession(command)
         return try await perform(command, shutdownAfter: false)
     }
 
     /// Runs one command and then ends the VM (the agent syncs and reboots after reporting).
     public func runAndShutDown(_ command: Command) async throws(SandboxError) -> RunResult {
         try Self.validate(command)
+        try BuildStep.refuseInSession(command)
         return try await perform(command, shutdownAfter: true)
     }
 
@@ -82,20 +91,46 @@ public final class Sandbox: Sendable {
     public var systemEvent: String? { session.exit?.event?.description }
 
     /// Boots a fresh VM, runs `command` in it, and ends the VM: `airlock run`.
+    /// With `command.workspace` the directory is copied into a disk first, and with
+    /// `command.artifacts` the files the command left come back once the VM has ended.
     public static func run(_ command: Command, config: SandboxConfig = SandboxConfig(), requestedAt: UInt64? = nil,
                            logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> RunResult {
+        let start = requestedAt ?? monotonicNanoseconds()
         try validate(command)  // before the boot, so a bad command costs no VM
-        let sandbox = try await boot(config, requestedAt: requestedAt ?? monotonicNanoseconds(), logger: logger)
-        return try await sandbox.perform(command, shutdownAfter: true)
+        let step = try await onThread { () throws(SandboxError) -> BuildStep in try prepareBuildStep(command, config: config) }
+        let sandbox = try await boot(step.config, requestedAt: start, logger: logger, checkDisks: false)
+        let result = try await sandbox.perform(step.command, shutdownAfter: true)
+        return try await onThread { () throws(SandboxError) -> RunResult in
+            var collected = result
+            step.collect(into: &collected)
+            step.cleanUp()
+            return collected
+        }
     }
 
     /// `run` for callers that are threads already (the CLI's main thread).
     public static func runBlocking(_ command: Command, config: SandboxConfig, requestedAt: UInt64,
                                    logger: Logger, hooks: SessionHooks = SessionHooks()) throws(SandboxError) -> RunResult {
         try validate(command)
+        let step = try prepareBuildStep(command, config: config)
+        defer { step.cleanUp() }
+        var result = try runPrepared(step.command, config: step.config, requestedAt: requestedAt, logger: logger, hooks: hooks)
+        step.collect(into: &result)
+        return result
+    }
+
+    /// One boot and one run of a command whose build step (if any) is done: the jailed VMM's part.
+    static func runPrepared(_ command: Command, config: SandboxConfig, requestedAt: UInt64,
+                            logger: Logger, hooks: SessionHooks = SessionHooks()) throws(SandboxError) -> RunResult {
         let session = try makeSession(config, requestedAt: requestedAt, logger: logger, hooks: hooks)
         try session.boot()
         return try session.run(command, shutdownAfter: true)
+    }
+
+    /// The workspace image built and the disks checked against the root filesystem (BuildStep.swift).
+    static func prepareBuildStep(_ command: Command, config: SandboxConfig) throws(SandboxError) -> BuildStep {
+        let images = try ImageResolution.resolve(config)
+        return try BuildStep.prepare(command, config: config, rootfs: images.rootfs)
     }
 
     static func validate(_ command: Command) throws(SandboxError) {

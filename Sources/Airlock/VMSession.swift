@@ -160,6 +160,9 @@ final class VMSession: @unchecked Sendable {
             // directly instead of scanning sysfs for the names.
             let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
             var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath) AIRLOCK_PORTS=\(ports)"
+            // Workspace and --disk images: /dev/vdb on, and where the agent mounts them (BuildStep.swift).
+            let mounts = try MountPlan.attach(config.disks, to: machine, open: hooks.openFile)
+            if !mounts.isEmpty { cmdline += " " + mounts }
             // The kernel's own messages cost emulated UART work per character; errors still show.
             if config.consoleFD == nil { cmdline += " quiet" }
             if !config.extraKernelCommandLine.isEmpty { cmdline += " " + config.extraKernelCommandLine }
@@ -339,9 +342,13 @@ public struct SessionHooks: Sendable {
     public var beforeThreads: (@Sendable () throws -> Void)?
     /// On each vCPU thread before its first KVM_RUN.
     public var vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)?
-    public init(beforeThreads: (@Sendable () throws -> Void)? = nil, vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)? = nil) {
+    /// A descriptor the jail opened for a disk path (`SandboxConfig.disks`), or nil to open it by path.
+    public var openFile: (@Sendable (String) -> OwnedFileDescriptor?)?
+    public init(beforeThreads: (@Sendable () throws -> Void)? = nil, vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)? = nil,
+                openFile: (@Sendable (String) -> OwnedFileDescriptor?)? = nil) {
         self.beforeThreads = beforeThreads
         self.vcpuThreadSetup = vcpuThreadSetup
+        self.openFile = openFile
     }
 }
 

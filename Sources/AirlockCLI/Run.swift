@@ -26,6 +26,12 @@ struct Run: ParsableCommand {
 
             The VMM runs in a jail (its own namespaces, a pivot_root directory, a cgroup, no \
             capabilities, seccomp; see docs/security.md), which needs root; --no-jail is for debugging only.
+
+            Build steps (docs/build-steps.md): --workspace DIR copies DIR into the guest at /workspace \
+            (the command's working directory), --output OUT brings back what the command left in \
+            /workspace/out, checked as hostile input; a refused artifact exits 125 and keeps nothing. \
+            --image build boots the toolchain image (make rootfs-build). Example: \
+            airlock run --image build --workspace ./hello --output ./built -- sh -c 'make && cp hello out/'
             """)
 
     @Option(help: "The guest kernel (vmlinux or bzImage). Default: the installed image (make images).")
@@ -43,7 +49,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("env"), help: "Set NAME=VALUE in the command's environment, or NAME to copy this process's value (repeatable).")
     var environment: [String] = []
 
-    @Option(help: "The command's working directory in the guest.")
+    @Option(help: "The command's working directory in the guest (default: the workspace, else /).")
     var workdir: String = "/"
 
     @Option(help: "Run as NAME, UID, NAME:GROUP or UID:GID (from the guest's /etc/passwd and /etc/group). Default: root.")
@@ -72,6 +78,8 @@ struct Run: ParsableCommand {
 
     @Option(help: .hidden)
     var testViolation: String?
+
+    @OptionGroup(title: "Build steps") var buildStep: BuildStepOptions
 
     @OptionGroup var logging: LoggingOptions
 
@@ -135,6 +143,7 @@ struct Run: ParsableCommand {
             cmd.stdout = .fileDescriptor(1)
             cmd.stderr = .fileDescriptor(2)
         }
+        try buildStep.apply(to: &cmd, config: &config)
 
         let result: RunResult
         do {
@@ -161,7 +170,10 @@ struct Run: ParsableCommand {
             if result.outputTruncated, let maxOutput {
                 printError("airlock: output beyond --max-output \(maxOutput) bytes per stream was dropped")
             }
+            buildStep.reportArtifacts(result)
         }
+        // Artifacts that were refused (or never collected) fail the step, whatever the command said.
+        if result.artifactsError != nil && !result.timedOut { throw ExitCode(SandboxExitCode.airlockFailed) }
         throw ExitCode(result.exitCode)
     }
 }

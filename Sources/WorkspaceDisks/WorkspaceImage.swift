@@ -51,16 +51,18 @@ public enum WorkspaceImage {
         }
         let tree = try measure(directory)
 
-        // Room for the contents with ext4's per-file rounding already counted, 5% for
-        // extent blocks and directories that grow, a fixed 16 MiB for the filesystem's
-        // own metadata (group descriptors, bitmaps, the root and lost+found), and the
-        // free room asked for; rounded up to a MiB.
+        // The contents with ext4's per-file rounding already counted, plus 5% for extent
+        // blocks and directories that grow, plus the free room asked for; the filesystem's
+        // own metadata comes on top, so that the guest really has that room: the inode
+        // table (256 bytes an inode), bitmaps and descriptors (under 1%), the root,
+        // lost+found and the reserved descriptor blocks (2 MiB covers them).
         let mib: UInt64 = 1 << 20
-        let wanted = tree.bytes + tree.bytes / 20 + 16 * mib + extraBytes
-        let bytes = (wanted + mib - 1) / mib * mib
+        let data = tree.bytes + tree.bytes / 20 + extraBytes
         // mke2fs's default is one inode per 16 KiB; a tree of many small files needs
         // more, and the guest some of its own to create.
-        let inodes = max(Int(bytes / 16384), tree.entries + tree.entries / 4 + 1024)
+        let inodes = max(Int(data / 16384), tree.entries + tree.entries / 4 + 1024)
+        let wanted = data + UInt64(inodes) * 256 + data / 100 + 2 * mib
+        let bytes = (wanted + mib - 1) / mib * mib
 
         let fd = open(image, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else {

@@ -13,7 +13,7 @@
 
 import RootFS
 import SeededRandom
-import Workspace
+import WorkspaceDisks
 #if canImport(Glibc)
 import Glibc
 #endif

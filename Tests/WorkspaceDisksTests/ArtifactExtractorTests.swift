@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 @testable import RootFS
-@testable import Workspace
+@testable import WorkspaceDisks
 
 /// SHA-256 of a host file, by the same code path as a digest of a buffer.
 func sha256(ofFile path: String) throws -> String {

@@ -2,7 +2,7 @@ import Foundation
 import SeededRandom
 import Testing
 @testable import RootFS
-@testable import Workspace
+@testable import WorkspaceDisks
 
 /// Images a hostile guest would leave: every case must be refused, or
 /// neutralised with a note, and nothing may be written outside the output

@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 @testable import RootFS
-@testable import Workspace
+@testable import WorkspaceDisks
 
 /// A scratch directory removed when the owner goes away.
 final class Scratch {
