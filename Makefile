@@ -68,11 +68,11 @@ test: images build
 test-unit: deps
 	AIRLOCK_SKIP_VM_TESTS=1 $(SWIFT) test
 
-## bench: every benchmark in one run (builds what it needs, installs QEMU to compare);
+## bench: every benchmark in one run (builds what it needs, the toolchain image included, installs QEMU to compare);
 ## writes $(BENCH_RESULTS) and regenerates docs/benchmarks.md and docs/boot-timeline.svg.
 ## Takes several minutes on a PVM host (each guest boot is tens of seconds).
 BENCH_RESULTS ?= bench/results/latest.json
-BENCH_ONLY ?= exits,start,boot,run,blk,qemu,fuzz
+BENCH_ONLY ?= exits,start,boot,run,blk,qemu,fuzz,workspace,build
 BENCH_QEMU ?= 1
 BENCH_MEMORY_MIB ?= 128
 BENCH_EXIT_ROUNDS ?= 7
@@ -82,7 +82,7 @@ BENCH_RUN_RUNS ?= 3
 BENCH_BLK_MIB ?= 16
 BENCH_BLK_PASSES ?= 3
 BENCH_PY = python3 bench/bench.py --bin "$$($(SWIFT) build -c release --show-bin-path)" --tools $(BENCH_OUT)
-bench: images bench-tools
+bench: images rootfs-build bench-tools
 	$(if $(filter 1,$(BENCH_QEMU)),scripts/ensure-packages.sh qemu-system-x86)
 	$(BENCH_PY) --out $(BENCH_RESULTS) \
 		--only $(if $(filter 1,$(BENCH_QEMU)),$(BENCH_ONLY),$(subst qemu,,$(BENCH_ONLY))) \
@@ -95,6 +95,7 @@ bench-tools: deps bench-c
 	$(SWIFT) build -c release --product airlock
 	$(SWIFT) build -c release --product airlock-bench-exits
 	$(SWIFT) build -c release --product airlock-fuzz-virtio
+	$(SWIFT) build -c release --product airlock-bench-workspace
 
 bench-c: deps
 	scripts/ensure-packages.sh python3

@@ -94,6 +94,8 @@ let package = Package(
         // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).
         .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS", "SeededRandom"]),
 
+        // The workspace benchmark's Airlock side: image building and artifact extraction, timed (make bench).
+        .executableTarget(name: "airlock-bench-workspace", dependencies: ["WorkspaceDisks"]),
         // Seeded hostile images against the artifact extractor and the tree reader under it (make fuzz-artifacts).
         .executableTarget(name: "airlock-fuzz-artifacts", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
 

@@ -23,8 +23,10 @@ public final class Agent {
     /// Disks mounted at start (unmounted, after a sync, at power-off), and the
     /// mounts that failed: while any did, every run is refused with the reason.
     /// Set once by `main` before anything else runs; PID 1 is single-threaded.
-    nonisolated(unsafe) static var mountedDisks: [String] = []
+    nonisolated(unsafe) static var mountedDisks: [GuestMount] = []
     nonisolated(unsafe) static var mountFailures: [String] = []
+    /// Mount target to the uid its tree was last given to (`DiskMounts.give`).
+    var givenTrees: [String: UInt32] = [:]
 
     let control: Int32
     let stdoutPort: Int32
@@ -184,6 +186,9 @@ public final class Agent {
         switch Accounts.resolve(request.user, passwd: passwd, groups: groups) {
         case let .success(c): creds = c
         case let .failure(e): return .failure(e)
+        }
+        if creds.uid != 0, let problem = DiskMounts.give(Self.mountedDisks, to: creds, done: &givenTrees) {
+            return .failure(.setup("the workspace could not be given to --user '\(request.user)' (uid \(creds.uid)): \(problem)"))
         }
         let cwd = request.workingDirectory.isEmpty ? "/" : request.workingDirectory
         guard Sys.isDirectory(cwd) else {

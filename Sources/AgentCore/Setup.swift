@@ -113,22 +113,47 @@ enum DiskMounts {
 
     /// Mounts everything asked for, in order; returns what was mounted (for
     /// unmounting at the end) and what failed.
-    static func setUp() -> (mounted: [String], failures: [String]) {
+    static func setUp() -> (mounted: [GuestMount], failures: [String]) {
         guard let raw = getenv(GuestMount.variable) else { return ([], []) }
         let mounts: [GuestMount]
         do { mounts = try GuestMount.decode(String(cString: raw)) } catch {
             return ([], ["the host's \(GuestMount.variable) is unreadable: \(error)"])
         }
-        var mounted: [String] = [], failures: [String] = []
+        var mounted: [GuestMount] = [], failures: [String] = []
         for m in mounts {
             if let problem = mount(m) {
                 failures.append(problem)
                 Agent.console(problem)
             } else {
-                mounted.append(m.target)
+                mounted.append(m)
             }
         }
         return (mounted, failures)
+    }
+
+    /// Gives the trees of `ownedByRunUser` mounts to a run's user, once per user:
+    /// a workspace copied from the host carries the host's owners, which would leave
+    /// a command run as `--user` unable to write its own workspace. Links are changed
+    /// themselves (never followed); other mounts inside the tree are not entered.
+    /// nil on success, else the first failure.
+    static func give(_ mounts: [GuestMount], to creds: Credentials, done: inout [String: UInt32]) -> String? {
+        for m in mounts where m.ownedByRunUser && done[m.target] != creds.uid {
+            var device = stat()
+            guard lstat(m.target, &device) == 0 else { return "\(m.target): \(Sys.errorText(errno))" }
+            if let problem = chownTree(m.target, uid: creds.uid, gid: creds.gid, device: device.st_dev, depth: 0) { return problem }
+            done[m.target] = creds.uid
+        }
+        return nil
+    }
+
+    private static func chownTree(_ path: String, uid: UInt32, gid: UInt32, device: UInt, depth: Int) -> String? {
+        guard fchownat(AT_FDCWD, path, uid, gid, AT_SYMLINK_NOFOLLOW) == 0 else { return "chown \(path): \(Sys.errorText(errno))" }
+        var info = stat()
+        guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFDIR, info.st_dev == device, depth < 4096 else { return nil }
+        for name in Sys.listDirectory(path) where !(depth == 0 && name == "lost+found") {
+            if let problem = chownTree(path + "/" + name, uid: uid, gid: gid, device: device, depth: depth + 1) { return problem }
+        }
+        return nil
     }
 
     /// nil when mounted, else what went wrong.
@@ -170,7 +195,7 @@ enum DiskMounts {
 
     /// After `sync`: unmounts in reverse order, so disks the guest wrote are left
     /// clean (a busy one stays mounted; sync has already written its data).
-    static func tearDown(_ mounted: [String]) {
-        for target in mounted.reversed() { _ = umount2(target, 0) }
+    static func tearDown(_ mounted: [GuestMount]) {
+        for m in mounted.reversed() { _ = umount2(m.target, 0) }
     }
 }

@@ -2,8 +2,8 @@
 /// attached (the workspace, `--disk` images) or a tmpfs to hold mount points.
 ///
 /// The host names them on the kernel command line, which the kernel hands to
-/// init's environment: `AIRLOCK_MOUNTS=tmpfs:/mnt:rw,vdb:/workspace:rw,vdc:/mnt/disk0:ro`,
-/// in the order they are mounted. Disks are attached when the machine is built,
+/// init's environment: `AIRLOCK_MOUNTS=tmpfs:/mnt:rw,vdb:/workspace:rw:own,vdc:/mnt/disk0:ro`,
+/// in the order they are mounted (`:own`: `ownedByRunUser`). Disks are attached when the machine is built,
 /// so a session's mounts are known before the agent starts; no message is needed.
 /// Both sides parse with `decode`, so a target the host accepted is one the agent
 /// can mount, and a guest path can never carry a separator or a parameter.
@@ -19,11 +19,15 @@ public struct GuestMount: Equatable, Sendable {
     /// Absolute, normalised guest path: created when missing (which needs a writable parent).
     public var target: String
     public var readOnly: Bool
+    /// The tree is given to each run's user (a read-write workspace made from
+    /// host files, which carry the host's owners, for a command run as `--user`).
+    public var ownedByRunUser: Bool
 
-    public init(source: Source, target: String, readOnly: Bool) {
+    public init(source: Source, target: String, readOnly: Bool, ownedByRunUser: Bool = false) {
         self.source = source
         self.target = target
         self.readOnly = readOnly
+        self.ownedByRunUser = ownedByRunUser
     }
 
     /// The environment variable (a kernel command-line parameter) that carries the list.
@@ -78,7 +82,7 @@ public struct GuestMount: Equatable, Sendable {
             case let .disk(name): source = name
             case .tmpfs: source = "tmpfs"
             }
-            return "\(source):\(m.target):\(m.readOnly ? "ro" : "rw")"
+            return "\(source):\(m.target):\(m.readOnly ? "ro" : "rw")" + (m.ownedByRunUser ? ":own" : "")
         }.joined(separator: ",")
     }
 
@@ -89,7 +93,9 @@ public struct GuestMount: Equatable, Sendable {
         var mounts: [GuestMount] = []
         for entry in entries {
             let parts = entry.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
-            guard parts.count == 3 else { throw .malformed("mount '\(entry)' is not SOURCE:TARGET:ro|rw") }
+            guard parts.count == 3 || (parts.count == 4 && parts[3] == "own" && parts[2] == "rw") else {
+                throw .malformed("mount '\(entry)' is not SOURCE:TARGET:ro|rw or SOURCE:TARGET:rw:own")
+            }
             let source: Source
             if parts[0] == "tmpfs" {
                 source = .tmpfs
@@ -101,7 +107,7 @@ public struct GuestMount: Equatable, Sendable {
             }
             if let problem = targetProblem(parts[1]) { throw .malformed("mount target '\(parts[1])': \(problem)") }
             guard parts[2] == "ro" || parts[2] == "rw" else { throw .malformed("mount mode '\(parts[2])' is neither ro nor rw") }
-            mounts.append(GuestMount(source: source, target: parts[1], readOnly: parts[2] == "ro"))
+            mounts.append(GuestMount(source: source, target: parts[1], readOnly: parts[2] == "ro", ownedByRunUser: parts.count == 4))
         }
         return mounts
     }

@@ -74,7 +74,8 @@ final class BuildStep: @unchecked Sendable {
         }
         if let workspace = command.workspace {
             if command.workingDirectory == "/" { command.workingDirectory = workspace.guestPath }
-            config.disks.insert(Disk("(workspace \(workspace.hostDirectory))", readOnly: false, guestPath: workspace.guestPath), at: 0)
+            config.disks.insert(Disk("(workspace \(workspace.hostDirectory))", readOnly: false, guestPath: workspace.guestPath,
+                                     ownedByRunUser: true), at: 0)
         }
         try checkDisks(config, rootfs: rootfs, hasWorkspace: command.workspace != nil)
 
@@ -193,7 +194,8 @@ enum MountPlan {
         var mounts: [GuestMount] = []
         for (i, disk) in disks.enumerated() {
             guard let target = disk.guestPath else { continue }
-            mounts.append(GuestMount(source: .disk(GuestMount.diskName(index: i + 1)), target: target, readOnly: disk.readOnly))
+            mounts.append(GuestMount(source: .disk(GuestMount.diskName(index: i + 1)), target: target, readOnly: disk.readOnly,
+                                     ownedByRunUser: disk.ownedByRunUser && !disk.readOnly))
         }
         if mounts.contains(where: { $0.target.hasPrefix("/mnt/") }) && !mounts.contains(where: { $0.target == "/mnt" }) {
             mounts.insert(GuestMount(source: .tmpfs, target: "/mnt", readOnly: false), at: 0)

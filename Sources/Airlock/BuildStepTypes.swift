@@ -44,11 +44,16 @@ public struct Disk: Sendable, Codable, Equatable {
     public var readOnly: Bool
     /// Where the agent mounts it (ext2/3/4); nil attaches it unmounted (/dev/vdX).
     public var guestPath: String?
+    /// A read-write disk whose files the agent gives to each run's user (`Command.user`)
+    /// before the run: its files carry the owners they had where the image was made.
+    /// The workspace is such a disk.
+    public var ownedByRunUser: Bool
 
-    public init(_ path: String, readOnly: Bool = true, guestPath: String? = nil) {
+    public init(_ path: String, readOnly: Bool = true, guestPath: String? = nil, ownedByRunUser: Bool = false) {
         self.path = path
         self.readOnly = readOnly
         self.guestPath = guestPath
+        self.ownedByRunUser = ownedByRunUser
     }
 
     /// The most disks one machine takes besides its root filesystem and workspace

@@ -75,7 +75,8 @@ struct BuildStepOptions: ParsableArguments {
     func reportArtifacts(_ result: RunResult) {
         if let report = result.artifacts {
             let files = report.artifacts.filter { $0.kind == .file }.count
-            printError("airlock: \(files) file\(files == 1 ? "" : "s") (\(report.totalBytes) bytes, \(report.artifacts.count) entries) copied to \(report.directory)")
+            let entries = report.artifacts.count
+            printError("airlock: \(files) file\(files == 1 ? "" : "s") (\(report.totalBytes) bytes, \(entries) entr\(entries == 1 ? "y" : "ies")) copied to \(report.directory)")
             for note in report.notes { printError("airlock: artifacts: \(note)") }
         }
         if let error = result.artifactsError { printError("airlock: \(error)") }

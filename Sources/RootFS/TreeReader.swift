@@ -100,7 +100,10 @@ public final class TreeReader {
             return
         }
         let bs = image.geometry.blockSize
-        let chunk = UInt64(max(Int(bs), chunkSize / Int(bs) * Int(bs)))
+        // Whole blocks, no more than the file needs: most files are small, and the
+        // buffer is zeroed when it is made.
+        let wanted = Swift.min(UInt64(Swift.max(chunkSize, 1)), image.blockCount(forSize: size) * bs)
+        let chunk = Swift.max(bs, wanted / bs * bs)
         var buffer = [UInt8](repeating: 0, count: Int(chunk))
         let image = self.image, budget = self.budget
         try image.forEachRun(of: inode, blocks: 0..<image.blockCount(forSize: size), budget: budget) { (run) throws(RootFSError) -> Bool in

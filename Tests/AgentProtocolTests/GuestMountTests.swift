@@ -6,12 +6,12 @@ import Testing
     @Test func aListRoundTrips() throws {
         let mounts = [
             GuestMount(source: .tmpfs, target: "/mnt", readOnly: false),
-            GuestMount(source: .disk("vdb"), target: "/workspace", readOnly: false),
+            GuestMount(source: .disk("vdb"), target: "/workspace", readOnly: false, ownedByRunUser: true),
             GuestMount(source: .disk("vdc"), target: "/mnt/disk0", readOnly: true),
             GuestMount(source: .disk("vdaa"), target: "/data/set-1_v2.0+x@y", readOnly: true),
         ]
         let text = GuestMount.encode(mounts)
-        #expect(text == "tmpfs:/mnt:rw,vdb:/workspace:rw,vdc:/mnt/disk0:ro,vdaa:/data/set-1_v2.0+x@y:ro")
+        #expect(text == "tmpfs:/mnt:rw,vdb:/workspace:rw:own,vdc:/mnt/disk0:ro,vdaa:/data/set-1_v2.0+x@y:ro")
         #expect(try GuestMount.decode(text) == mounts)
         #expect(try GuestMount.decode("") == [])
     }
@@ -31,7 +31,7 @@ import Testing
         #expect(throws: ProtocolError.self) { try GuestMount.decode("vdb:\(target):rw") }
     }
 
-    @Test(arguments: ["vdb:/w", "vdb:/w:rx", "sda:/w:rw", "vd:/w:rw", "vdB:/w:rw", "vdbbb:/w:rw", "vdb:/w:rw:x", ",", "vdb:/w:rw,"])
+    @Test(arguments: ["vdb:/w", "vdb:/w:rx", "vdb:/w:ro:own", "vdb:/w:rw:mine", "sda:/w:rw", "vd:/w:rw", "vdB:/w:rw", "vdbbb:/w:rw", "vdb:/w:rw:x", ",", "vdb:/w:rw,"])
     func malformedListsAreRefused(text: String) {
         #expect(throws: ProtocolError.self) { try GuestMount.decode(text) }
     }

@@ -43,7 +43,8 @@ enum BuildStepVM {
 /// covers the workspace's files and modes, a read-only data disk, ENOSPC on a
 /// full workspace, the host directory left as it was, and artifacts (with a link
 /// to /etc/passwd and a setuid bit to neutralise) back byte for byte; a second
-/// boot has the guest leave a FIFO, which refuses them all.
+/// boot, as an unprivileged --user that the workspace is given to, has the
+/// guest leave a FIFO, which refuses them all.
 @Suite(.serialized, .enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct BuildStepVMTests {
     static let blob: [UInt8] = (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ $0 >> 11) }
@@ -126,10 +127,11 @@ struct BuildStepVMTests {
         let workspace = dir.appendingPathComponent("ws")
         try BuildStepVM.write(workspace, "input", Array("in\n".utf8))
         let output = dir.appendingPathComponent("built").path
-        let r = try VMTests.airlock(["run", "--workspace", workspace.path, "--output", output, "--",
-                                     "sh", "-c", "mkdir out; echo a > out/a; mkfifo out/pipe; echo done"])
+        // As an unprivileged user: the workspace (root's files on the host) is given to it.
+        let r = try VMTests.airlock(["run", "--user", "airlock", "--workspace", workspace.path, "--output", output, "--",
+                                     "sh", "-c", "id -u; stat -c '%u %n' . input; mkdir out; echo a > out/a; mkfifo out/pipe; echo done"])
         #expect(r.status == 125, "a refused artifact fails the step: \(r.stderr)")
-        #expect(r.stdout == "done\n")
+        #expect(r.stdout == "1000\n1000 .\n1000 input\ndone\n")
         #expect(r.stderr.contains("airlock: artifact '/workspace/out/pipe' refused: it is a device node, FIFO or socket"), "\(r.stderr)")
         #expect(!FileManager.default.fileExists(atPath: output), "nothing is kept")
     }
