@@ -12,7 +12,8 @@ struct BuildStepOptions: ParsableArguments {
         valueName: "DIR[:GUESTPATH]"))
     var workspace: String?
 
-    @Option(help: "Free room in the workspace disk on top of DIR's contents (K, M, G suffixes; default 1G). A full disk gives the command ENOSPC.")
+    @Option(help: ArgumentHelp("Free room in the workspace disk on top of DIR's contents (K, M, G suffixes; default 1G). A full disk gives the command ENOSPC.",
+                               valueName: "SIZE"))
     var workspaceSize: String?
 
     @Option(help: ArgumentHelp("After the command, copy the files it left under --artifacts into DIR (new or empty), checked as hostile input: regular files, directories and links only, no setuid bits, bounded by --max-artifacts.",

@@ -31,7 +31,7 @@ struct Run: ParsableCommand {
             (the command's working directory), --output OUT brings back what the command left in \
             /workspace/out, checked as hostile input; a refused artifact exits 125 and keeps nothing. \
             --image build boots the toolchain image (make rootfs-build). Example: \
-            airlock run --image build --workspace ./hello --output ./built -- sh -c 'make && cp hello out/'
+            airlock run --image build --workspace ./hello --output ./built -- sh -c 'make && mkdir -p out && cp hello out/'
             """)
 
     @Option(help: "The guest kernel (vmlinux or bzImage). Default: the installed image (make images).")
@@ -50,7 +50,7 @@ struct Run: ParsableCommand {
     var environment: [String] = []
 
     @Option(help: "The command's working directory in the guest (default: the workspace, else /).")
-    var workdir: String = "/"
+    var workdir: String?
 
     @Option(help: "Run as NAME, UID, NAME:GROUP or UID:GID (from the guest's /etc/passwd and /etc/group). Default: root.")
     var user: String = ""
@@ -134,7 +134,7 @@ struct Run: ParsableCommand {
 
         var cmd = Command(argv)
         cmd.environment = try parsedEnvironment(ProcessInfo.processInfo.environment)
-        cmd.workingDirectory = workdir
+        cmd.workingDirectory = workdir ?? "/"
         cmd.user = user
         cmd.timeoutSeconds = timeout
         cmd.maxOutputBytes = try maxOutput.map { try cli(SizeArgument.bytes($0, option: "--max-output")) }
