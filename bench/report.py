@@ -531,9 +531,9 @@ host and must print the right answer.
 Phases of the first run: {phases}. On this host the guest kernel is emulated,
 and a build is mostly kernel work for it (a fork and an exec for every compiler
 pass, page faults for every binary the compiler maps), so the compiler's own
-user-mode work, which runs natively, is a small part of the time; on a host with
-hardware virtualization (or the guest kernel in the host's PV mode) the same
-build is close to the host's.
+user-mode work, which runs natively, is a small part of the time. On a host
+with hardware virtualization the guest kernel runs natively; this benchmark
+measures the ratio there too.
 """
 
 
