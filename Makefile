@@ -133,7 +133,7 @@ fuzz-virtio: deps
 	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-virtio $(FUZZ_ITERATIONS) $(FUZZ_SEED)
 
 ## fuzz-artifacts: seeded hostile workspace images against the artifact extractor and the ext4 tree reader
-FUZZ_ARTIFACT_ROUNDS ?= 20000
+FUZZ_ARTIFACT_ROUNDS ?= 5000
 fuzz-artifacts: deps
 	$(SWIFT) build -c release --product airlock-fuzz-artifacts
 	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-artifacts $(FUZZ_ARTIFACT_ROUNDS) $(FUZZ_SEED)

@@ -92,7 +92,7 @@ public enum ArtifactExtractor {
         let target = try OutputDirectory.open(output)
         var extraction = Extraction(limits: limits, display: displayPrefix ?? guestDirectory, outputPath: output)
         do throws(WorkspaceError) {
-            try extraction.run(image: image, guestDirectory: guestDirectory, into: target.fd)
+            try extraction.run(image: image, guestDirectory: guestDirectory, into: target.fd, setRootMode: target.created)
             target.keep()
         } catch {
             target.discard()
@@ -106,7 +106,8 @@ public enum ArtifactExtractor {
     /// directory, in a directory that exists), so that a build does not run for nothing.
     public static func checkOutput(_ output: String) throws(WorkspaceError) {
         var info = stat()
-        if lstat(output, &info) == 0 {
+        // stat, not lstat: the output path is the caller's own, and may go through a link.
+        if stat(output, &info) == 0 {
             guard info.st_mode & S_IFMT == S_IFDIR else {
                 throw .invalid("output '\(output)' exists and is not a directory: give a new or empty directory")
             }
@@ -236,7 +237,9 @@ private struct Extraction {
         report = ArtifactReport(directory: outputPath)
     }
 
-    mutating func run(image path: String, guestDirectory: String, into root: Int32) throws(WorkspaceError) {
+    /// `setRootMode`: the output directory was made here, so it takes the artifacts
+    /// directory's mode (an existing one keeps its own).
+    mutating func run(image path: String, guestDirectory: String, into root: Int32, setRootMode: Bool) throws(WorkspaceError) {
         guard limits.maxEntries >= 0 else { throw .invalid("the artifact entry limit \(limits.maxEntries) is negative") }
         let reader: TreeReader
         do {
@@ -268,8 +271,7 @@ private struct Extraction {
         directories.insert(top.info.inode)
         do throws(WalkErrorBox) {
             try walk(reader, top, fd: root, relative: "", depth: 0)
-            // The output directory itself takes the artifacts directory's mode.
-            try setMode(root, of: top, relative: "", display: display)
+            if setRootMode { try setMode(root, of: top, relative: "", display: display) }
         } catch {
             throw error.workspaceError(display: display)
         }

@@ -43,8 +43,8 @@ enum BuildStepVM {
 /// covers the workspace's files and modes, a read-only data disk, ENOSPC on a
 /// full workspace, the host directory left as it was, and artifacts (with a link
 /// to /etc/passwd and a setuid bit to neutralise) back byte for byte; a second
-/// boot, as an unprivileged --user that the workspace is given to, has the
-/// guest leave a FIFO, which refuses them all.
+/// boot, through the Swift API as an unprivileged user that the workspace is
+/// given to, has the guest leave a FIFO, which refuses them all.
 @Suite(.serialized, .enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct BuildStepVMTests {
     static let blob: [UInt8] = (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ $0 >> 11) }
@@ -120,20 +120,27 @@ struct BuildStepVMTests {
         #expect(JailProbe.leftovers(of: r.pid).isEmpty)
     }
 
+    /// Through the Swift API (in process, unjailed: the disks are opened by path).
     @Test(.timeLimit(.minutes(10)))
-    func specialFilesTheGuestLeavesRefuseTheArtifacts() throws {
+    func specialFilesTheGuestLeavesRefuseTheArtifacts() async throws {
         let dir = try BuildStepVM.scratch()
         defer { try? FileManager.default.removeItem(at: dir) }
         let workspace = dir.appendingPathComponent("ws")
         try BuildStepVM.write(workspace, "input", Array("in\n".utf8))
         let output = dir.appendingPathComponent("built").path
         // As an unprivileged user: the workspace (root's files on the host) is given to it.
-        let r = try VMTests.airlock(["run", "--user", "airlock", "--workspace", workspace.path, "--output", output, "--",
-                                     "sh", "-c", "id -u; stat -c '%u %n' . input; mkdir out; echo a > out/a; mkfifo out/pipe; echo done"])
-        #expect(r.status == 125, "a refused artifact fails the step: \(r.stderr)")
-        #expect(r.stdout == "1000\n1000 .\n1000 input\ndone\n")
-        #expect(r.stderr.contains("airlock: artifact '/workspace/out/pipe' refused: it is a device node, FIFO or socket"), "\(r.stderr)")
+        var command = Command(["sh", "-c", "id -u; stat -c '%u %n' . input; mkdir out; echo a > out/a; mkfifo out/pipe; echo done"])
+        command.user = "airlock"
+        command.workspace = Workspace(workspace.path)
+        command.artifacts = ArtifactRequest(outputDirectory: output)
+        let result = try await Sandbox.run(command, config: SandboxConfig(memoryMiB: 128))
+        #expect(result.exitCode == 0, "\(result.stderrText)")
+        #expect(result.stdoutText == "1000\n1000 .\n1000 input\ndone\n", "\(result.stderrText)")
+        #expect(result.artifacts == nil)
+        #expect(result.artifactsError?.contains("artifact '/workspace/out/pipe' refused: it is a device node, FIFO or socket") == true,
+                "\(result.artifactsError ?? "no error")")
         #expect(!FileManager.default.fileExists(atPath: output), "nothing is kept")
+        #expect(result.timings.workspaceMs > 0 && result.timings.artifactsMs > 0)
     }
 }
 

@@ -81,8 +81,14 @@ func sha256(ofFile path: String) throws -> String {
         let image = try buildImage(scratch) { t in try t.file("out/a", "a") }
         let output = scratch.path("existing")
         try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: false)
-        let report = try ArtifactExtractor.extract(image: image, guestDirectory: "/out", into: output)
+        try FileManager.default.setAttributes([.posixPermissions: 0o700], ofItemAtPath: output)
+        // The caller's own path may go through a link.
+        try FileManager.default.createSymbolicLink(atPath: scratch.path("via-link"), withDestinationPath: output)
+        let report = try ArtifactExtractor.extract(image: image, guestDirectory: "/out", into: scratch.path("via-link"))
         #expect(report.artifacts.map(\.path) == ["a"])
+        #expect(try String(contentsOfFile: output + "/a", encoding: .utf8) == "a")
+        var info = stat()
+        #expect(stat(output, &info) == 0 && info.st_mode & 0o777 == 0o700, "an existing output directory keeps its mode")
 
         let none = try ArtifactExtractor.extract(image: image, guestDirectory: "/nothing/here", displayPrefix: "/workspace/nothing/here",
                                                  into: scratch.path("none"))
