@@ -120,8 +120,8 @@ public final class Agent {
                 if request.shutdownAfter || stop { return }
             case .shutdown:
                 return
-            case .stdin, .stdinEOF:
-                continue  // for a run that has ended: its unread stdin is dropped here
+            case .stdin, .stdinEOF, .signal:
+                continue  // for a run that has ended: its unread stdin and late signals are dropped here
             }
         }
     }
@@ -185,7 +185,7 @@ public final class Agent {
         let creds: Credentials
         switch Accounts.resolve(request.user, passwd: passwd, groups: groups) {
         case let .success(c): creds = c
-        case let .failure(e): return .failure(e)
+        case let .failure(e): return .failure(.setup(e.description))
         }
         if creds.uid != 0, let problem = DiskMounts.give(Self.mountedDisks, to: creds, done: &givenTrees) {
             return .failure(.setup("the workspace could not be given to --user '\(request.user)' (uid \(creds.uid)): \(problem)"))

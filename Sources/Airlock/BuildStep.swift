@@ -1,7 +1,7 @@
 import AgentProtocol
 import AirlockOS
 import RootFS
-import VMM
+import SessionProtocol
 import WorkspaceDisks
 #if canImport(Glibc)
 import Glibc
@@ -104,6 +104,7 @@ final class BuildStep: @unchecked Sendable {
     /// directory in the root filesystem, or lie under another mount (the workspace, or
     /// /mnt, which becomes a tmpfs when something is mounted below it).
     static func checkDisks(_ config: SandboxConfig, rootfs: String, hasWorkspace: Bool) throws(SandboxError) {
+        if config.disks.isEmpty { return }
         let extra = config.disks.count - (hasWorkspace ? 1 : 0)
         guard extra <= Disk.maxExtra else {
             throw .invalidConfiguration("\(extra) disks are more than the \(Disk.maxExtra) a machine takes besides its root filesystem and workspace")
@@ -113,7 +114,7 @@ final class BuildStep: @unchecked Sendable {
             let isWorkspace = hasWorkspace && i == 0
             let option = isWorkspace ? "--workspace" : "--disk \(disk.path)"
             if !isWorkspace {
-                try ImageResolution.checkReadable(disk.path, what: "disk image", option: "--disk", installed: false)
+                _ = try ImageResolution.open(disk.path, what: "disk image", option: "--disk", installed: false)
             }
             guard let target = disk.guestPath else { continue }
             if let problem = GuestMount.targetProblem(target) {
@@ -186,9 +187,10 @@ final class BuildStep: @unchecked Sendable {
 }
 
 /// Where the agent mounts the machine's disks: the n-th entry of `disks` is
-/// the guest's /dev/vd(b+n) (the root filesystem is vda), mounted at its
-/// guest path, parents before children; a tmpfs goes on /mnt first when a
-/// disk is mounted below it, since the root filesystem is read-only.
+/// the guest's /dev/vd(b+n) (the VMM attaches the root filesystem, vda, and
+/// then the disks in order), mounted at its guest path, parents before
+/// children; a tmpfs goes on /mnt first when a disk is mounted below it,
+/// since the root filesystem is read-only.
 enum MountPlan {
     static func mounts(for disks: [Disk]) -> [GuestMount] {
         var mounts: [GuestMount] = []
@@ -206,20 +208,41 @@ enum MountPlan {
             return da != db ? da < db : a.offset < b.offset
         }.map(\.element)
     }
+}
 
-    /// Attaches `disks` to the machine (a descriptor from `open` when it has one for
-    /// the path: a jailed VMM's preopened images) and returns the kernel
-    /// command-line parameter that tells the agent where to mount them ("" for none).
-    static func attach(_ disks: [Disk], to machine: Machine,
-                       open: (@Sendable (String) -> OwnedFileDescriptor?)?) throws(VMMError) -> String {
-        for disk in disks {
-            if let file = open?(disk.path) {
-                try machine.addBlockDevice(file: file, path: disk.path, readOnly: disk.readOnly)
-            } else {
-                try machine.addBlockDevice(path: disk.path, readOnly: disk.readOnly)
-            }
+/// The disks a boot sends the VMM: opened here by the supervisor (read-only ones
+/// `O_RDONLY`, so no guest request can change them), with the parameter that tells
+/// the agent where to mount them and the largest writable one's size (the jail's
+/// RLIMIT_FSIZE: no write reaches past a disk's end).
+struct DiskFiles {
+    let files: [OwnedFileDescriptor]
+    let request: [BootRequest.Disk]
+    /// `AIRLOCK_MOUNTS=...` for the kernel command line, or "".
+    let commandLine: String
+    let writableBytes: UInt64
+
+    static func open(_ disks: [Disk]) throws(SandboxError) -> DiskFiles {
+        guard disks.count <= SessionProtocol.Limits.disks else {
+            throw .invalidConfiguration("\(disks.count) disks are more than a VM takes (\(SessionProtocol.Limits.disks))")
         }
-        let mounts = mounts(for: disks)
-        return mounts.isEmpty ? "" : "\(GuestMount.variable)=\(GuestMount.encode(mounts))"
+        var files: [OwnedFileDescriptor] = []
+        var writable: UInt64 = 0
+        for disk in disks {
+            let fd: OwnedFileDescriptor
+            do { fd = try OwnedFileDescriptor.open(disk.path, flags: disk.readOnly ? O_RDONLY : O_RDWR) } catch {
+                throw .invalidConfiguration(ImageResolution.problem(disk.path, what: "disk image", option: "--disk", installed: false,
+                                                                    errno: error.errno))
+            }
+            var info = stat()
+            guard fstat(fd.rawValue, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
+                throw .invalidConfiguration("disk image \(disk.path) is not a regular file: give the image file itself with --disk")
+            }
+            if !disk.readOnly { writable = max(writable, UInt64(info.st_size)) }
+            files.append(fd)
+        }
+        let mounts = MountPlan.mounts(for: disks)
+        return DiskFiles(files: files, request: disks.map { BootRequest.Disk(name: $0.path, readOnly: $0.readOnly) },
+                         commandLine: mounts.isEmpty ? "" : "\(GuestMount.variable)=\(GuestMount.encode(mounts))",
+                         writableBytes: writable)
     }
 }

@@ -15,6 +15,8 @@ struct RunReport: Encodable {
     let signal: Int32?
     let timedOut: Bool
     let outputTruncated: Bool
+    let stdoutDroppedBytes: UInt64
+    let stderrDroppedBytes: UInt64
     let failure: String?
     let systemEvent: String?
     let timings: RunTimings
@@ -30,6 +32,8 @@ struct RunReport: Encodable {
         signal = r.signal
         timedOut = r.timedOut
         outputTruncated = r.outputTruncated
+        stdoutDroppedBytes = r.stdoutDroppedBytes
+        stderrDroppedBytes = r.stderrDroppedBytes
         failure = r.failure
         systemEvent = r.systemEvent
         timings = r.timings
@@ -43,7 +47,8 @@ struct RunReport: Encodable {
 
     // Explicit so that a nil signal or failure is written as null: readers see every key.
     enum CodingKeys: String, CodingKey {
-        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings
+        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, stdoutDroppedBytes,
+             stderrDroppedBytes, failure, systemEvent, timings
         case artifacts, artifactsError
     }
     func encode(to encoder: Encoder) throws {
@@ -56,6 +61,8 @@ struct RunReport: Encodable {
         try c.encode(signal, forKey: .signal)
         try c.encode(timedOut, forKey: .timedOut)
         try c.encode(outputTruncated, forKey: .outputTruncated)
+        try c.encode(stdoutDroppedBytes, forKey: .stdoutDroppedBytes)
+        try c.encode(stderrDroppedBytes, forKey: .stderrDroppedBytes)
         try c.encode(failure, forKey: .failure)
         try c.encode(systemEvent, forKey: .systemEvent)
         try c.encode(timings, forKey: .timings)

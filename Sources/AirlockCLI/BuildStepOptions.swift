@@ -72,14 +72,16 @@ struct BuildStepOptions: ParsableArguments {
         config.disks = try disks.enumerated().map { try cli(BuildStepArguments.disk($1, index: $0)) }
     }
 
-    /// What came back, on stderr (stdout is the command's): a summary, the notes, or the refusal.
-    func reportArtifacts(_ result: RunResult) {
+    /// What came back, for stderr (stdout is the command's): a summary, the notes, or the refusal.
+    func artifactNotices(_ result: RunResult) -> [String] {
+        var notices: [String] = []
         if let report = result.artifacts {
             let files = report.artifacts.filter { $0.kind == .file }.count
             let entries = report.artifacts.count
-            printError("airlock: \(files) file\(files == 1 ? "" : "s") (\(report.totalBytes) bytes, \(entries) entr\(entries == 1 ? "y" : "ies")) copied to \(report.directory)")
-            for note in report.notes { printError("airlock: artifacts: \(note)") }
+            notices.append("airlock: \(files) file\(files == 1 ? "" : "s") (\(report.totalBytes) bytes, \(entries) entr\(entries == 1 ? "y" : "ies")) copied to \(report.directory)")
+            notices += report.notes.map { "airlock: artifacts: \($0)" }
         }
-        if let error = result.artifactsError { printError("airlock: \(error)") }
+        if let error = result.artifactsError { notices.append("airlock: \(error)") }
+        return notices
     }
 }

@@ -52,18 +52,22 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
         do { file = try OwnedFileDescriptor.open(path, flags: readOnly ? O_RDONLY : O_RDWR) } catch {
             throw FileAccessError(path: path, role: "disk image", underlying: error)
         }
-        try self.init(file: file, path: path, readOnly: readOnly, serial: serial)
+        try self.init(descriptor: file, path: path, readOnly: readOnly, serial: serial)
     }
 
-    /// A disk on a descriptor someone else opened (a jailed VMM gets its writable
-    /// images this way: the jail's uid may not open them). `path` names it in
-    /// messages. A read-only disk refuses writes whatever the descriptor allows,
-    /// and its descriptor should be O_RDONLY too.
-    public init(file: OwnedFileDescriptor, path: String, readOnly: Bool, serial: String = "airlock") throws(FileAccessError) {
+    /// A disk on a descriptor the caller opened (the supervisor, for a jailed VMM); `path`
+    /// names it in messages. A read-only disk's descriptor should be O_RDONLY: then no
+    /// request can change the file, whatever this device does.
+    public init(descriptor file: OwnedFileDescriptor, path: String, readOnly: Bool, serial: String = "airlock") throws(FileAccessError) {
         self.path = path
         self.readOnly = readOnly
         self.file = file
-        do { sectors = UInt64(try file.size(path: path)) / Self.sectorSize } catch {
+        do throws(SystemError) {
+            var info = stat()
+            _ = try retryingSyscall("fstat", subject: path) { fstat(file.rawValue, &info) }
+            guard (info.st_mode & S_IFMT) == S_IFREG else { throw SystemError("open", subject: path, errno: ENODEV) }
+            sectors = UInt64(info.st_size) / Self.sectorSize
+        } catch {
             throw FileAccessError(path: path, role: "disk image", underlying: error)
         }
         self.serial = Array(serial.utf8.prefix(20))

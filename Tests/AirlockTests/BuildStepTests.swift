@@ -168,7 +168,7 @@ final class BuildStepScratch {
 
         var config = SandboxConfig()
         config.disks = [Disk(s.root + "/no.ext4")]
-        #expect(s.refusal(Command(["true"]), config).contains("disk image \(s.root)/no.ext4 cannot be opened"))
+        #expect(s.refusal(Command(["true"]), config).contains("disk image \(s.root)/no.ext4 does not exist: check the path given to --disk"))
         config.disks = [Disk(s.root + "/src/main.c", guestPath: "/data")]
         #expect(s.refusal(Command(["true"]), config).contains("only ext2/3/4 images can be mounted at /data"))
         config.disks = [Disk(s.rootfs, guestPath: "/nowhere")]
@@ -206,7 +206,7 @@ struct BuildStepCLIInputTests {
         (["run", "--workspace", "/tmp", "--output", "/tmp/o", "--max-artifacts", "x", "--", "true"], "'x' is not a number of entries"),
         (["run", "--workspace", "/no/such/dir", "--", "true"], "workspace directory '/no/such/dir' cannot be read"),
         (["run", "--workspace", "/tmp", "--output", "/etc", "--", "true"], "output directory '/etc' is not empty"),
-        (["run", "--disk", "/no/such.ext4", "--", "true"], "disk image /no/such.ext4 cannot be opened"),
+        (["run", "--disk", "/no/such.ext4", "--", "true"], "disk image /no/such.ext4 does not exist: check the path given to --disk"),
         (["run", "--disk", "/etc/passwd", "--", "true"], "only ext2/3/4 images can be mounted at /mnt/disk0"),
         (["run", "--image", "Build!", "--", "true"], "--image 'Build!' is not an image name"),
         (["run", "--image", "nosuchimage", "--", "true"], "rootfs-nosuchimage.ext4 is not installed: build it with 'rootfs/build-debian.sh --name nosuchimage"),
