@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail fuzz-virtio clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail fuzz-virtio fuzz-artifacts rootfs-build clean doctor
 
 all: build
 
@@ -40,6 +40,11 @@ images: kernel rootfs
 rootfs-debian: deps
 	rootfs/build-debian.sh
 
+## rootfs-build: optional toolchain image (Debian with build-essential, make, python3, git and the
+## agent) for `airlock run --image build`; debootstrap, needs root and the Debian mirror
+rootfs-build: deps agent
+	rootfs/build-debian.sh --name build --agent $(AGENT) --include build-essential,make,git
+
 build: deps
 	$(SWIFT) build
 
@@ -63,11 +68,11 @@ test: images build
 test-unit: deps
 	AIRLOCK_SKIP_VM_TESTS=1 $(SWIFT) test
 
-## bench: every benchmark in one run (builds what it needs, installs QEMU to compare);
+## bench: every benchmark in one run (builds what it needs, the toolchain image included, installs QEMU to compare);
 ## writes $(BENCH_RESULTS) and regenerates docs/benchmarks.md and docs/boot-timeline.svg.
 ## Takes several minutes on a PVM host (each guest boot is tens of seconds).
 BENCH_RESULTS ?= bench/results/latest.json
-BENCH_ONLY ?= exits,start,boot,run,ctxswitch,blk,qemu,fuzz
+BENCH_ONLY ?= exits,start,boot,run,ctxswitch,blk,qemu,fuzz,workspace,build
 BENCH_QEMU ?= 1
 BENCH_MEMORY_MIB ?= 128
 BENCH_EXIT_ROUNDS ?= 7
@@ -77,7 +82,7 @@ BENCH_RUN_RUNS ?= 3
 BENCH_BLK_MIB ?= 16
 BENCH_BLK_PASSES ?= 3
 BENCH_PY = python3 bench/bench.py --bin "$$($(SWIFT) build -c release --show-bin-path)" --tools $(BENCH_OUT)
-bench: images bench-tools
+bench: images rootfs-build bench-tools
 	$(if $(filter 1,$(BENCH_QEMU)),scripts/ensure-packages.sh qemu-system-x86)
 	$(BENCH_PY) --out $(BENCH_RESULTS) \
 		--only $(if $(filter 1,$(BENCH_QEMU)),$(BENCH_ONLY),$(subst qemu,,$(BENCH_ONLY))) \
@@ -90,6 +95,7 @@ bench-tools: deps bench-c
 	$(SWIFT) build -c release --product airlock
 	$(SWIFT) build -c release --product airlock-bench-exits
 	$(SWIFT) build -c release --product airlock-fuzz-virtio
+	$(SWIFT) build -c release --product airlock-bench-workspace
 
 bench-c: deps
 	scripts/ensure-packages.sh python3
@@ -125,6 +131,12 @@ FUZZ_SEED ?= 1
 fuzz-virtio: deps
 	$(SWIFT) build -c release --product airlock-fuzz-virtio
 	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-virtio $(FUZZ_ITERATIONS) $(FUZZ_SEED)
+
+## fuzz-artifacts: seeded hostile workspace images against the artifact extractor and the ext4 tree reader
+FUZZ_ARTIFACT_ROUNDS ?= 5000
+fuzz-artifacts: deps
+	$(SWIFT) build -c release --product airlock-fuzz-artifacts
+	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-artifacts $(FUZZ_ARTIFACT_ROUNDS) $(FUZZ_SEED)
 
 clean:
 	rm -rf .build

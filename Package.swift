@@ -68,6 +68,11 @@ let package = Package(
             linkerSettings: [.unsafeFlags(["-static-executable"])]),
         // Read-only look-ups in an ext4 image (does the rootfs hold the agent?), without mounting it.
         .target(name: "RootFS", dependencies: ["AirlockOS"]),
+        // Workspace disks in, artifacts out: a host directory made into an ext4 image (mke2fs -d),
+        // and the files a guest left in it copied back as hostile input (RootFS reads the image).
+        .target(
+            name: "WorkspaceDisks", dependencies: ["RootFS", "COpenSSL"],
+            linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
         // libseccomp and libcap (Debian's -dev packages), through pkg-config.
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
@@ -89,7 +94,7 @@ let package = Package(
             name: "Airlock",
             dependencies: [
                 "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
-                "SessionProtocol", "SandboxEngine", "COpenSSL",
+                "SessionProtocol", "SandboxEngine", "COpenSSL", "WorkspaceDisks",
                 .product(name: "Logging", package: "swift-log"),
             ],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
@@ -111,6 +116,11 @@ let package = Package(
         // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).
         .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS", "SeededRandom"]),
 
+        // The workspace benchmark's Airlock side: image building and artifact extraction, timed (make bench).
+        .executableTarget(name: "airlock-bench-workspace", dependencies: ["WorkspaceDisks"]),
+        // Seeded hostile images against the artifact extractor and the tree reader under it (make fuzz-artifacts).
+        .executableTarget(name: "airlock-fuzz-artifacts", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
+
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "AirlockOS"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "AirlockOS", "SeededRandom"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices"]),
@@ -119,9 +129,10 @@ let package = Package(
         .testTarget(name: "SessionProtocolTests", dependencies: ["SessionProtocol", "AgentProtocol", "AirlockOS", "SeededRandom"]),
         .testTarget(name: "AgentCoreTests", dependencies: ["AgentCore", "AgentProtocol"]),
         .testTarget(name: "RootFSTests", dependencies: ["RootFS", "SeededRandom"]),
+        .testTarget(name: "WorkspaceDisksTests", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
         .testTarget(name: "SandboxEngineTests", dependencies: ["SandboxEngine", "AgentProtocol", "AirlockOS"]),
-        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices"]),
+        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices", "RootFS"]),
     ],
     swiftLanguageModes: [.v6]
 )

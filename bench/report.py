@@ -96,6 +96,21 @@ def summary(res):
         L.append(f"| `airlock run -- true`, first KVM_RUN to the agent's hello (`kernelBootMs`) | {mmm(t['kernelBootMs'], 2, 's', 1e-3)} | | |")
     elif rn and not rn.get("available", True):
         L.append(f"| `airlock run -- true` | not measured: {rn.get('reason')} | | |")
+    ws = res.get("workspace") or {}
+    for step, what in (("prepare", "workspace image of a {mib} MB tree of {files} files (mke2fs -d)"),
+                       ("extract", "artifact extraction of the same {mib} MB, {files} files")):
+        w = ws.get(step)
+        if w:
+            L.append(f"| {what.format(mib=ws['bytes'] >> 20, files=ws['files'])}, Airlock / `cp -a` "
+                     f"| **{w['ratio_of_medians']:.2f}x** ({num(w['airlock_ms']['median'], 1)} ms vs {num(w['cp_ms']['median'], 1)} ms; "
+                     f"per round {mmm(w['ratio_per_round'], 2)}) | at most 3x | {verdict(w['ratio_of_medians'] <= 3)} |")
+    bd = res.get("build") or {}
+    if bd.get("vm_wall_ms"):
+        L.append(f"| C build and test with the toolchain image, `airlock run` wall / the same on the host "
+                 f"| **{bd['wall_ratio']:,.0f}x** ({num(bd['vm_wall_ms']['median'] / 1000, 1)} s vs {num(bd['host_ms']['median'], 0)} ms; "
+                 f"the command alone {bd['command_ratio']:,.0f}x) | no target on a PVM host | |")
+    elif bd and not bd.get("available", True):
+        L.append(f"| C build with the toolchain image | not measured: {bd.get('reason')} | | |")
     cx = res.get("ctxswitch") or {}
     if cx.get("ratio_of_medians"):
         L.append(f"| guest context switch with XSAVE completed by the VMM / legacy-state switch | **{cx['ratio_of_medians']:.2f}x** "
@@ -457,6 +472,74 @@ Its output in this run ({'PASS' if fz.get('passed') else 'FAIL'}):
 """
 
 
+def workspace_md(ws):
+    err = section_error(ws, "workspace")
+    if err:
+        return err
+    rows = []
+    for step, label in (("prepare", "workspace image from the tree (`--workspace`)"), ("extract", "artifacts out of an image (`--output`)")):
+        w = ws[step]
+        rows.append(f"| {label}: Airlock (ms, in process) | {bold_cells(w['airlock_ms'])} | {w['airlock_ms']['n']} |")
+        rows.append(f"| the same, `airlock-bench-workspace` process wall (ms) | {cells(w['airlock_process_ms'])} | {w['airlock_process_ms']['n']} |")
+        rows.append(f"| `cp -a` of the same tree, process wall (ms) | {cells(w['cp_ms'])} | {w['cp_ms']['n']} |")
+        rows.append(f"| **ratio Airlock / `cp -a`** (per round) | {cells(w['ratio_per_round'], 2)} | target at most 3x; of the medians **{w['ratio_of_medians']:.2f}x** |")
+    table = "\n".join(rows)
+    return f"""A tree of {ws['files']} files of {ws['bytes'] // ws['files']:,} random bytes each ({ws['bytes'] >> 20} MB) in 20
+directories. Preparing a workspace is `WorkspaceImage.build`, what `airlock run
+--workspace` does before the boot: a walk of the tree for its size, then
+`mke2fs -d` into a sparse image with 1 GiB of free room (`timings.workspaceMs`
+in `--json`). Extraction is `ArtifactExtractor.extract` of the same tree from
+an image's /out into a new directory, every file checked, copied and hashed
+with SHA-256 (`timings.artifactsMs`). Each is compared with `cp -a` of the same
+tree into the same file system, in alternating rounds after a warm-up, with a
+`sync` before each side so that neither pays for the other's writeback.
+
+| | median | min | max | N |
+| --- | --- | --- | --- | --- |
+{table}
+"""
+
+
+def build_md(bd):
+    err = section_error(bd, "build")
+    if err:
+        return err
+    if not bd.get("available", True):
+        return f"Not measured: {bd['reason']}.\n"
+    if not bd.get("vm"):
+        return f"Every build in the VM failed in this run: `{(bd.get('failures') or [{}])[0]}`.\n"
+    files = ", ".join(f"`{f}`" for f in bd["files"])
+    v = bd["vm"][0]
+    phases = ", ".join(f"{k} {num(v['timings'][k] / 1000, 1)} s" for k in ("vmmStartMs", "kernelBootMs", "agentReadyMs", "commandMs", "shutdownMs"))
+    return f"""A small C project made up by the benchmark ({files}: four objects, a
+link, and a `make test` that runs the binary twice) built with
+
+```sh
+airlock run --image build --json --workspace calc --output built -- sh -c '{bd['script']}'
+```
+
+on the toolchain image (`make rootfs-build`), against `sh -c '{bd['script']}'`
+in a copy of the project on the host. The binary that comes out is run on the
+host and must print the right answer.
+
+| | median | min | max | N |
+| --- | --- | --- | --- | --- |
+| host: the build and its test (ms) | {cells(bd['host_ms'], 0)} | {bd['host_ms']['n']} |
+| VM: `airlock run` wall (s) | {bold_cells(bd['vm_wall_ms'], 1, 1e-3)} | {bd['vm_wall_ms']['n']} |
+| VM: the command alone, `commandMs` (s) | {cells(bd['vm_command_ms'], 1, 1e-3)} | {bd['vm_command_ms']['n']} |
+| VM: boot to the agent, `kernelBootMs` (s) | {cells(bd['vm_boot_ms'], 1, 1e-3)} | {bd['vm_boot_ms']['n']} |
+| workspace image / artifacts (ms) | {num(bd['vm_workspace_ms']['median'], 1)} / {num(bd['vm_artifacts_ms']['median'], 1)} | | | |
+| **ratio VM wall / host** | **{bd['wall_ratio']:,.0f}x** | | | the command alone {bd['command_ratio']:,.0f}x |
+
+Phases of the first run: {phases}. On this host the guest kernel is emulated,
+and a build is mostly kernel work for it (a fork and an exec for every compiler
+pass, page faults for every binary the compiler maps), so the compiler's own
+user-mode work, which runs natively, is a small part of the time. On a host
+with hardware virtualization the guest kernel runs natively; this benchmark
+measures the ratio there too.
+"""
+
+
 def not_measured(res):
     L = []
     host = res.get("host", {})
@@ -542,6 +625,12 @@ the measurements took {res.get('seconds', 0):.0f} s. Parameters: guest memory {p
 ## virtio fuzzing
 
 {fuzz_md(res.get('fuzz'))}
+## Workspace in, artifacts out
+
+{workspace_md(res.get('workspace'))}
+## A C build step with the toolchain image
+
+{build_md(res.get('build'))}
 ## Not measured in this run
 
 {not_measured(res)}"""

@@ -17,6 +17,8 @@ public struct HostReport: Sendable {
     public let profile: HostProfile
     public let images: [ImageStore.Image]
     public let imagesDirectory: String
+    /// The toolchain image (`--image build`): where it is, or how to build it.
+    public var toolchainImage: String = ""
 
     public var allOK: Bool { checks.allSatisfy(\.ok) }
 
@@ -59,7 +61,19 @@ public struct HostReport: Sendable {
             }
         }
         checks.append(Check(name: "guest agent", ok: agentOK, detail: agentDetail))
-        return HostReport(checks: checks, profile: profile, images: images, imagesDirectory: store.imagesDirectory)
+        // Optional: its absence is information, not a failure.
+        let toolchain = store.rootfsPath(image: ImageStore.toolchainImage)
+        var toolchainDetail = "not installed (optional: 'make rootfs-build' for airlock run --image build)"
+        if ImageStore.exists(toolchain) {
+            do {
+                try AgentCheck.verify(rootfs: toolchain, agentPath: SandboxConfig().agentPath)
+                toolchainDetail = "\(toolchain) (airlock run --image build)"
+            } catch {
+                toolchainDetail = "\(toolchain) has no usable agent: rebuild it with 'make rootfs-build' (\(error))"
+            }
+        }
+        return HostReport(checks: checks, profile: profile, images: images, imagesDirectory: store.imagesDirectory,
+                          toolchainImage: toolchainDetail)
     }
 
     public var text: String {
@@ -74,6 +88,7 @@ public struct HostReport: Sendable {
         for i in images {
             lines.append("       \(i.name)  \(i.size) bytes  sha256 \(i.sha256)")
         }
+        if !toolchainImage.isEmpty { lines.append("     toolchain image: \(toolchainImage)") }
         return lines.joined(separator: "\n")
     }
 }

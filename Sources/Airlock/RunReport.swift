@@ -20,6 +20,8 @@ struct RunReport: Encodable {
     let failure: String?
     let systemEvent: String?
     let timings: RunTimings
+    let artifacts: ArtifactsReport?
+    let artifactsError: String?
 
     init(_ r: RunResult) {
         stdout = r.stdoutText
@@ -35,6 +37,8 @@ struct RunReport: Encodable {
         failure = r.failure
         systemEvent = r.systemEvent
         timings = r.timings
+        artifacts = r.artifacts.map(ArtifactsReport.init)
+        artifactsError = r.artifactsError
     }
 
     static func base64UnlessText(_ bytes: [UInt8]) -> String? {
@@ -45,6 +49,7 @@ struct RunReport: Encodable {
     enum CodingKeys: String, CodingKey {
         case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, stdoutDroppedBytes,
              stderrDroppedBytes, failure, systemEvent, timings
+        case artifacts, artifactsError
     }
     func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
@@ -61,6 +66,38 @@ struct RunReport: Encodable {
         try c.encode(failure, forKey: .failure)
         try c.encode(systemEvent, forKey: .systemEvent)
         try c.encode(timings, forKey: .timings)
+        try c.encode(artifacts, forKey: .artifacts)
+        try c.encode(artifactsError, forKey: .artifactsError)
+    }
+}
+
+/// `artifacts` in the `--json` document: the output directory, every entry
+/// with its path, kind, size, SHA-256 (files), link target (links) and mode,
+/// the bytes written, and the notes about what was neutralised.
+struct ArtifactsReport: Encodable {
+    struct Entry: Encodable {
+        let artifact: Artifact
+        enum CodingKeys: String, CodingKey { case path, kind, size, sha256, linkTarget, mode }
+        func encode(to encoder: Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(artifact.path, forKey: .path)
+            try c.encode(artifact.kind.rawValue, forKey: .kind)
+            try c.encode(artifact.size, forKey: .size)
+            try c.encode(artifact.sha256, forKey: .sha256)
+            try c.encode(artifact.linkTarget, forKey: .linkTarget)
+            try c.encode(String(artifact.mode, radix: 8), forKey: .mode)
+        }
+    }
+    let directory: String
+    let files: [Entry]
+    let totalBytes: UInt64
+    let notes: [String]
+
+    init(_ r: ArtifactReport) {
+        directory = r.directory
+        files = r.artifacts.map(Entry.init)
+        totalBytes = r.totalBytes
+        notes = r.notes
     }
 }
 

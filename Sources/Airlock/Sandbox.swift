@@ -38,10 +38,17 @@ public final class Sandbox: Sendable {
     /// - Parameter requestedAt: when the caller's request began (monotonic ns), for `RunTimings.vmmStartMs`.
     public static func boot(_ config: SandboxConfig, requestedAt: UInt64? = nil,
                             logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> Sandbox {
+        try await boot(config, requestedAt: requestedAt, logger: logger, checkDisks: true)
+    }
+
+    /// `checkDisks`: the caller's disks are checked against the root filesystem first (a build
+    /// step has checked its own already).
+    static func boot(_ config: SandboxConfig, requestedAt: UInt64?, logger: Logger, checkDisks: Bool) async throws(SandboxError) -> Sandbox {
         let start = requestedAt ?? monotonicNanoseconds()
         let handle = StopHandle()
         let client = try await cancellable(handle) { () throws(SandboxError) -> SessionClient in
-            try bootBlocking(config, requestedAt: start, logger: logger, stop: handle)
+            if checkDisks && !config.disks.isEmpty { _ = try prepareBuildStep(Command(["true"]), config: config) }
+            return try bootBlocking(config, requestedAt: start, logger: logger, stop: handle)
         }
         return Sandbox(client: client)
     }
@@ -50,12 +57,14 @@ public final class Sandbox: Sendable {
     /// Cancelling the task stops the VM (the run then fails).
     public func run(_ command: Command) async throws(SandboxError) -> RunResult {
         try CommandValidation.check(command, config: client.config)
+        try BuildStep.refuseInSession(command)
         return try await perform(command, shutdownAfter: false)
     }
 
     /// Runs one command and then ends the VM (the agent syncs and reboots after reporting).
     public func runAndShutDown(_ command: Command) async throws(SandboxError) -> RunResult {
         try CommandValidation.check(command, config: client.config)
+        try BuildStep.refuseInSession(command)
         return try await perform(command, shutdownAfter: true)
     }
 
@@ -88,12 +97,22 @@ public final class Sandbox: Sendable {
     /// How the VM ended, once it has ("reset on vCPU 0: i8042 reset ...").
     public var systemEvent: String? { client.systemEvent }
 
-    /// Boots a fresh VM, runs `command` in it, and ends the VM: `airlock run`.
+    /// Boots a fresh VM, runs `command` in it, and ends the VM: `airlock run`. With
+    /// `command.workspace` the directory is copied into a disk first, and with
+    /// `command.artifacts` the files the command left come back once the VM has ended.
     public static func run(_ command: Command, config: SandboxConfig = SandboxConfig(), requestedAt: UInt64? = nil,
                            logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> RunResult {
+        let start = requestedAt ?? monotonicNanoseconds()
         try CommandValidation.check(command, config: config)  // before the boot, so a bad command costs no VM
-        let sandbox = try await boot(config, requestedAt: requestedAt ?? monotonicNanoseconds(), logger: logger)
-        return try await sandbox.perform(command, shutdownAfter: true)
+        let step = try await onThread { () throws(SandboxError) -> BuildStep in try prepareBuildStep(command, config: config) }
+        let sandbox = try await boot(step.config, requestedAt: start, logger: logger, checkDisks: false)
+        let result = try await sandbox.perform(step.command, shutdownAfter: true)
+        return try await onThread { () throws(SandboxError) -> RunResult in
+            var collected = result
+            step.collect(into: &collected)
+            step.cleanUp()
+            return collected
+        }
     }
 
     /// `run` for callers that are threads already (the CLI's main thread). `stop` lets another
@@ -101,9 +120,23 @@ public final class Sandbox: Sendable {
     public static func runBlocking(_ command: Command, config: SandboxConfig, requestedAt: UInt64, logger: Logger,
                                    stop: StopHandle = StopHandle()) throws(SandboxError) -> RunResult {
         try CommandValidation.check(command, config: config)
-        let client = try bootBlocking(config, requestedAt: requestedAt, logger: logger, stop: stop)
+        let step = try prepareBuildStep(command, config: config)
+        defer { step.cleanUp() }
+        let client = try bootBlocking(step.config, requestedAt: requestedAt, logger: logger, stop: stop)
         defer { client.terminate() }
-        return try client.run(command, shutdownAfter: true)
+        var result = try client.run(step.command, shutdownAfter: true)
+        step.collect(into: &result)
+        return result
+    }
+
+    /// The workspace image built, and the disks checked against the root filesystem
+    /// (BuildStep.swift); nothing to do without either.
+    static func prepareBuildStep(_ command: Command, config: SandboxConfig) throws(SandboxError) -> BuildStep {
+        let rootfs = config.rootfsPath ?? ImageStore().rootfsPath
+        if command.workspace != nil || command.artifacts != nil || !config.disks.isEmpty {
+            _ = try ImageResolution.open(rootfs, what: "root filesystem", option: "--rootfs", installed: config.rootfsPath == nil)
+        }
+        return try BuildStep.prepare(command, config: config, rootfs: rootfs)
     }
 
     static func bootBlocking(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger, stop: StopHandle) throws(SandboxError) -> SessionClient {

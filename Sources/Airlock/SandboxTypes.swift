@@ -35,6 +35,8 @@ public struct SandboxConfig: Sendable, Codable, Equatable {
     public var vmmLogLevel: Logger.Level = .warning
     /// The first part of the jail's name (vm-<pid>-<n>): tests tell their jails apart by it.
     var jailTag = "vm"
+    /// Images attached after the root filesystem, as /dev/vdb, /dev/vdc, ... (BuildStepTypes.swift).
+    public var disks: [Disk] = []
     #if DEBUG
     /// Tests only: a forbidden system call the jailed VMM makes once its filters are on
     /// ("main:execve"), to prove they hold. Not in release builds.
@@ -92,6 +94,10 @@ public struct Command: Sendable {
     /// Per stream: bytes beyond it are dropped and the result is flagged. nil: unlimited when
     /// streaming, `Command.captureLimit` when captured.
     public var maxOutputBytes: Int?
+    /// A host directory copied into the guest (and the default working directory); one-shot runs only.
+    public var workspace: Workspace?
+    /// Files to bring back from the workspace after the command (BuildStepTypes.swift).
+    public var artifacts: ArtifactRequest?
 
     /// The most a captured stream keeps when no `maxOutputBytes` is given.
     public static let captureLimit = 64 << 20
@@ -125,6 +131,10 @@ public struct RunResult: Sendable, Codable, Equatable {
     /// How the VM ended ("reset on vCPU 0: ..."), nil while it still runs (sessions) or when the host stopped it.
     public var systemEvent: String?
     public var timings = RunTimings()
+    /// What came back from the workspace (`Command.artifacts`); nil when nothing was asked or it was refused.
+    public var artifacts: ArtifactReport?
+    /// Why the artifacts were refused or not collected; nothing was kept in the output directory then.
+    public var artifactsError: String?
 
     public init() {}
 
@@ -145,6 +155,10 @@ public struct RunTimings: Sendable, Codable, Equatable {
     /// From the exit report to the VM's end: output drained, disks synced, reboot.
     public var shutdownMs: Double = 0
     public var totalMs: Double = 0
+    /// Building the workspace image from the host directory, before the VM (0 without a workspace).
+    public var workspaceMs: Double = 0
+    /// Copying the artifacts out of the workspace image, after the VM (0 without artifacts).
+    public var artifactsMs: Double = 0
     public init() {}
 }
 

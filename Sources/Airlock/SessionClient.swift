@@ -70,21 +70,23 @@ final class SessionClient: @unchecked Sendable {
     /// its agent's hello. `stop` can end it from another thread from the moment the VMM exists.
     static func boot(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger, stop: StopHandle = StopHandle()) throws(SandboxError) -> SessionClient {
         let images = try ImageResolution.resolve(config)
+        let disks = try DiskFiles.open(config.disks)  // the workspace and --disk images (BuildStep.swift)
         try HostMemory.check(guestMiB: config.memoryMiB)
         let profile = config.hostProfile ?? .detect()  // here, outside the jail: it has no /sys
         let (ours, theirs): (UnixSocket, UnixSocket)
         do { (ours, theirs) = try UnixSocket.pair() } catch { throw .vmm("cannot create the session socket: \(error)") }
         do { try ours.setSendTimeout(seconds: margins.send) } catch { throw .vmm("\(error)") }
         // The VMM's end must not stay open here as well: its EOF is how a VMM's death shows.
-        let host = try launch(config, socket: consume theirs, logger: logger)
+        let host = try launch(config, socket: consume theirs, writableBytes: disks.writableBytes, logger: logger)
         let client = SessionClient(channel: SessionChannel(socket: ours), host: host, config: config, logger: logger)
         stop.set(client)
-        try client.start(images: images, profile: profile, requestedAt: requestedAt)
+        try client.start(images: images, disks: disks, profile: profile, requestedAt: requestedAt)
         return client
     }
 
     /// Starts the VMM on its end of the session socket (the caller keeps none of it).
-    private static func launch(_ config: SandboxConfig, socket theirs: consuming UnixSocket, logger: Logger) throws(SandboxError) -> VMMHost {
+    private static func launch(_ config: SandboxConfig, socket theirs: consuming UnixSocket, writableBytes: UInt64,
+                               logger: Logger) throws(SandboxError) -> VMMHost {
         let host: VMMHost
         switch config.isolation {
         case .jailed:
@@ -96,14 +98,14 @@ final class SessionClient: @unchecked Sendable {
                 executable: try VMMJail.executable(config.vmmExecutable), arguments: arguments, socket: theirs,
                 limits: CgroupLimits(memoryBytes: (UInt64(config.memoryMiB) << 20) + VMMJail.memoryAllowance, tasks: 64,
                                      cpus: Double(config.cpus) + VMMJail.cpuAllowance),
-                writableBytes: 0, stderr: config.consoleFD ?? 2, tag: config.jailTag, logger: logger)
+                writableBytes: writableBytes, stderr: config.consoleFD ?? 2, tag: config.jailTag, logger: logger)
         case .unjailed:
             host = try InProcessVMM(socket: theirs, logger: Logger(label: "airlock.vmm"))
         }
         return host
     }
 
-    private func start(images: ImageResolution.Images, profile: HostProfile, requestedAt: UInt64) throws(SandboxError) {
+    private func start(images: ImageResolution.Images, disks: DiskFiles, profile: HostProfile, requestedAt: UInt64) throws(SandboxError) {
         busy.wait()
         defer { busy.signal() }
         switch try receive(until: Self.deadline(after: Self.margins.hello), while: "starting") {
@@ -112,10 +114,12 @@ final class SessionClient: @unchecked Sendable {
         }
         let request = BootRequest(
             memoryMiB: UInt32(config.memoryMiB), cpus: UInt32(config.cpus), bootTimeoutSeconds: config.bootTimeoutSeconds,
-            kernelCommandLine: config.extraKernelCommandLine, agentPath: config.agentPath, hostProfile: profile.wireName,
-            kernelName: images.kernelName, rootfsName: images.rootfsName, copyConsoleToStderr: config.consoleFD != nil,
+            kernelCommandLine: [config.extraKernelCommandLine, disks.commandLine].filter { !$0.isEmpty }.joined(separator: " "),
+            agentPath: config.agentPath, hostProfile: profile.wireName,
+            kernelName: images.kernelName, rootfsName: images.rootfsName, disks: disks.request, copyConsoleToStderr: config.consoleFD != nil,
             logLevel: config.vmmLogLevel.rawValue, requestedAt: requestedAt)
-        try send(.boot(request), descriptors: [images.kvm.fileDescriptor, images.kernel.rawValue, images.rootfs.rawValue], while: "booting")
+        try send(.boot(request), descriptors: [images.kvm.fileDescriptor, images.kernel.rawValue, images.rootfs.rawValue]
+                    + disks.files.map(\.rawValue), while: "booting")
         // A margin over the VMM's own boot timeout: it reports that itself.
         switch try receive(until: Self.deadline(after: config.bootTimeoutSeconds + Self.margins.boot), while: "booting") {
         case let .booted(report):

@@ -27,6 +27,12 @@ struct Run: ParsableCommand {
 
             The VMM runs in a jail (its own namespaces, a pivot_root directory, a cgroup, no \
             capabilities, seccomp; see docs/security.md), which needs root; --no-jail is for debugging only.
+
+            Build steps (docs/build-steps.md): --workspace DIR copies DIR into the guest at /workspace \
+            (the command's working directory), --output OUT brings back what the command left in \
+            /workspace/out, checked as hostile input; a refused artifact exits 125 and keeps nothing. \
+            --image build boots the toolchain image (make rootfs-build). Example: \
+            airlock run --image build --workspace ./hello --output ./built -- sh -c 'make && mkdir -p out && cp hello out/'
             """)
 
     @Option(help: "The guest kernel (vmlinux or bzImage). Default: the installed image (make images).")
@@ -46,8 +52,8 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("env"), help: "Set NAME=VALUE in the command's environment, or NAME to copy this process's value (repeatable).")
     var environment: [String] = []
 
-    @Option(help: "The command's working directory in the guest.")
-    var workdir: String = "/"
+    @Option(help: "The command's working directory in the guest (default: the workspace, else /).")
+    var workdir: String?
 
     @Option(help: "Run as NAME, UID, NAME:GROUP or UID:GID (from the guest's /etc/passwd and /etc/group, checked before the boot). Default: root.")
     var user: String?
@@ -78,6 +84,8 @@ struct Run: ParsableCommand {
     @Option(help: .hidden)
     var testViolation: String?
     #endif
+
+    @OptionGroup(title: "Build steps") var buildStep: BuildStepOptions
 
     @OptionGroup var logging: LoggingOptions
 
@@ -143,7 +151,7 @@ struct Run: ParsableCommand {
 
         var cmd = Command(argv)
         cmd.environment = try parsedEnvironment(ProcessInfo.processInfo.environment)
-        cmd.workingDirectory = workdir
+        cmd.workingDirectory = workdir ?? "/"
         cmd.user = user ?? ""
         cmd.timeoutSeconds = timeout
         cmd.maxOutputBytes = try maxOutput.map { try cli(SizeArgument.bytes($0, option: "--max-output")) }
@@ -152,6 +160,7 @@ struct Run: ParsableCommand {
             cmd.stdout = .fileDescriptor(1)
             cmd.stderr = .fileDescriptor(2)
         }
+        try buildStep.apply(to: &cmd, config: &config)
 
         let result: RunResult
         let stop = StopHandle()
@@ -188,10 +197,13 @@ struct Run: ParsableCommand {
                     notices.append("airlock: \(stream) was cut at --max-output \(maxOutput): \(dropped) more bytes were dropped")
                 }
             }
+            notices += buildStep.artifactNotices(result)
             // A notice goes on a line of its own, even after output that did not end one.
             if !notices.isEmpty && result.stderrEndsMidLine { writeToStandardError("\n") }
             for n in notices { printError(n) }
         }
+        // Artifacts that were refused (or never collected) fail the step, whatever the command said.
+        if result.artifactsError != nil && !result.timedOut { throw ExitCode(SandboxExitCode.airlockFailed) }
         throw ExitCode(result.exitCode)
     }
 }
