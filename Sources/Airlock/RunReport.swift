@@ -3,8 +3,8 @@ import FoundationEssentials
 import Glibc
 #endif
 
-/// The `--json` document.
-struct RunReport: Encodable {
+/// The `--json` document (also the receipt `airlock serve` answers with).
+public struct RunReport: Encodable, Sendable {
     let stdout: String
     let stderr: String
     /// The exact bytes, base64, when they are not valid UTF-8 (the text above
@@ -19,7 +19,7 @@ struct RunReport: Encodable {
     let systemEvent: String?
     let timings: RunTimings
 
-    init(_ r: RunResult) {
+    public init(_ r: RunResult) {
         stdout = r.stdoutText
         stderr = r.stderrText
         stdoutBase64 = Self.base64UnlessText(r.stdout)
@@ -41,7 +41,7 @@ struct RunReport: Encodable {
     enum CodingKeys: String, CodingKey {
         case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings
     }
-    func encode(to encoder: Encoder) throws {
+    public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(stdout, forKey: .stdout)
         try c.encode(stderr, forKey: .stderr)
