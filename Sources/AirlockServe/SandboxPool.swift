@@ -96,6 +96,8 @@ actor SandboxPool {
     private var poolBoots: Set<UInt64> = []
     private var privateBoots: [UInt64: UInt64] = [:]  // boot -> waiter
     private var bootTasks: [UInt64: Task<Void, Never>] = [:]
+    /// Boots cancelled because nobody will need them (a drain); their VMs still count until they end.
+    private var stoppingBoots: Set<UInt64> = []
     private var busy = 0
     private var destroying = 0
     private var draining = false
@@ -117,10 +119,11 @@ actor SandboxPool {
         metrics.poolSize.set(Double(settings.size))
     }
 
-    private var slotsUsed: Int { ready.count + poolBoots.count + privateBoots.count + busy + destroying }
+    private var slotsUsed: Int { ready.count + poolBoots.count + privateBoots.count + stoppingBoots.count + busy + destroying }
 
     var status: PoolStatus {
-        PoolStatus(size: settings.size, ready: ready.count, booting: poolBoots.count + privateBoots.count, busy: busy + destroying,
+        PoolStatus(size: settings.size, ready: ready.count, booting: poolBoots.count + privateBoots.count + stoppingBoots.count,
+                   busy: busy + destroying,
                    queued: waiters.count, maxConcurrent: settings.maxConcurrent, draining: draining)
     }
 
@@ -222,12 +225,15 @@ actor SandboxPool {
         var free = settings.maxConcurrent - slotsUsed
         // Pool boots in flight not yet spoken for by a waiter.
         var spare = poolBoots.count
-        for index in waiters.indices where free > 0 {
+        for index in waiters.indices {
             if waiters[index].usesPool {
-                if spare > 0 { spare -= 1; continue }
-                launchBoot(for: nil)
-                free -= 1
-            } else if waiters[index].privateBoot == nil {
+                if spare > 0 {
+                    spare -= 1
+                } else if free > 0 {
+                    launchBoot(for: nil)
+                    free -= 1
+                }
+            } else if waiters[index].privateBoot == nil, free > 0 {
                 waiters[index].privateBoot = launchBoot(for: waiters[index])
                 free -= 1
             }
@@ -237,6 +243,13 @@ actor SandboxPool {
                 launchBoot(for: nil)
                 free -= 1
                 spare += 1
+            }
+        } else {
+            // Draining: a pool boot no waiting request needs is stopped rather than finished and destroyed.
+            for id in poolBoots.prefix(spare) {
+                poolBoots.remove(id)
+                stoppingBoots.insert(id)
+                bootTasks[id]?.cancel()
             }
         }
     }
@@ -260,6 +273,8 @@ actor SandboxPool {
         bootTasks[id] = nil
         let waiterID = privateBoots.removeValue(forKey: id)
         poolBoots.remove(id)
+        let stopped = stoppingBoots.remove(id) != nil
+        let cancelled = cancelled || stopped
         switch result {
         case let .success(sandbox):
             metrics.prepared(sandbox.origin, ok: true)
@@ -324,7 +339,7 @@ actor SandboxPool {
 
     private func updateGauges() {
         metrics.ready.set(Double(ready.count))
-        metrics.booting.set(Double(poolBoots.count + privateBoots.count))
+        metrics.booting.set(Double(poolBoots.count + privateBoots.count + stoppingBoots.count))
         metrics.busy.set(Double(busy + destroying))
     }
 

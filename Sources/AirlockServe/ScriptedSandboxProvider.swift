@@ -12,11 +12,13 @@ import Glibc
 ///
 /// Commands: `true`, `false`, `exit N`, `echo ARGS...`, `cat` (stdin to stdout),
 /// `sleep SECONDS` (honours timeoutSeconds and cancellation), `chunks N TEXT`
-/// (N stdout writes), `stderr TEXT`, `bytes HEX` (raw stdout bytes), `crash` (the
-/// "VMM" dies: the run throws). Anything else is "not found" (127).
+/// (N stdout writes), `stderr TEXT`, `bytes HEX` (raw stdout bytes), `hold KEY` (runs
+/// until `release(KEY)`, its timeout or cancellation), `crash` (the "VMM" dies: the run
+/// throws). Anything else is "not found" (127).
 public final class ScriptedSandboxProvider: SandboxProvider {
     public let bootDelay: Duration
     private let counts = Mutex<(prepared: Int, destroyed: Int, live: Int, failNextBoots: Int)>((0, 0, 0, 0))
+    private let released = Mutex<Set<String>>([])
 
     public init(bootDelay: Duration = .milliseconds(20)) { self.bootDelay = bootDelay }
 
@@ -26,6 +28,11 @@ public final class ScriptedSandboxProvider: SandboxProvider {
     public var prepared: Int { counts.withLock { $0.prepared } }
     public var destroyed: Int { counts.withLock { $0.destroyed } }
     public var live: Int { counts.withLock { $0.live } }
+
+    /// Lets the runs of `hold KEY` end (exit 0).
+    public func release(_ key: String) { _ = released.withLock { $0.insert(key) } }
+
+    func isReleased(_ key: String) -> Bool { released.withLock { $0.contains(key) } }
 
     /// The next `n` boots fail (a broken image, say).
     public func failNextBoots(_ n: Int) { counts.withLock { $0.failNextBoots = n } }
@@ -121,11 +128,43 @@ final class ScriptedSandbox: ReadySandbox {
                 result.exitCode = SandboxExitCode.timeout
                 return result
             }
+        case "hold":
+            let key = args.first ?? ""
+            let deadline = command.timeoutSeconds.map { monotonicNanoseconds() &+ UInt64($0 * 1e9) } ?? .max
+            while !provider.isReleased(key) {
+                if monotonicNanoseconds() >= deadline {
+                    result.timedOut = true
+                    result.exitCode = SandboxExitCode.timeout
+                    return result
+                }
+                do {
+                    try await Task.sleep(for: .milliseconds(5))
+                } catch {
+                    result.failure = "the VM was stopped before the command finished"
+                    result.exitCode = SandboxExitCode.airlockFailed
+                    return result
+                }
+            }
         case "crash":
             throw .vmm("the VMM process died (scripted crash)")
         default:
             result.failure = "command not found: \(command.arguments[0])"
             result.exitCode = SandboxExitCode.commandNotFound
+        }
+        // Handlers get the output on a thread of their own, as a real sandbox's output threads
+        // deliver it: a handler may block (a slow client), which must not hold a Swift task's thread.
+        let handed = [out.handedOver, err.handedOver].flatMap { $0 }
+        if !handed.isEmpty {
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                do {
+                    try startDetachedThread {
+                        for (handler, bytes) in handed { handler(bytes) }
+                        done.resume()
+                    }
+                } catch {
+                    done.resume()
+                }
+            }
         }
         result.stdout = out.captured
         result.stderr = err.captured
@@ -141,6 +180,8 @@ final class ScriptedSandbox: ReadySandbox {
         let destination: OutputDestination
         let limit: Int
         var captured: [UInt8] = []
+        /// Chunks for a `.handler`, delivered after the command (on a thread of their own).
+        var handedOver: [(@Sendable ([UInt8]) -> Void, [UInt8])] = []
         var sent = 0
         var truncated = false
 
@@ -157,7 +198,7 @@ final class ScriptedSandbox: ReadySandbox {
             guard !kept.isEmpty else { return }
             switch destination {
             case .capture: captured.append(contentsOf: kept)
-            case let .handler(h): h(kept)
+            case let .handler(h): handedOver.append((h, kept))
             case let .fileDescriptor(fd): kept.withUnsafeBytes { _ = Glibc.write(fd, $0.baseAddress, $0.count) }
             }
         }
