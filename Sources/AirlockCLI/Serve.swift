@@ -151,7 +151,7 @@ struct Serve: ParsableCommand {
         configuration.socketMode = UInt32(socketMode, radix: 8) ?? 0o600
 
         let provider: any SandboxProvider = testProvider == "scripted"
-            ? ScriptedSandboxProvider() : BootingSandboxProvider(logger: Logger(label: "airlock.sandbox"))
+            ? ScriptedSandboxProvider(bootDelay: .milliseconds(1)) : BootingSandboxProvider(logger: Logger(label: "airlock.sandbox"))
         let server: AirlockServer
         do {
             server = try AirlockServer(configuration: configuration, provider: provider)

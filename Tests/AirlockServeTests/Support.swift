@@ -194,11 +194,12 @@ final class TestServer: @unchecked Sendable {
     }
 
     /// Polls `condition` until it holds or `seconds` pass.
-    static func eventually(_ seconds: Double = 10, _ condition: () async throws -> Bool) async rethrows -> Bool {
+    static func eventually(_ seconds: Double = 10, every interval: Duration = .milliseconds(20),
+                           _ condition: () async throws -> Bool) async rethrows -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
             if try await condition() { return true }
-            try? await Task.sleep(for: .milliseconds(20))
+            try? await Task.sleep(for: interval)
         }
         return try await condition()
     }
