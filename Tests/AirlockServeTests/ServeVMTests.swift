@@ -39,13 +39,19 @@ final class KillableProvider: SandboxProvider, @unchecked Sendable {
         func destroy() async { await inner.destroy() }
         func runOnce(_ command: Command) async throws(SandboxError) -> RunResult {
             guard let after = provider.takeKill() else { return try await inner.runOnce(command) }
+            // The VM is stopped under the command the way a dying VMM stops it: its run ends
+            // with the machine, not with the command (Sandbox stops the VM when the task running
+            // the command is cancelled).
             let inner = self.inner
+            let run = Task { () -> Result<RunResult, SandboxError> in
+                do throws(SandboxError) { return .success(try await inner.runOnce(command)) } catch { return .failure(error) }
+            }
             let killer = Task {
                 try? await Task.sleep(for: .seconds(after))
-                await inner.destroy()
+                run.cancel()
             }
             defer { killer.cancel() }
-            return try await inner.runOnce(command)
+            return try await run.value.get()
         }
     }
 }
@@ -115,12 +121,12 @@ struct ServeVMTests {
 
             // A client that goes away mid-run ends its VM, long before the command would have.
             let client = try BackgroundCurl(s.address, #"{"argv": ["sleep", "600"]}"#)
-            #expect(await TestServer.eventually(60) { await s.poolCount("busy") == 1 })
+            #expect(await TestServer.eventually(60, every: .milliseconds(250)) { await s.poolCount("busy") == 1 })
             try await Task.sleep(for: .seconds(2))
             kill(client.process.processIdentifier, SIGKILL)
             _ = await client.exitStatus()
-            #expect(await TestServer.eventually(30) { await s.poolCount("busy") == 0 })
-            #expect(await TestServer.eventually(10) {
+            #expect(await TestServer.eventually(30, every: .milliseconds(250)) { await s.poolCount("busy") == 0 })
+            #expect(await TestServer.eventually(10, every: .milliseconds(250)) {
                 (try? await s.metric(#"airlock_serve_runs_total{outcome="cancelled"}"#)) == 1
             })
             // Both replaced: each sandbox served one request.
