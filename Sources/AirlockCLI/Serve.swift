@@ -81,6 +81,9 @@ struct Serve: ParsableCommand {
     @Option(help: "Seconds in-flight requests get to finish after SIGTERM before their VMs are stopped.")
     var drainTimeout: Double = 30
 
+    @Option(help: "Open connections at most; beyond that the service stops accepting until one closes.")
+    var maxConnections: Int = 256
+
     @Option(help: "The Unix socket's file mode, in octal.")
     var socketMode: String = "600"
 
@@ -148,6 +151,7 @@ struct Serve: ParsableCommand {
         configuration.limits.defaultTimeoutSeconds = timeout
         configuration.limits.maxTimeoutSeconds = maxTimeout
         configuration.drainTimeoutSeconds = drainTimeout
+        configuration.maxConnections = maxConnections
         configuration.socketMode = UInt32(socketMode, radix: 8) ?? 0o600
 
         let provider: any SandboxProvider = testProvider == "scripted"

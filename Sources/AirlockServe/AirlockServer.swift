@@ -2,6 +2,7 @@ import Airlock
 import AirlockOS
 import FoundationEssentials
 import Hummingbird
+import HummingbirdCore
 import Logging
 import NIOCore
 import ServiceLifecycle
@@ -23,6 +24,8 @@ public struct ServeConfiguration: Sendable {
     public var socketMode: UInt32 = 0o600
     /// Keep-alive connections idle this long are closed.
     public var idleTimeoutSeconds: Int64 = 120
+    /// Open connections at most; beyond it the service stops accepting until one closes.
+    public var maxConnections = 256
 
     public init(listen: ListenAddress, token: String?, pool: PoolSettings) {
         self.listen = listen
@@ -40,6 +43,7 @@ public struct ServeConfiguration: Sendable {
         guard pool.queueLimit >= 0 else { throw .invalid("--queue \(pool.queueLimit) is negative: give 0 or more") }
         guard pool.queueTimeoutSeconds > 0 else { throw .invalid("--queue-timeout must be a positive number of seconds") }
         guard drainTimeoutSeconds >= 0 else { throw .invalid("--drain-timeout must be 0 or more seconds") }
+        guard maxConnections >= 1 else { throw .invalid("--max-connections \(maxConnections): give at least 1") }
         guard limits.maxBodyBytes > 0 else { throw .invalid("--max-body must be at least 1 byte") }
         guard limits.defaultTimeoutSeconds > 0, limits.defaultTimeoutSeconds <= limits.maxTimeoutSeconds else {
             throw .invalid("--timeout \(limits.defaultTimeoutSeconds) must be positive and at most --max-timeout \(limits.maxTimeoutSeconds)")
@@ -114,7 +118,8 @@ public final class AirlockServer: Sendable {
             router: makeRouter(),
             server: .http1(configuration: .init(additionalChannelHandlers: [ConnectionWatcher()],
                                                 idleTimeout: .seconds(configuration.idleTimeoutSeconds))),
-            configuration: .init(address: bind, serverName: nil),
+            configuration: .init(address: bind, serverName: nil,
+                                 availableConnectionsDelegate: MaximumAvailableConnections(configuration.maxConnections, logger: logger)),
             onServerRunning: { [self] channel in
                 if let previousUmask { umask(previousUmask) }
                 let address: String

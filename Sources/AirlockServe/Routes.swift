@@ -231,24 +231,27 @@ extension AirlockServer {
                 // The VM went away under the command (not the command's doing): Airlock failed.
                 return .failed("the run failed inside Airlock: \(failure)")
             }
-            Self.adjustTimings(&r, lease: lease, runAt: runAt)
+            Self.adjustTimings(&r, lease: lease, runAt: runAt, endedAt: endedAt)
             return .receipt(Receipt(result: r, id: record.id, fromPool: lease.fromPool, queueMs: queueMs,
                                     sandboxMs: sandboxSeconds * 1e3))
         }
     }
 
     /// The sandbox's timings count from its boot; a pool sandbox then waited, idle, for
-    /// this request. That wait is left out, so `agentReadyMs` is the start of the command
-    /// once the request had the sandbox, and a warm run's `totalMs` is the request's own
-    /// time in it (its boot, before the request, stays in vmmStartMs and kernelBootMs).
-    static func adjustTimings(_ r: inout RunResult, lease: Lease, runAt: UInt64) {
-        let idleMs = Double(runAt &- lease.readyAt) / 1e6
-        guard runAt > lease.readyAt else { return }
-        r.timings.agentReadyMs = max(0, r.timings.agentReadyMs - idleMs)
+    /// this request. That wait is left out: a warm run's `totalMs` is the request's own time
+    /// in the sandbox (`sandboxMs`) and its `agentReadyMs` what of it the command's start
+    /// took (its boot, before the request, stays in vmmStartMs and kernelBootMs); a cold
+    /// run's counts from its boot, less the moment between the boot and the hand-over.
+    static func adjustTimings(_ r: inout RunResult, lease: Lease, runAt: UInt64, endedAt: UInt64) {
+        func ms(_ ns: UInt64) -> Double { Double(ns) / 1e6 }
         if lease.fromPool {
-            r.timings.totalMs = r.timings.agentReadyMs + r.timings.commandMs + r.timings.shutdownMs
-        } else {
-            r.timings.totalMs = max(0, r.timings.totalMs - idleMs)
+            let inSandbox = ms(endedAt &- runAt)
+            r.timings.totalMs = inSandbox
+            r.timings.agentReadyMs = max(0, inSandbox - r.timings.commandMs - r.timings.shutdownMs)
+        } else if runAt > lease.readyAt {
+            let handOver = ms(runAt - lease.readyAt)
+            r.timings.agentReadyMs = max(0, r.timings.agentReadyMs - handOver)
+            r.timings.totalMs = max(0, r.timings.totalMs - handOver)
         }
     }
 
