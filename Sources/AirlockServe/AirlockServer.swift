@@ -48,6 +48,10 @@ public struct ServeConfiguration: Sendable {
         guard limits.defaultTimeoutSeconds > 0, limits.defaultTimeoutSeconds <= limits.maxTimeoutSeconds else {
             throw .invalid("--timeout \(limits.defaultTimeoutSeconds) must be positive and at most --max-timeout \(limits.maxTimeoutSeconds)")
         }
+        guard limits.maxOutputBytes >= 0, limits.maxOutputBytes <= Command.captureLimit else {
+            throw .invalid("--max-output \(limits.maxOutputBytes) bytes: give at most \(Command.captureLimit >> 20) MiB, the most a sandbox keeps of a stream")
+        }
+        guard limits.maxMemoryMiB >= 32 else { throw .invalid("--max-memory \(limits.maxMemoryMiB) MiB: give at least 32") }
         guard pool.config.memoryMiB <= limits.maxMemoryMiB else {
             throw .invalid("--memory \(pool.config.memoryMiB) MiB is more than --max-memory \(limits.maxMemoryMiB) MiB")
         }

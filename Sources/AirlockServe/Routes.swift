@@ -541,8 +541,7 @@ struct BearerTokenMiddleware: RouterMiddleware {
     func handle(_ request: Request, context: ServeContext, next: (Request, ServeContext) async throws -> Response) async throws -> Response {
         if ServeRoutes.open.contains(request.uri.path) { return try await next(request, context) }
         let header = request.headers[.authorization] ?? ""
-        let prefix = "Bearer "
-        guard header.hasPrefix(prefix), Self.constantTimeEqual(Array(header.utf8.dropFirst(prefix.utf8.count)), token) else {
+        guard let presented = Self.bearerCredentials(header), Self.constantTimeEqual(presented, token) else {
             metrics.refusal(.unauthorized)
             context.record.update {
                 $0.outcome = .refused
@@ -553,6 +552,16 @@ struct BearerTokenMiddleware: RouterMiddleware {
             return AirlockServer.error(.unauthorized, message, id: context.record.id, headers: [.wwwAuthenticate: "Bearer"])
         }
         return try await next(request, context)
+    }
+
+    /// The credentials of `Bearer TOKEN` (the scheme's name in any case, RFC 9110), else nil.
+    static func bearerCredentials(_ header: String) -> [UInt8]? {
+        let bytes = Array(header.utf8)
+        let scheme = Array("bearer".utf8)
+        guard bytes.count > scheme.count + 1, bytes[scheme.count] == UInt8(ascii: " "),
+              zip(bytes, scheme).allSatisfy({ $0 | 0x20 == $1 })  // ASCII letters only: | 0x20 lowercases them
+        else { return nil }
+        return Array(bytes[(scheme.count + 1)...].drop { $0 == UInt8(ascii: " ") })
     }
 
     /// Equal bytes, in time that depends on the lengths only.

@@ -150,7 +150,6 @@ struct RunRequestBody: Decodable {
         guard let program = argv.first, !program.isEmpty else {
             throw .field("argv", "empty: give the program and its arguments, e.g. [\"sh\", \"-c\", \"echo hi\"]")
         }
-        _ = program
         var command = Command(argv)
         for (name, value) in (env ?? [:]).sorted(by: { $0.key < $1.key }) {
             guard !name.isEmpty, !name.contains("="), !name.utf8.contains(0) else {

@@ -436,6 +436,28 @@ import Testing
         }
     }
 
+    @Test func theSchemeIsCaseInsensitiveAndTheTokenIsNot() {
+        #expect(BearerTokenMiddleware.bearerCredentials("Bearer abc") == Array("abc".utf8))
+        #expect(BearerTokenMiddleware.bearerCredentials("bearer  abc") == Array("abc".utf8))
+        #expect(BearerTokenMiddleware.bearerCredentials("BEARER abc") == Array("abc".utf8))
+        #expect(BearerTokenMiddleware.bearerCredentials("Basic abc") == nil)
+        #expect(BearerTokenMiddleware.bearerCredentials("Bearer") == nil)
+        #expect(BearerTokenMiddleware.bearerCredentials("Bearerabc") == nil)
+    }
+
+    @Test func aPoolThatCannotBootStopsTheServiceBeforeItListens() async throws {
+        var config = SandboxConfig(kernelPath: "/nonexistent/vmlinux", rootfsPath: "/nonexistent/rootfs.ext4", memoryMiB: 128)
+        config.bootTimeoutSeconds = 10
+        let c = ServeConfiguration(listen: .tcp(host: "127.0.0.1", port: 0), token: nil,
+                                   pool: PoolSettings(config: config, size: 1, maxConcurrent: 1, queueLimit: 1, queueTimeoutSeconds: 1))
+        let server = try AirlockServer(configuration: c, provider: BootingSandboxProvider())
+        await #expect {
+            try await server.run(handlingSignals: false)
+        } throws: { error in
+            "\(error)".contains("the pool's sandboxes cannot boot") && "\(error)".contains("/nonexistent/vmlinux")
+        }
+    }
+
     @Test func theComparisonIsExact() {
         let t = Array(Self.token.utf8)
         #expect(BearerTokenMiddleware.constantTimeEqual(t, t))
@@ -452,6 +474,9 @@ import Testing
         #expect(throws: ServeSetupError.self) { try AirlockServer(configuration: c, provider: ScriptedSandboxProvider()) }
         c.token = nil
         c.pool.size = 5
+        #expect(throws: ServeSetupError.self) { try AirlockServer(configuration: c, provider: ScriptedSandboxProvider()) }
+        c.pool.size = 1
+        c.limits.maxOutputBytes = 65 << 20
         #expect(throws: ServeSetupError.self) { try AirlockServer(configuration: c, provider: ScriptedSandboxProvider()) }
     }
 
