@@ -97,6 +97,7 @@ bench: images bench-tools
 ## bench-tools: the release binaries the benchmarks run, the C floor and the start-up probe
 bench-tools: deps bench-c
 	$(SWIFT) build -c release --product airlock
+	$(SWIFT) build -c release --product airlock-vmm
 	$(SWIFT) build -c release --product airlock-bench-exits
 	$(SWIFT) build -c release --product airlock-fuzz-virtio
 
@@ -117,6 +118,7 @@ bench-jail: images build-release
 ## the service's own latency, and the soaks; writes $(BENCH_OUT)/serve.json
 bench-serve: images deps
 	$(SWIFT) build -c release --product airlock
+	$(SWIFT) build -c release --product airlock-vmm
 	python3 bench/serve_load.py --airlock "$$($(SWIFT) build -c release --show-bin-path)/airlock" --out $(BENCH_OUT)/serve.json \
 		--memory-mib $(BENCH_MEMORY_MIB) --vm-rounds $(BENCH_SERVE_ROUNDS) --scripted-requests $(BENCH_SERVE_SCRIPTED) \
 		--soak-scripted $(BENCH_SERVE_SOAK) --soak-vm $(BENCH_SERVE_SOAK_VM)

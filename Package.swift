@@ -7,6 +7,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "airlock", targets: ["AirlockCLI"]),
+        .executable(name: "airlock-vmm", targets: ["airlock-vmm"]),
         .library(name: "Airlock", targets: ["Airlock"]),
         .library(name: "VMM", targets: ["VMM"]),
     ],
@@ -50,6 +51,25 @@ let package = Package(
         .target(name: "CAgentShim"),
         // The guest agent's logic (PID 1): mounts, ports, running the command, reaping, reporting.
         .target(name: "AgentCore", dependencies: ["AgentProtocol", "CAgentShim"]),
+        // The supervisor-VMM session protocol: messages, their codec, and the framed socket
+        // (with descriptor passing) they travel on. No Foundation.
+        .target(name: "SessionProtocol", dependencies: ["AgentProtocol", "AirlockOS"]),
+        // One VM and its agent, served over a session: the engine inside airlock-vmm, and in
+        // the caller's process for the unjailed debug mode.
+        .target(
+            name: "SandboxEngine",
+            dependencies: [
+                "VMM", "KVM", "AirlockOS", "Virtio", "VirtioDevices", "AgentProtocol", "SessionProtocol",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // The jailed VMM process: enters its jail, then serves one session (thin).
+        .executableTarget(
+            name: "airlock-vmm",
+            dependencies: [
+                "SandboxEngine", "SessionProtocol", "Jailer", "AirlockOS",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
         // The guest's PID 1: a thin static executable over AgentCore, installed into the rootfs.
         .executableTarget(
             name: "airlock-init", dependencies: ["AgentCore"],
@@ -70,12 +90,14 @@ let package = Package(
         .target(name: "Jailer", dependencies: ["AirlockOS", "CAirlockShim", "CJailShim", "CSeccomp", "CCap"]),
         // Test-only: enters a jail, installs the filters, and breaks a rule on request (JailerTests).
         .executableTarget(name: "airlock-jail-probe", dependencies: ["Jailer", "CJailShim", "CAirlockShim"]),
+        // Test-only: a VMM that enters its jail and then breaks the session protocol on purpose (AirlockTests).
+        .executableTarget(name: "airlock-fake-vmm", dependencies: ["Jailer", "SessionProtocol", "AgentProtocol", "AirlockOS"]),
         // The public library: image store, host report, the async Sandbox API.
         .target(
             name: "Airlock",
             dependencies: [
                 "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
-                "COpenSSL",
+                "SessionProtocol", "SandboxEngine", "COpenSSL",
                 .product(name: "Logging", package: "swift-log"),
             ],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
@@ -116,10 +138,12 @@ let package = Package(
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioDevices", "GuestMemory"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol", "SeededRandom"]),
+        .testTarget(name: "SessionProtocolTests", dependencies: ["SessionProtocol", "AgentProtocol", "AirlockOS", "SeededRandom"]),
         .testTarget(name: "AgentCoreTests", dependencies: ["AgentCore", "AgentProtocol"]),
         .testTarget(name: "RootFSTests", dependencies: ["RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
-        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices"]),
+        .testTarget(name: "SandboxEngineTests", dependencies: ["SandboxEngine", "AgentProtocol", "AirlockOS", "SessionProtocol", "VMM"]),
+        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices"]),
         .testTarget(name: "AirlockServeTests", dependencies: ["AirlockServe", "Airlock"]),
     ],
     swiftLanguageModes: [.v6]

@@ -100,8 +100,8 @@ public final class Agent {
                 if request.shutdownAfter || stop { return }
             case .shutdown:
                 return
-            case .stdin, .stdinEOF:
-                continue  // for a run that has ended: its unread stdin is dropped here
+            case .stdin, .stdinEOF, .signal:
+                continue  // for a run that has ended: its unread stdin and late signals are dropped here
             }
         }
     }
@@ -162,7 +162,7 @@ public final class Agent {
         let creds: Credentials
         switch Accounts.resolve(request.user, passwd: passwd, groups: groups) {
         case let .success(c): creds = c
-        case let .failure(e): return .failure(e)
+        case let .failure(e): return .failure(.setup(e.description))
         }
         let cwd = request.workingDirectory.isEmpty ? "/" : request.workingDirectory
         guard Sys.isDirectory(cwd) else {

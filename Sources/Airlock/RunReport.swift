@@ -15,6 +15,8 @@ public struct RunReport: Encodable, Sendable {
     let signal: Int32?
     let timedOut: Bool
     let outputTruncated: Bool
+    let stdoutDroppedBytes: UInt64
+    let stderrDroppedBytes: UInt64
     let failure: String?
     let systemEvent: String?
     let timings: RunTimings
@@ -28,6 +30,8 @@ public struct RunReport: Encodable, Sendable {
         signal = r.signal
         timedOut = r.timedOut
         outputTruncated = r.outputTruncated
+        stdoutDroppedBytes = r.stdoutDroppedBytes
+        stderrDroppedBytes = r.stderrDroppedBytes
         failure = r.failure
         systemEvent = r.systemEvent
         timings = r.timings
@@ -39,7 +43,8 @@ public struct RunReport: Encodable, Sendable {
 
     // Explicit so that a nil signal or failure is written as null: readers see every key.
     enum CodingKeys: String, CodingKey {
-        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings
+        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, stdoutDroppedBytes,
+             stderrDroppedBytes, failure, systemEvent, timings
     }
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
@@ -51,6 +56,8 @@ public struct RunReport: Encodable, Sendable {
         try c.encode(signal, forKey: .signal)
         try c.encode(timedOut, forKey: .timedOut)
         try c.encode(outputTruncated, forKey: .outputTruncated)
+        try c.encode(stdoutDroppedBytes, forKey: .stdoutDroppedBytes)
+        try c.encode(stderrDroppedBytes, forKey: .stderrDroppedBytes)
         try c.encode(failure, forKey: .failure)
         try c.encode(systemEvent, forKey: .systemEvent)
         try c.encode(timings, forKey: .timings)

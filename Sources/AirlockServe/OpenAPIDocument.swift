@@ -120,7 +120,7 @@ enum OpenAPIDocument {
           "Receipt": {
             "type": "object",
             "description": "The document of airlock run --json (docs/run.md), plus id, fromPool, queueMs and sandboxMs.",
-            "required": ["stdout", "stderr", "stdoutBase64", "stderrBase64", "exitCode", "signal", "timedOut", "outputTruncated", "failure", "systemEvent", "timings", "id", "fromPool", "queueMs", "sandboxMs"],
+            "required": ["stdout", "stderr", "stdoutBase64", "stderrBase64", "exitCode", "signal", "timedOut", "outputTruncated", "stdoutDroppedBytes", "stderrDroppedBytes", "failure", "systemEvent", "timings", "id", "fromPool", "queueMs", "sandboxMs"],
             "properties": {
               "stdout": {"type": "string"},
               "stderr": {"type": "string"},
@@ -130,6 +130,8 @@ enum OpenAPIDocument {
               "signal": {"type": ["integer", "null"]},
               "timedOut": {"type": "boolean"},
               "outputTruncated": {"type": "boolean"},
+              "stdoutDroppedBytes": {"type": "integer", "minimum": 0, "description": "Bytes of stdout dropped past maxOutputBytes."},
+              "stderrDroppedBytes": {"type": "integer", "minimum": 0},
               "failure": {"type": ["string", "null"], "description": "Why the command did not run (not found, unknown user, ...)."},
               "systemEvent": {"type": ["string", "null"]},
               "timings": {"$ref": "#/components/schemas/Timings"},

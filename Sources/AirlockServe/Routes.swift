@@ -134,9 +134,9 @@ extension AirlockServer {
             return refuse(.badRequest, error.status, error.message, context, field: error.field)
         }
         do {
-            try provider.check(spec.command)
+            try provider.check(spec.command, config: spec.config)
         } catch {
-            return refuse(.badRequest, 400, error.description, context)
+            return refuse(.badRequest, 400, error.description, context, field: blamedField(spec))
         }
         let connection = await ConnectionWatcher.state(of: context.channel)
         let streaming = request.headers[.accept].map { $0.contains("application/x-ndjson") } ?? false
@@ -144,6 +144,15 @@ extension AirlockServer {
 
         let outcome = await tracked(connection) { await self.execute(spec, record: context.record, events: nil) }
         return answer(outcome, context)
+    }
+
+    /// The field a failed check is about, when taking it out makes the check pass (an unknown
+    /// `user` is the usual one: the sandbox checks it against the image's own account files).
+    private func blamedField(_ spec: RunSpec) -> String? {
+        guard !spec.command.user.isEmpty else { return nil }
+        var without = spec.command
+        without.user = ""
+        return (try? provider.check(without, config: spec.config)) != nil ? "user" : nil
     }
 
     private func refuse(_ reason: ServeMetrics.Refusal, _ status: Int, _ message: String, _ context: ServeContext,

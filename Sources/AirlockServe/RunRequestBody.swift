@@ -139,6 +139,15 @@ struct RunRequestBody: Decodable {
         }
     }
 
+    /// POSIX's portable names (what `airlock run --env` accepts too).
+    static func isPortableName(_ name: String) -> Bool {
+        guard let first = name.utf8.first, !(UInt8(ascii: "0")...UInt8(ascii: "9")).contains(first) else { return false }
+        return name.utf8.allSatisfy { b in
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(b) || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(b)
+                || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b) || b == UInt8(ascii: "_")
+        }
+    }
+
     /// `value` as an Int when it is a whole number in Int's range.
     static func whole(_ value: Double) -> Int? {
         guard value.isFinite, value == value.rounded(), abs(value) < 9e15 else { return nil }
@@ -152,12 +161,17 @@ struct RunRequestBody: Decodable {
         }
         var command = Command(argv)
         for (name, value) in (env ?? [:]).sorted(by: { $0.key < $1.key }) {
-            guard !name.isEmpty, !name.contains("="), !name.utf8.contains(0) else {
-                throw .field("env.\(name)", "not a valid variable name: names are non-empty and have no '=' or NUL")
+            guard Self.isPortableName(name) else {
+                throw .field("env.\(name)", "not a usable variable name: use letters, digits and '_', not starting with a digit")
             }
             command.environment.append((name, value))
         }
-        if let workdir { command.workingDirectory = workdir }
+        if let workdir {
+            guard workdir.hasPrefix("/") else {
+                throw .field("workdir", "'\(workdir)' is not an absolute path: give the guest directory from / (e.g. /tmp)")
+            }
+            command.workingDirectory = workdir
+        }
         if let user { command.user = user }
         switch (stdin, stdinBase64) {
         case (.some, .some):

@@ -19,8 +19,8 @@ public protocol SandboxProvider: Sendable {
     /// readable, a sane configuration), so a bad set-up fails at start, not at the
     /// first request.
     func preflight(_ config: SandboxConfig) throws(SandboxError)
-    /// Checks a command as the sandbox would, before any VM is spent on it.
-    func check(_ command: Command) throws(SandboxError)
+    /// Checks a command as a sandbox made from `config` would, before any VM is spent on it.
+    func check(_ command: Command, config: SandboxConfig) throws(SandboxError)
     /// Makes one sandbox ready to run a command. Cancelling the task stops its VM.
     func prepare(_ config: SandboxConfig) async throws(SandboxError) -> any ReadySandbox
 }
@@ -36,7 +36,7 @@ public protocol ReadySandbox: Sendable {
 }
 
 /// Sandboxes booted through the public `Sandbox` API (`Sandbox.boot`, then one
-/// `runAndShutDown`).
+/// `runAndShutDown`): each a jailed `airlock-vmm` process of its own (`SandboxConfig.isolation`).
 ///
 /// Snapshots (restoring a booted VM instead of booting one) are not in `Sandbox` yet;
 /// when they are, a `RestoringSandboxProvider` implements `prepare` with the restore
@@ -48,9 +48,9 @@ public struct BootingSandboxProvider: SandboxProvider {
 
     public var origin: SandboxOrigin { .booted }
 
-    public func preflight(_ config: SandboxConfig) throws(SandboxError) { try Sandbox.preflight(config) }
+    public func preflight(_ config: SandboxConfig) throws(SandboxError) { try Sandbox.preflight(config, logger: logger) }
 
-    public func check(_ command: Command) throws(SandboxError) { try Sandbox.check(command) }
+    public func check(_ command: Command, config: SandboxConfig) throws(SandboxError) { try Sandbox.check(command, config: config) }
 
     public func prepare(_ config: SandboxConfig) async throws(SandboxError) -> any ReadySandbox {
         BootedSandbox(try await Sandbox.boot(config, logger: logger))

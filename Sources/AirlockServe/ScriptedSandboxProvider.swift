@@ -41,7 +41,7 @@ public final class ScriptedSandboxProvider: SandboxProvider {
         guard config.memoryMiB >= 32 else { throw .invalidConfiguration("--memory \(config.memoryMiB) MiB is too small") }
     }
 
-    public func check(_ command: Command) throws(SandboxError) {
+    public func check(_ command: Command, config: SandboxConfig) throws(SandboxError) {
         guard let first = command.arguments.first, !first.isEmpty else { throw .invalidConfiguration("the command is empty") }
     }
 
@@ -169,6 +169,8 @@ final class ScriptedSandbox: ReadySandbox {
         result.stdout = out.captured
         result.stderr = err.captured
         result.outputTruncated = out.truncated || err.truncated
+        result.stdoutDroppedBytes = UInt64(out.dropped)
+        result.stderrDroppedBytes = UInt64(err.dropped)
         result.systemEvent = "reset (scripted)"
         result.timings.commandMs = Double(monotonicNanoseconds() &- start) / 1e6
         result.timings.totalMs = result.timings.commandMs
@@ -183,6 +185,7 @@ final class ScriptedSandbox: ReadySandbox {
         /// Chunks for a `.handler`, delivered after the command (on a thread of their own).
         var handedOver: [(@Sendable ([UInt8]) -> Void, [UInt8])] = []
         var sent = 0
+        var dropped = 0
         var truncated = false
 
         init(_ destination: OutputDestination, limit: Int?) {
@@ -193,7 +196,10 @@ final class ScriptedSandbox: ReadySandbox {
         mutating func write(_ bytes: [UInt8]) {
             let room = max(0, limit - sent)
             let kept = Array(bytes.prefix(room))
-            if kept.count < bytes.count { truncated = true }
+            if kept.count < bytes.count {
+                truncated = true
+                dropped += bytes.count - kept.count
+            }
             sent += kept.count
             guard !kept.isEmpty else { return }
             switch destination {

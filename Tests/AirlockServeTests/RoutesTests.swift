@@ -55,6 +55,7 @@ import Testing
             let r = try await s.run(#"{"argv": ["chunks", "10", "abcdefghij"], "maxOutputBytes": 25}"#).json()
             #expect(r["stdout"] as? String == "abcdefghijabcdefghijabcde")
             #expect(r["outputTruncated"] as? Bool == true)
+            #expect(r["stdoutDroppedBytes"] as? Int == 75)
         }
     }
 
@@ -91,6 +92,8 @@ import Testing
         (#"{"argv": ["true"], "maxOutputBytes": -1}"#, "maxOutputBytes"),
         (#"{"argv": ["true"], "maxOutputBytes": 1e30}"#, "maxOutputBytes"),
         (#"{"argv": ["true"], "workdir": 7}"#, "workdir"),
+        (#"{"argv": ["true"], "workdir": "tmp"}"#, "workdir"),
+        (#"{"argv": ["true"], "env": {"1X": "y"}}"#, "env.1X"),
         (#"{"argv": ["true"], "user": null, "userName": "x"}"#, "userName"),
     ])
     func badBodiesAre400NamingTheField(body: String, field: String?) async throws {
