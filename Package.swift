@@ -14,6 +14,14 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        // `airlock serve` only (the AirlockServe target): HTTP/1.1 on SwiftNIO, Prometheus text,
+        // signal-driven graceful shutdown. Hummingbird without its default traits: FoundationEssentials
+        // instead of all of Foundation, and no swift-configuration.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-nio-extras", from: "1.35.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // KVM ioctl numbers and structs; the variadic ioctl wrapped so Swift can call it.
@@ -98,11 +106,25 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
+        // `airlock serve`: runs commands from HTTP requests in fresh sandboxes, with a warm pool,
+        // limits, metrics and a graceful drain (docs/serve.md). Only the public Sandbox API below it.
+        .target(
+            name: "AirlockServe",
+            dependencies: [
+                "Airlock",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         // Thin CLI over the libraries.
         .executableTarget(
             name: "AirlockCLI",
             dependencies: [
-                "Airlock", "VMM", "AirlockOS",
+                "Airlock", "AirlockServe", "VMM", "AirlockOS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -131,8 +153,9 @@ let package = Package(
         .testTarget(name: "RootFSTests", dependencies: ["RootFS", "SeededRandom"]),
         .testTarget(name: "WorkspaceDisksTests", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
-        .testTarget(name: "SandboxEngineTests", dependencies: ["SandboxEngine", "AgentProtocol", "AirlockOS"]),
+        .testTarget(name: "SandboxEngineTests", dependencies: ["SandboxEngine", "AgentProtocol", "AirlockOS", "SessionProtocol", "VMM"]),
         .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices", "RootFS"]),
+        .testTarget(name: "AirlockServeTests", dependencies: ["AirlockServe", "Airlock"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -23,6 +23,9 @@ Sections (all by default):
   build   a C project (made up here: sources, a header, a Makefile with a test)
           built and tested with the toolchain image (`airlock run --image build
           --workspace --output`), against the same build on the host
+  serve   `airlock serve` under load (bench/serve_load.py): requests/s and
+          latency at concurrency 1, 2 and 4 with the warm pool and without,
+          the service's own share of the latency, and a soak
 
 Each figure is the median of N runs with min and max; ratios come from one run.
 Every time is CLOCK_MONOTONIC (Python's time.monotonic_ns, the probe's and the
@@ -45,7 +48,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ["exits", "start", "boot", "run", "ctxswitch", "blk", "qemu", "fuzz", "workspace", "build"]
+SECTIONS = ["exits", "start", "boot", "run", "ctxswitch", "blk", "qemu", "fuzz", "workspace", "build", "serve"]
 MIB = 1 << 20
 
 
@@ -1030,6 +1033,16 @@ def bench_build(a):
         res["command_ratio"] = res["vm_command_ms"]["median"] / res["host_ms"]["median"]
         res["wall_ratio"] = res["vm_wall_ms"]["median"] / res["host_ms"]["median"]
     return res
+# ------------------------------------------------------------------------ serve
+
+def bench_serve(a):
+    import serve_load  # bench/serve_load.py, beside this file
+    opts = argparse.Namespace(airlock=os.path.join(a.bin, "airlock"), memory_mib=a.memory_mib,
+                              boot_timeout=a.boot_timeout, concurrency=a.serve_concurrency,
+                              vm_rounds=a.serve_vm_rounds, scripted_requests=a.serve_scripted_requests,
+                              soak_scripted=a.serve_soak_scripted, soak_vm=a.serve_soak_vm,
+                              vm_cancel_after=a.serve_vm_cancel_after)
+    return serve_load.run_all(opts)
 
 
 # ------------------------------------------------------------------------- main
@@ -1061,6 +1074,9 @@ def main():
     ap.add_argument("--build-host-runs", type=int, default=5)
     ap.add_argument("--build-timeout", type=float, default=1800)
     ap.add_argument("--airlock-for-run", help="another airlock binary for the run section (testing the harness)")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import serve_load
+    serve_load.add_arguments(ap, prefix="serve-")
     a = ap.parse_args()
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
@@ -1072,7 +1088,7 @@ def main():
     log(f"{results['host']['cpu_model']}, {results['host']['cores']} cores, {results['host']['memory_gib']} GiB; "
         f"{results['host']['backend']}")
     funcs = {"exits": bench_exits, "start": bench_start, "boot": bench_boot, "run": bench_run, "ctxswitch": bench_ctxswitch,
-             "blk": bench_blk, "qemu": bench_qemu, "fuzz": bench_fuzz, "workspace": bench_workspace, "build": bench_build}
+             "blk": bench_blk, "qemu": bench_qemu, "fuzz": bench_fuzz, "workspace": bench_workspace, "build": bench_build, "serve": bench_serve}
     for s in SECTIONS:
         if s not in only:
             continue

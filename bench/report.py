@@ -129,6 +129,17 @@ def summary(res):
                      f"{mmm(qs['cpu_ms'], 1, 'ms')} | | |")
     elif q:
         L.append(f"| QEMU | not measured: {q.get('reason')} | | |")
+    sv = res.get("serve") or {}
+    if sv.get("vm_overhead_p50_ms") is not None:
+        o = sv["vm_overhead_p50_ms"]
+        L.append(f"| `airlock serve`: latency the service adds over the sandbox, p50 (median over the VM cells) "
+                 f"| **{o:.2f} ms** (no VM behind it: {num(sv.get('scripted_overhead_p50_ms'), 2)} ms) | at most 2 ms | {verdict(o <= 2)} |")
+    for key, what in (("soak_scripted", "scripted service"), ("soak_vm", "real VMs")):
+        sk = sv.get(key)
+        if sk:
+            L.append(f"| `airlock serve` soak, {sk['requests']} requests ({what}): lost, crossed or duplicated answers; leaks "
+                     f"| {sk['problem_count']} problems; leaks: {', '.join(sk['leaks']) or 'none'}; exit {sk['exit_status']} "
+                     f"after SIGTERM | none, exit 0 | {verdict(sk.get('passed'))} |")
     return "\n".join(L) + "\n"
 
 
@@ -538,6 +549,56 @@ user-mode work, which runs natively, is a small part of the time. On a host
 with hardware virtualization the guest kernel runs natively; this benchmark
 measures the ratio there too.
 """
+def serve_md(sv):
+    err = section_error(sv, "serve")
+    if err:
+        return err
+    p = sv.get("params", {})
+    L = ["`bench/serve_load.py` starts `airlock serve` on 127.0.0.1 with a bearer token and sends `POST /v1/runs` "
+         "over keep-alive connections, one per concurrent client. `true` is `{\"argv\": [\"true\"]}`; `stdin` is "
+         f"`cat` fed {serve_stdin_kib()} KiB of stdin, checked byte for byte in the answer. *pool*: `--pool 4`, each round of "
+         "`concurrency` requests finds warm sandboxes, and the refill between rounds is not counted (the warm path's "
+         "rate, which a sustained load keeps only while boots keep up); *no pool*: `--pool 0`, every request boots its "
+         "VM, requests back to back. The service's share is, per request, the client's latency minus the receipt's "
+         "`queueMs` (waiting for a sandbox, its boot included when none was ready) and `sandboxMs` (the command handed "
+         "to the sandbox until its VM ended). *scripted*: the same against `--test-provider scripted` (no VM): the "
+         "service's cost alone.",
+         "",
+         "| service | command | concurrency | requests (ok) | requests/s | latency p50 | p99 | sandbox p50 | queue p50 | service's share p50 | p99 | warm |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def ms(s, k):
+        return "-" if not s else (f"{s[k]:,.2f} ms" if s[k] < 100 else f"{s[k] / 1000:,.2f} s")
+
+    order = {"pool": 0, "no pool": 1}
+    for c in sorted(sv.get("cells", []), key=lambda c: (c["provider"] != "scripted", c["command"], c["concurrency"],
+                                                       order.get(c["mode"], 2))):
+        name = "scripted (no VM)" if c["provider"] == "scripted" else f"VMs, {c['mode']}"
+        L.append(f"| {name} | {c['command']} | {c['concurrency']} | {c['requests']} ({c['ok']}) | {num(c['rps'], 2)} "
+                 f"| {ms(c['latency_ms'], 'p50')} | {ms(c['latency_ms'], 'p99')} | {ms(c['sandbox_ms'], 'p50')} "
+                 f"| {ms(c['queue_ms'], 'p50')} | {ms(c['overhead_ms'], 'p50')} | {ms(c['overhead_ms'], 'p99')} "
+                 f"| {c['from_pool']}/{c['ok']} |")
+    L.append("")
+    for key, what in (("soak_scripted", "the scripted service"), ("soak_vm", "real VMs")):
+        sk = sv.get(key)
+        if not sk:
+            continue
+        answers = ", ".join(f"{v} {k}" for k, v in sk["answers"].items())
+        L.append(f"Soak against {what}: {sk['requests']} requests, {sk['concurrency']} at a time, in {sk['seconds']} s "
+                 f"({answers}); each answer checked against its own request's stdin tag and id. Problems: "
+                 f"{sk['problem_count']}{(' (' + '; '.join(sk['problems'][:3]) + ')') if sk['problems'] else ''}. "
+                 f"The service counted {sk['counted_runs']:.0f} runs. Afterwards, beside the refilled pool: descriptors "
+                 f"{sk['census_before']['fds']} before and {sk['census_after']['fds']} after, KVM descriptors "
+                 f"{sk['census_before']['kvm_fds']} and {sk['census_after']['kvm_fds']}, threads "
+                 f"{sk['census_before']['threads']} and {sk['census_after']['threads']}; SIGTERM drained it in "
+                 f"{sk['drain_seconds']} s to exit status {sk['exit_status']}; jail directories, cgroups and mounts on the "
+                 f"host {sk['host_before']} before and {sk['host_after']} after. Leaks: {', '.join(sk['leaks']) or 'none'}.")
+        L.append("")
+    return "\n".join(L)
+
+
+def serve_stdin_kib():
+    return 1
 
 
 def not_measured(res):
@@ -631,6 +692,9 @@ the measurements took {res.get('seconds', 0):.0f} s. Parameters: guest memory {p
 ## A C build step with the toolchain image
 
 {build_md(res.get('build'))}
+## `airlock serve` under load
+
+{serve_md(res.get('serve'))}
 ## Not measured in this run
 
 {not_measured(res)}"""

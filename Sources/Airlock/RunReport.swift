@@ -3,8 +3,8 @@ import FoundationEssentials
 import Glibc
 #endif
 
-/// The `--json` document.
-struct RunReport: Encodable {
+/// The `--json` document (also the receipt `airlock serve` answers with).
+public struct RunReport: Encodable, Sendable {
     let stdout: String
     let stderr: String
     /// The exact bytes, base64, when they are not valid UTF-8 (the text above
@@ -23,7 +23,7 @@ struct RunReport: Encodable {
     let artifacts: ArtifactsReport?
     let artifactsError: String?
 
-    init(_ r: RunResult) {
+    public init(_ r: RunResult) {
         stdout = r.stdoutText
         stderr = r.stderrText
         stdoutBase64 = Self.base64UnlessText(r.stdout)
@@ -51,7 +51,7 @@ struct RunReport: Encodable {
              stderrDroppedBytes, failure, systemEvent, timings
         case artifacts, artifactsError
     }
-    func encode(to encoder: Encoder) throws {
+    public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(stdout, forKey: .stdout)
         try c.encode(stderr, forKey: .stderr)

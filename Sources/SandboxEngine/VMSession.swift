@@ -180,9 +180,12 @@ final class VMSession: @unchecked Sendable {
         } catch {
             throw SessionFailure(kind: .vmm, message: error.description, vmEnded: true)
         }
+        // Weak: the transport reaches the pumps through the console's ports, so a strong capture
+        // would be a cycle that keeps the machine (its guest RAM, the VM and /dev/kvm descriptors)
+        // alive after the session is gone: a long-lived program with in-process VMMs leaked one per VM.
         let transport = self.transport
-        stdoutPump.resume = { transport.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stdoutPort)) }
-        stderrPump.resume = { transport.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stderrPort)) }
+        stdoutPump.resume = { [weak transport] in transport?.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stdoutPort)) }
+        stderrPump.resume = { [weak transport] in transport?.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stderrPort)) }
         stdoutPump.progress = { post(.progress) }
         stderrPump.progress = { post(.progress) }
     }
