@@ -6,21 +6,69 @@ import Glibc
 ///
 /// Hardware virtualization (VT-x, AMD-V) needs nothing. A PVM backend (kvm_pvm)
 /// emulates guest kernel code, cannot filter CPUID and rejects a few
-/// instructions; see ../shared/docs/kvm-on-this-host.md. Everything that profile
-/// needs lives here, so no device model knows about it.
+/// instructions; see ../shared/docs/kvm-on-this-host.md. It may also offer a
+/// paravirtual interface in which the guest kernel runs natively (`GuestMode`).
+/// Everything those modes need lives here, so no device model knows about them.
 public struct HostProfile: Equatable, Sendable, Codable {
     public enum Backend: String, Equatable, Sendable, Codable {
         case hardware = "hardware virtualization"
-        case pvm = "PVM (kvm_pvm, guest kernel emulated)"
+        case pvm = "PVM (kvm_pvm)"
+    }
+
+    /// How the guest kernel runs.
+    public enum GuestMode: String, Equatable, Sendable, Codable, CaseIterable {
+        /// Hardware virtualization: an ordinary guest.
+        case hardware
+        /// PVM host, guest kernel code in KVM's instruction emulator (about 0.85 us an instruction).
+        case pvmEmulated = "pvm-emulated"
+        /// PVM host's paravirtual interface: the VMM registers a VIF page before the
+        /// first instruction and the guest kernel runs natively, in hardware ring 3
+        /// (guest-kernel/README.md, "PV mode").
+        case pvmNative = "pvm-native"
+    }
+
+    /// Whether a guest on a PVM host may use its paravirtual interface.
+    public enum PVPreference: String, Equatable, Sendable, Codable {
+        /// Native mode where the interface answers and the kernel supports it.
+        case auto
+        /// The emulated path, always (for comparison, or a host whose interface differs).
+        case off
     }
 
     public let backend: Backend
+    public var pv: PVPreference
 
-    /// Kernel command-line parameters the backend requires.
-    public var commandLineParameters: [String] {
+    public init(backend: Backend, pv: PVPreference = .auto) {
+        self.backend = backend
+        self.pv = pv
+    }
+
+    /// The kernel command-line word that forces the emulated path: the VMM then
+    /// registers no VIF page, and the guest kernel does not register its own.
+    public static let pvOffParameter = "airlock.pv=off"
+
+    /// The mode a guest gets: `interfacePresent` is what the VMM's own probe of the
+    /// interface found (`PVInterface.probe`), `kernelStartsInPVMode` whether the kernel
+    /// image says it can start in that mode (its ELF note), `extraCommandLine` the
+    /// user's parameters (which may say airlock.pv=off).
+    public func guestMode(interfacePresent: Bool, kernelStartsInPVMode: Bool, extraCommandLine: String = "") -> GuestMode {
         switch backend {
-        case .hardware: return []
+        case .hardware: return .hardware
         case .pvm:
+            let forcedOff = pv == .off || extraCommandLine.split(separator: " ").contains { $0 == Self.pvOffParameter }
+            return interfacePresent && kernelStartsInPVMode && !forcedOff ? .pvmNative : .pvmEmulated
+        }
+    }
+
+    /// Kernel command-line parameters a mode requires.
+    public static func commandLineParameters(for mode: GuestMode) -> [String] {
+        switch mode {
+        case .hardware, .pvmNative:
+            // Native mode: the kernel clears the features the host's PV mode does not
+            // run (smap/smep, pcid/invpcid, xsaves) itself, uses XSAVE (xsave and
+            // xrstor run natively) and keeps rodata protection (cheap natively).
+            return []
+        case .pvmEmulated:
             // CPUID is not filtered on PVM, so features the instruction emulator
             // cannot execute are turned off in the guest kernel instead:
             // xsave/xrstor (noxsave), clac/stac (smap), smep, popcnt, and
@@ -29,9 +77,17 @@ public struct HostProfile: Equatable, Sendable, Codable {
             // splits and rewrites page tables in emulated code: 8 s of a 49 s
             // boot here (40.6 s without). It protects the guest kernel from its
             // own bugs, not the host from the guest, and costs milliseconds on
-            // hardware, so only this profile turns it off.
-            return ["noxsave", "clearcpuid=smap,smep,popcnt,cx16", "rodata=off"]
+            // hardware, so only this mode turns it off.
+            // airlock.pv=off: the guest kernel would otherwise find the interface
+            // and register a VIF page itself.
+            return ["noxsave", "clearcpuid=smap,smep,popcnt,cx16", "rodata=off", pvOffParameter]
         }
+    }
+
+    /// Kernel command-line parameters the backend requires in its default mode
+    /// (emulated on PVM; `commandLineParameters(for:)` has every mode).
+    public var commandLineParameters: [String] {
+        Self.commandLineParameters(for: backend == .pvm ? .pvmEmulated : .hardware)
     }
 
     /// Environment entries every command in the guest gets (the user's own win).
@@ -47,15 +103,30 @@ public struct HostProfile: Equatable, Sendable, Codable {
         }
     }
 
-    /// Whether emulation failures on int3 and fwait are completed by the VMM.
+    /// Whether emulation failures on int3 and fwait are completed by the VMM (emulated mode only).
+    public static func emulationAssists(for mode: GuestMode) -> Bool { mode == .pvmEmulated }
+
+    /// Whether emulation failures on int3 and fwait are completed by the VMM in the backend's default mode.
     public var emulationAssists: Bool { backend == .pvm }
 
-    public init(backend: Backend) { self.backend = backend }
-
-    /// Detects the backend from the loaded kernel modules.
-    public static func detect(sysModule: String = "/sys/module") -> HostProfile {
+    /// Detects the backend from the loaded kernel modules; `AIRLOCK_PV=off` in
+    /// `environment` forces the emulated path (how the test suite runs once in that mode).
+    public static func detect(sysModule: String = "/sys/module",
+                              environment: [String: String] = HostProfile.processEnvironment()) -> HostProfile {
         var info = stat()
-        if stat(sysModule + "/kvm_pvm", &info) == 0 { return HostProfile(backend: .pvm) }
-        return HostProfile(backend: .hardware)
+        let backend: Backend = stat(sysModule + "/kvm_pvm", &info) == 0 ? .pvm : .hardware
+        return HostProfile(backend: backend, pv: environment["AIRLOCK_PV"] == "off" ? .off : .auto)
+    }
+
+    /// The process environment as a dictionary.
+    public static func processEnvironment() -> [String: String] {
+        var result: [String: String] = [:]
+        var p = environ
+        while let entry = p.pointee {
+            let s = String(cString: entry)
+            if let eq = s.firstIndex(of: "=") { result[String(s[..<eq])] = String(s[s.index(after: eq)...]) }
+            p += 1
+        }
+        return result
     }
 }

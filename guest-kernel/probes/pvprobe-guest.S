@@ -258,7 +258,17 @@ sys_entry:
 	jne 11f
 	mov rax, cr3
 	jmp sys_ret
-11:	REC "sys.unknown", rax
+11:	cmp rax, 12
+	jne 12f
+	push rcx
+	push rdx
+	xor ecx, ecx
+	rdpkru
+	REC "sys.pkru_in_kernel", rax
+	pop rdx
+	pop rcx
+	jmp sys_ret
+12:	REC "sys.unknown", rax
 sys_ret:
 	mov byte ptr [G_VIF], 1
 	mov rsp, [V_SAVE + 0x70]
@@ -533,6 +543,18 @@ exp_priv:
 	PRIV(rdtscp, rdtscp)
 	PRIV(rdpid, rdpid rax)
 	PRIV(xgetbv0, xor ecx, ecx; xgetbv)
+	PRIV(cpuid_1a_d_0_ebx_size, mov eax, 0xd; xor ecx, ecx; int 0x1a; mov eax, ebx)
+	PRIV(cr4_set_osxsave, mov rax, cr4; bts rax, 18; mov cr4, rax; mov rax, cr4)
+	PRIV(xgetbv0_after_osxsave, xor ecx, ecx; xgetbv)
+	PRIV(cpuid_1a_d_0_ebx_after_osxsave, mov eax, 0xd; xor ecx, ecx; int 0x1a; mov eax, ebx)
+	PRIV(xsetbv_7, xor ecx, ecx; xor edx, edx; mov eax, 7; xsetbv; xor ecx, ecx; xgetbv)
+	PRIV(vpxor_ymm_after_xcr0_7, vpxor ymm1, ymm1, ymm1)
+	PRIV(vpxord_zmm_after_xcr0_7, vpxord zmm1, zmm1, zmm1)
+	PRIV(cpuid_1a_d_0_ebx_after_xsetbv7, mov eax, 0xd; xor ecx, ecx; int 0x1a; mov eax, ebx)
+	PRIV(xsetbv_2e7, xor ecx, ecx; xor edx, edx; mov eax, 0x2e7; xsetbv; xor ecx, ecx; xgetbv)
+	PRIV(vpxord_zmm_after_xcr0_2e7, vpxord zmm1, zmm1, zmm1)
+	PRIV(cpuid_1a_d_0_ebx_after_xsetbv2e7, mov eax, 0xd; xor ecx, ecx; int 0x1a; mov eax, ebx)
+	PRIV(xsetbv_602e7_amx, xor ecx, ecx; xor edx, edx; mov eax, 0x602e7; xsetbv; xor ecx, ecx; xgetbv)
 	PRIV(xsetbv_same, xor ecx, ecx; xgetbv; xsetbv)
 	PRIV(xgetbv1_inuse, mov ecx, 1; xgetbv)
 	PRIV(xsave, mov eax, -1; mov edx, -1; xsave [G_XSAVE])
@@ -603,7 +625,101 @@ exp_user:
 99:	dec rcx
 	jnz 99b
 .endm
+/* which registers a hypercall (or int 0x1a) changes: markers in all, then compare */
+#define HCREGS(name, ...) HCREGS_A name ; __VA_ARGS__ ; HCREGS_B
+.macro HCREGS_A name
+	REC "k.regs_after.\name", 0
+	mov rbx, 0x1111111111
+	mov rcx, 0x2222222222
+	mov rdx, 0x3333333333
+	mov rsi, 0x4444444444
+	mov rdi, 0x5555555555
+	mov rbp, 0x6666666666
+	mov r8, 0x8888888888
+	mov r9, 0x9999999999
+	mov r10, 0x1010101010
+	mov r11, 0x1111111112
+	mov r12, 0x1212121212
+	mov r13, 0x1313131313
+.endm
+.macro HCREGS_B
+	mov [V_SAVE], rax
+	mov [V_SAVE + 8], rbx
+	mov [V_SAVE + 16], rcx
+	mov [V_SAVE + 24], rdx
+	mov [V_SAVE + 32], rsi
+	mov [V_SAVE + 40], rdi
+	mov [V_SAVE + 48], rbp
+	mov [V_SAVE + 56], r8
+	mov [V_SAVE + 64], r9
+	mov [V_SAVE + 72], r10
+	mov [V_SAVE + 80], r11
+	mov [V_SAVE + 88], r12
+	mov [V_SAVE + 96], r13
+	call check_markers
+.endm
+check_markers:
+	mov rax, [V_SAVE]
+	REC "  rax", rax
+	mov rax, 0x1111111111
+	cmp [V_SAVE + 8], rax
+	je 1f
+	mov rax, [V_SAVE + 8]
+	REC "  rbx CHANGED", rax
+1:	mov rax, 0x2222222222
+	cmp [V_SAVE + 16], rax
+	je 1f
+	mov rax, [V_SAVE + 16]
+	REC "  rcx CHANGED", rax
+1:	mov rax, 0x3333333333
+	cmp [V_SAVE + 24], rax
+	je 1f
+	mov rax, [V_SAVE + 24]
+	REC "  rdx CHANGED", rax
+1:	mov rax, 0x4444444444
+	cmp [V_SAVE + 32], rax
+	je 1f
+	REC "  rsi CHANGED", 1
+1:	mov rax, 0x5555555555
+	cmp [V_SAVE + 40], rax
+	je 1f
+	REC "  rdi CHANGED", 1
+1:	mov rax, 0x6666666666
+	cmp [V_SAVE + 48], rax
+	je 1f
+	REC "  rbp CHANGED", 1
+1:	mov rax, 0x8888888888
+	cmp [V_SAVE + 56], rax
+	je 1f
+	REC "  r8 CHANGED", 1
+1:	mov rax, 0x9999999999
+	cmp [V_SAVE + 64], rax
+	je 1f
+	REC "  r9 CHANGED", 1
+1:	mov rax, 0x1010101010
+	cmp [V_SAVE + 72], rax
+	je 1f
+	REC "  r10 CHANGED", 1
+1:	mov rax, 0x1111111112
+	cmp [V_SAVE + 80], rax
+	je 1f
+	mov rax, [V_SAVE + 80]
+	REC "  r11 CHANGED", rax
+1:	mov rax, 0x1212121212
+	cmp [V_SAVE + 88], rax
+	je 1f
+	REC "  r12 CHANGED", 1
+1:	mov rax, 0x1313131313
+	cmp [V_SAVE + 96], rax
+	je 1f
+	REC "  r13 CHANGED", 1
+1:	ret
 exp_kern:
+	HCREGS(hc_unknown_10ff, mov eax, 0x10ff; int 0x1b)
+	HCREGS(hc_flush_tlb, mov eax, 0x1007; int 0x1b)
+	HCREGS(hc_set_cr3, mov eax, 0x1001; mov ebx, G_KPML4; int 0x1b)
+	HCREGS(cpuid_1a_leaf1, mov eax, 1; int 0x1a)
+	HCREGS(out80, out 0x80, al)
 	mov byte ptr [G_VIF], 0
 	REC "k.int3.vif_if0", 0
 	int3
@@ -949,7 +1065,69 @@ ret_s10:
 ret_s11:
 	mov rsp, G_KSTACK + 0x3000
 	call drain_irq
-	jmp end_run
+	/* frames a user can shape (sigreturn, ptrace): what does 0x100d make of them? Each
+	   returns to u_modecheck, which tries a port write (only host kernel mode may) */
+	mov r12, offset badframes
+	mov [V_TMP2 + 0x200], r12
+ret_badframe_next:
+	mov rsp, G_KSTACK + 0x3000
+	mov r12, [V_TMP2 + 0x200]
+	mov rax, [r12]
+	cmp rax, -1
+	je end_run
+	add qword ptr [V_TMP2 + 0x200], 40
+	NEXT ret_badframe_next
+	mov rax, [r12 + 32]
+	REC "r.100d.badframe", rax
+	mov rax, [r12]                   /* cs */
+	REC "  cs", rax
+	mov rax, [r12 + 8]
+	REC "  ss", rax
+	mov rax, [r12 + 24]
+	REC "  rflags", rax
+	mov rax, [r12 + 16]
+	REC "  rip", rax
+	mov qword ptr [V_FRAME], 0
+	mov qword ptr [V_FRAME + 8], 0
+	mov qword ptr [V_FRAME + 16], 0
+	mov [V_FRAME + 24], rax
+	mov rax, [r12]
+	mov [V_FRAME + 32], rax
+	mov rax, [r12 + 24]
+	mov [V_FRAME + 40], rax
+	mov qword ptr [V_FRAME + 48], G_USTACK + 0x3000
+	mov rax, [r12 + 8]
+	mov [V_FRAME + 56], rax
+	lea rax, [rip + 1f]
+	mov [V_RESUME], rax
+	mov byte ptr [G_VIF], 0
+	mov ebx, V_FRAME
+	HC 0x100d
+1:	mov rax, [V_FAULTVEC]
+	REC "  100d_did_not_return_to_user.vector", rax
+	mov qword ptr [V_RESUME], 0
+	jmp ret_badframe_next
+.data
+/* cs, ss, rip (0 = u_modecheck), rflags, tag */
+badframes:
+	.quad 0x33, 0x2b, u_modecheck, 0x202, 1
+	.quad 0x13, 0x2b, u_modecheck, 0x202, 2
+	.quad 0x10, 0x18, u_modecheck, 0x202, 3
+	.quad 0x1b, 0x2b, u_modecheck, 0x202, 4
+	.quad 0x23, 0x2b, u_modecheck, 0x202, 5
+	.quad 0x2b, 0x2b, u_modecheck, 0x202, 6
+	.quad 0x43, 0x2b, u_modecheck, 0x202, 7
+	.quad 0x33, 0x13, u_modecheck, 0x202, 8
+	.quad 0x33, 0x1b, u_modecheck, 0x202, 9
+	.quad 0x33, 0x0, u_modecheck, 0x202, 10
+	.quad 0x33, 0x2b, 0x800000000000, 0x202, 11
+	.quad 0x33, 0x2b, 0xffff800000001000, 0x202, 12
+	.quad 0x33, 0x2b, u_modecheck, 0x3202, 13
+	.quad 0x33, 0x2b, u_modecheck, 0x24302, 14
+	.quad 0x33, 0x2b, u_modecheck, 0x4202, 15
+	.quad 0x3b, 0x2b, u_modecheck, 0x202, 16
+	.quad -1, 0, 0, 0, 0
+.text
 
 /* return to user RIP rax through hypercall 0x100d (rflags already in V_FRAME + 40) */
 ret_frame_100d:

@@ -55,6 +55,12 @@ u_tests:
 	UT(rdtsc, rdtsc)
 	UT(read_cr3, mov rax, cr3)
 	UT(syscall_record, xor eax, eax; syscall)
+	/* protection keys: is the user's PKRU the one the kernel runs with? (variant 2: deny key 0) */
+	UT(wrpkru_deny_key1_then_syscall, xor ecx, ecx; xor edx, edx; mov eax, 0xc; wrpkru; mov eax, 12; syscall)
+	cmp qword ptr [V_VARIANT], 2
+	jne 1f
+	UT(wrpkru_deny_key0_then_syscall, xor ecx, ecx; xor edx, edx; mov eax, 0x3; wrpkru; mov eax, 12; syscall)
+1:	UT(wrpkru_restore, xor ecx, ecx; xor edx, edx; xor eax, eax; wrpkru; mov eax, 12; syscall)
 	UT(wrmsr_vif_zero, mov ecx, 0x4b564d10; xor eax, eax; xor edx, edx; wrmsr)
 	UT(syscall_after_wrmsr_vif, xor eax, eax; syscall)
 	mov eax, 2
@@ -112,6 +118,27 @@ u_vifcheck:
 	pushfq
 	pop rax
 	REC "  u.rflags", rax
+	mov eax, 5
+	syscall
+	jmp .
+
+u_modecheck:
+	mov ax, cs
+	movzx eax, ax
+	REC "  u.cs_as_read", rax
+	mov ax, ss
+	movzx eax, ax
+	REC "  u.ss_as_read", rax
+	pushfq
+	pop rax
+	REC "  u.rflags", rax
+	lea rax, [rip + 1f]
+	mov [V_RESUME], rax
+	out P_KCHECK, al
+	REC "  u.OUT_SUCCEEDED_IN_KERNEL_MODE!", 1
+1:	mov rax, [V_FAULTVEC]
+	REC "  u.out_fault_vector", rax
+	mov qword ptr [V_RESUME], 0
 	mov eax, 5
 	syscall
 	jmp .
