@@ -61,10 +61,10 @@ final class ConsoleLog: ConsoleOutput, @unchecked Sendable {
 }
 
 extension RunRequest {
-    /// The agent's view of `command`, with `extraEnvironment` (the host profile's) first.
-    init(_ command: Command, runID: UInt32, extraEnvironment: [String], shutdownAfter: Bool) {
+    /// The agent's view of `command`.
+    init(_ command: Command, runID: UInt32, shutdownAfter: Bool) {
         self.init(runID: runID, arguments: command.arguments,
-                  environment: extraEnvironment + command.environment.map { "\($0.name)=\($0.value)" },
+                  environment: command.environment.map { "\($0.name)=\($0.value)" },
                   workingDirectory: command.workingDirectory, user: command.user,
                   hasStdin: command.stdin != .none, shutdownAfter: shutdownAfter)
     }
@@ -102,7 +102,6 @@ final class VMSession: @unchecked Sendable {
     let stderrPump = OutputPump(name: AgentProtocol.stderrPortName)
     let consoleLog: ConsoleLog
     let rootfsPath: String
-    let guestEnvironment: [String]
     let hooks: SessionHooks
 
     private let events = EventQueue()
@@ -139,7 +138,6 @@ final class VMSession: @unchecked Sendable {
         mc.logger = logger
         mc.vcpuThreadSetup = hooks.vcpuThreadSetup
         if let profile = config.hostProfile { mc.hostProfile = profile }
-        guestEnvironment = mc.hostProfile.guestEnvironment
 
         let inputSpace = self.inputSpace
         let events = self.events
@@ -403,8 +401,8 @@ extension VMSession {
         busy.wait()
         defer { busy.signal() }
         guard !ended else { throw .ended("the sandbox has ended: \(endDescription)") }
-        // Sandbox.validate checked the command; the guest's own environment is added here.
-        let request = RunRequest(command, runID: nextRunID, extraEnvironment: guestEnvironment, shutdownAfter: shutdownAfter)
+        // Sandbox.validate checked the command (its limits too); the run ID is the session's.
+        let request = RunRequest(command, runID: nextRunID, shutdownAfter: shutdownAfter)
         if let problem = request.limitProblem { throw .invalidConfiguration("\(problem): pass large inputs on stdin or in a file instead") }
         let runID = nextRunID
         nextRunID &+= 1

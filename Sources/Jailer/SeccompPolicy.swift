@@ -30,6 +30,10 @@ public enum SeccompPolicy {
         .getRegs, .setRegs,                      // exit handling: HLT checks, PVM emulation assists (int3, fwait) advance RIP
         .getVCPUEvents, .setVCPUEvents,          // is an interrupt pending on HLT; inject #BP for the int3 assist
         .irqLine,                                // device interrupts raised by MMIO/PIO writes handled on this thread
+        // The PVM XSAVE assist (ExtendedStateAssist): control registers, CPL and segment bases
+        // to walk the guest's page tables, and the vCPU's extended state and XCR0, which XSAVE
+        // copies out and XRSTOR replaces (a #PF it raises carries CR2 in KVM_SET_VCPU_EVENTS).
+        .getSregs, .getXSAVE, .getXSAVE2, .setXSAVE, .getXCRS,
     ]
 
     /// KVM requests any thread makes after set-up: the same list. vCPU threads
@@ -162,6 +166,10 @@ public enum KVMRequest: String, Sendable, CaseIterable {
     case createVCPU = "KVM_CREATE_VCPU"
     case setUserMemoryRegion = "KVM_SET_USER_MEMORY_REGION"
     case getAPIVersion = "KVM_GET_API_VERSION"
+    case getXSAVE = "KVM_GET_XSAVE"
+    case getXSAVE2 = "KVM_GET_XSAVE2"
+    case setXSAVE = "KVM_SET_XSAVE"
+    case getXCRS = "KVM_GET_XCRS"
 
     public var number: UInt {
         switch self {
@@ -177,6 +185,10 @@ public enum KVMRequest: String, Sendable, CaseIterable {
         case .createVCPU: return AIRLOCK_KVM_CREATE_VCPU
         case .setUserMemoryRegion: return AIRLOCK_KVM_SET_USER_MEMORY_REGION
         case .getAPIVersion: return AIRLOCK_KVM_GET_API_VERSION
+        case .getXSAVE: return AIRLOCK_KVM_GET_XSAVE
+        case .getXSAVE2: return AIRLOCK_KVM_GET_XSAVE2
+        case .setXSAVE: return AIRLOCK_KVM_SET_XSAVE
+        case .getXCRS: return AIRLOCK_KVM_GET_XCRS
         }
     }
 }

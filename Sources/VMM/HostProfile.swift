@@ -65,14 +65,21 @@ public struct HostProfile: Equatable, Sendable, Codable {
         switch mode {
         case .hardware, .pvmNative:
             // Native mode: the kernel clears the features the host's PV mode does not
-            // run (smap/smep, pcid/invpcid, xsaves) itself, uses XSAVE (xsave and
-            // xrstor run natively) and keeps rodata protection (cheap natively).
+            // run (smap/smep, pcid/invpcid, xsaves) itself, uses XSAVE (xsave, xrstor
+            // and the AVX/AVX-512 state run natively; xsetbv only sets KVM's copy of
+            // XCR0) and keeps rodata protection (cheap natively).
             return []
         case .pvmEmulated:
             // CPUID is not filtered on PVM, so features the instruction emulator
-            // cannot execute are turned off in the guest kernel instead:
-            // xsave/xrstor (noxsave), clac/stac (smap), smep, popcnt, and
-            // cmpxchg16b (cx16) used by SLUB.
+            // cannot execute are turned off in the guest kernel instead: clac/stac
+            // (smap), smep, popcnt, and cmpxchg16b (cx16) used by SLUB.
+            // XSAVE stays on: guest user code runs on the hardware with the host's
+            // XCR0 (AVX, AVX-512), so the kernel must switch all of that state, and
+            // the VMM completes the XSAVE/XRSTOR the emulator rejects
+            // (ExtendedStateAssist). The other forms are masked so the kernel picks
+            // plain standard-format XSAVE: xsaveopt, xsavec, xsaves, and xgetbv1.
+            // AMX is masked because KVM here offers it to no guest (XCR0 would be
+            // refused), and the kernel then never enables it.
             // rodata=off skips write-protecting kernel text and rodata, which
             // splits and rewrites page tables in emulated code: 8 s of a 49 s
             // boot here (40.6 s without). It protects the guest kernel from its
@@ -80,7 +87,8 @@ public struct HostProfile: Equatable, Sendable, Codable {
             // hardware, so only this mode turns it off.
             // airlock.pv=off: the guest kernel would otherwise find the interface
             // and register a VIF page itself.
-            return ["noxsave", "clearcpuid=smap,smep,popcnt,cx16", "rodata=off", pvOffParameter]
+            return ["clearcpuid=smap,smep,popcnt,cx16,xsaveopt,xsavec,xsaves,xgetbv1,amx_tile,amx_bf16,amx_int8",
+                    "rodata=off", pvOffParameter]
         }
     }
 
@@ -90,24 +98,19 @@ public struct HostProfile: Equatable, Sendable, Codable {
         Self.commandLineParameters(for: backend == .pvm ? .pvmEmulated : .hardware)
     }
 
-    /// Environment entries every command in the guest gets (the user's own win).
-    public var guestEnvironment: [String] {
-        switch backend {
-        case .hardware: return []
-        case .pvm:
-            // With noxsave the guest kernel saves only legacy FPU/SSE state on
-            // its context switches, yet guest user code still sees AVX in the
-            // unfiltered CPUID: processes using AVX at once could see each
-            // other's upper YMM halves. This keeps glibc's string functions off AVX.
-            return ["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX_Usable,-AVX2_Usable,-AVX512F_Usable"]
-        }
-    }
-
     /// Whether emulation failures on int3 and fwait are completed by the VMM (emulated mode only).
     public static func emulationAssists(for mode: GuestMode) -> Bool { mode == .pvmEmulated }
 
     /// Whether emulation failures on int3 and fwait are completed by the VMM in the backend's default mode.
     public var emulationAssists: Bool { backend == .pvm }
+
+    /// Whether the VMM completes XSAVE, XRSTOR, XGETBV, RDPKRU and WRPKRU for the guest kernel
+    /// (emulated mode only: natively they run on the hardware).
+    public static func extendedStateAssist(for mode: GuestMode) -> Bool { mode == .pvmEmulated }
+
+    /// Whether the backend may need the extended-state assist (it is set up with the VM,
+    /// before the mode is known): any PVM host.
+    public var extendedStateAssist: Bool { backend == .pvm }
 
     /// Detects the backend from the loaded kernel modules; `AIRLOCK_PV=off` in
     /// `environment` forces the emulated path (how the test suite runs once in that mode).
