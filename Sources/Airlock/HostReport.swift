@@ -1,5 +1,6 @@
 import AirlockOS
 import KVM
+import LinuxBoot
 import VMM
 #if canImport(Glibc)
 import Glibc
@@ -15,6 +16,9 @@ public struct HostReport: Sendable {
 
     public let checks: [Check]
     public let profile: HostProfile
+    /// The mode a guest booting the installed kernel gets, and why.
+    public let guestMode: HostProfile.GuestMode
+    public let guestModeReason: String
     public let images: [ImageStore.Image]
     public let imagesDirectory: String
 
@@ -23,8 +27,10 @@ public struct HostReport: Sendable {
     public static func gather(kvmPath: String = KVMSystem.defaultPath, store: ImageStore = ImageStore()) -> HostReport {
         var checks: [Check] = []
         let profile = HostProfile.detect()
+        var interfacePresent = false
         do {
             let kvm = try KVMSystem(path: kvmPath)
+            if profile.backend == .pvm { interfacePresent = PVInterface.probe(kvm: kvm) }
             checks.append(Check(name: kvmPath, ok: true, detail: "present and accessible"))
             checks.append(Check(name: "KVM API version", ok: true, detail: "\(kvm.apiVersion)"))
             for (name, present) in kvm.requiredCapabilities() {
@@ -49,15 +55,40 @@ public struct HostReport: Sendable {
             }
         }
         checks.append(Check(name: "guest agent", ok: agentOK, detail: agentDetail))
-        return HostReport(checks: checks, profile: profile, images: images, imagesDirectory: store.imagesDirectory)
+        let kernelSupportsPV = names.contains(ImageStore.kernelName)
+            && ((try? MappedFile(path: store.kernelPath, role: "kernel")).map(KernelLoader.startsInPVMode) ?? false)
+        let mode = profile.guestMode(interfacePresent: interfacePresent, kernelStartsInPVMode: kernelSupportsPV)
+        return HostReport(checks: checks, profile: profile, guestMode: mode,
+                          guestModeReason: Self.reason(mode, profile: profile, interfacePresent: interfacePresent, kernelSupportsPV: kernelSupportsPV),
+                          images: images, imagesDirectory: store.imagesDirectory)
+    }
+
+    /// Why a guest gets `mode`, in words.
+    static func reason(_ mode: HostProfile.GuestMode, profile: HostProfile, interfacePresent: Bool, kernelSupportsPV: Bool) -> String {
+        switch mode {
+        case .hardware:
+            return "hardware virtualization: the guest kernel runs at ring 0 as on any KVM host"
+        case .pvmNative:
+            return "kvm_pvm's paravirtual interface answers (MSR 0x4b564d11 reads \"PVM\") and the kernel carries Airlock's PV note: the VMM registers the guest's VIF page before its first instruction and the guest kernel runs natively"
+        case .pvmEmulated:
+            if profile.pv == .off { return "forced by AIRLOCK_PV=off: the guest kernel runs in KVM's instruction emulator" }
+            if !interfacePresent { return "kvm_pvm without the paravirtual interface (MSR 0x4b564d11 does not read \"PVM\"): the guest kernel runs in KVM's instruction emulator" }
+            if !kernelSupportsPV { return "the installed kernel has no Airlock PV note (rebuild it with make images): the guest kernel runs in KVM's instruction emulator" }
+            return "the guest kernel runs in KVM's instruction emulator"
+        }
     }
 
     public var text: String {
         var lines: [String] = []
         for c in checks { lines.append("\(c.ok ? "ok  " : "FAIL") \(c.name): \(c.detail)") }
         lines.append("     backend: \(profile.backend.rawValue)")
-        if profile.backend == .pvm {
-            lines.append("     host profile: kernel command line += \(profile.commandLineParameters.joined(separator: " ")); int3/fwait emulation assists on")
+        lines.append("     guest mode: \(guestMode.rawValue) (\(guestModeReason))")
+        let parameters = HostProfile.commandLineParameters(for: guestMode)
+        if !parameters.isEmpty {
+            lines.append("     kernel command line += \(parameters.joined(separator: " "))")
+        }
+        if HostProfile.emulationAssists(for: guestMode) {
+            lines.append("     the VMM completes int3, fwait and XSAVE/XRSTOR for the emulated guest kernel")
         }
         lines.append("     images in \(imagesDirectory):")
         if images.isEmpty { lines.append("       (none: run 'make images')") }

@@ -17,6 +17,7 @@ struct RunReport: Encodable {
     let outputTruncated: Bool
     let failure: String?
     let systemEvent: String?
+    let guestMode: String?
     let timings: RunTimings
 
     init(_ r: RunResult) {
@@ -30,6 +31,7 @@ struct RunReport: Encodable {
         outputTruncated = r.outputTruncated
         failure = r.failure
         systemEvent = r.systemEvent
+        guestMode = r.guestMode
         timings = r.timings
     }
 
@@ -39,7 +41,7 @@ struct RunReport: Encodable {
 
     // Explicit so that a nil signal or failure is written as null: readers see every key.
     enum CodingKeys: String, CodingKey {
-        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings
+        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, guestMode, timings
     }
     func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
@@ -53,6 +55,7 @@ struct RunReport: Encodable {
         try c.encode(outputTruncated, forKey: .outputTruncated)
         try c.encode(failure, forKey: .failure)
         try c.encode(systemEvent, forKey: .systemEvent)
+        try c.encode(guestMode, forKey: .guestMode)
         try c.encode(timings, forKey: .timings)
     }
 }

@@ -138,6 +138,7 @@ final class VMSession: @unchecked Sendable {
         mc.logger = logger
         mc.vcpuThreadSetup = hooks.vcpuThreadSetup
         if let profile = config.hostProfile { mc.hostProfile = profile }
+        if !config.pvNative { mc.hostProfile.pv = .off }
 
         let inputSpace = self.inputSpace
         let events = self.events
@@ -501,6 +502,7 @@ extension VMSession {
         }
         let endedAt = monotonicNanoseconds()
         result.systemEvent = exit?.event?.description
+        result.guestMode = machine.guestMode.rawValue
         if let endError, result.failure == nil { result.failure = "the VMM failed: \(endError)" }
 
         func ms(_ from: UInt64, _ to: UInt64) -> Double { to > from ? Double(to - from) / 1e6 : 0 }

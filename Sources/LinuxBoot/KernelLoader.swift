@@ -92,6 +92,17 @@ public enum KernelLoader {
         throw .unrecognizedKernel(path: file.path, firstBytes: Array(file.bytes.prefix(8)))
     }
 
+    /// Whether the kernel file says it can start in a PVM host's paravirtual mode (its
+    /// "Airlock" ELF note; see `LoadedKernel.startsInPVMode`), without loading it. False for
+    /// a bzImage and for anything that is not a valid x86-64 vmlinux.
+    public static func startsInPVMode(_ file: MappedFile) -> Bool {
+        withExtendedLifetime(file) {
+            let f = UntrustedFile(bytes: file.bytes, path: file.path, descriptor: file.descriptor.rawValue)
+            guard f.bytes.starts(with: ELFLoader.magic) else { return false }
+            return (try? ELFLoader.noteSaysPVEntry(f)) ?? false
+        }
+    }
+
     /// Where a bzImage's protected-mode code goes: the classic high-load address.
     public static let bzImageLoadAddress: UInt64 = BzImageLoader.loadAddress
 }
@@ -195,6 +206,24 @@ enum ELFLoader {
                                   end: GuestAddress(end), setupHeader: nil)
         kernel.startsInPVMode = startsInPVMode
         return kernel
+    }
+
+    /// Reads the ELF header and program headers only, for the PV note.
+    static func noteSaysPVEntry(_ f: UntrustedFile) throws(LinuxBootError) -> Bool {
+        let tableOffset = try f.read(UInt64.self, at: 32, "e_phoff")
+        let entrySize = try f.read(UInt16.self, at: 54, "e_phentsize")
+        let count = try f.read(UInt16.self, at: 56, "e_phnum")
+        guard entrySize == programHeaderSize, count <= maxProgramHeaders else { return false }
+        // The table must lie inside the file, so the offsets below cannot overflow.
+        _ = try f.range(tableOffset, length: UInt64(count) * UInt64(programHeaderSize), "the program header table")
+        for i in 0..<Int(count) {
+            let h = tableOffset + UInt64(i) * UInt64(programHeaderSize)
+            guard try f.read(UInt32.self, at: h, "program header \(i)") == typeNote else { continue }
+            let offset = try f.read(UInt64.self, at: h + 8, "program header \(i)")
+            let size = try f.read(UInt64.self, at: h + 32, "program header \(i)")
+            if try notesHaveAirlockPVEntry(f, offset: offset, size: size, segment: i) { return true }
+        }
+        return false
     }
 
     /// Walks the notes of a PT_NOTE segment (namesz, descsz, type, name and

@@ -21,6 +21,13 @@ public enum PVInterface {
         return first.index == signatureMSR && first.value == signature
     }
 
+    /// Probes the interface from a throwaway VM and vCPU (for `airlock doctor`; a
+    /// machine probes its own vCPU instead). About a millisecond.
+    public static func probe(kvm: KVMSystem) -> Bool {
+        guard let vm = try? kvm.createVM(), let vcpu = try? vm.createVCPU(id: 0) else { return false }
+        return probe(vcpu)
+    }
+
     /// Registers `page` (guest-physical, page-aligned) as the vCPU's VIF page; false if the host refused.
     public static func register(_ vcpu: VCPU, page: UInt64) throws(KVMError) -> Bool {
         precondition(page & 0xFFF == 0, "the VIF page must be page-aligned")

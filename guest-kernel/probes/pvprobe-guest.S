@@ -268,7 +268,72 @@ sys_entry:
 	pop rdx
 	pop rcx
 	jmp sys_ret
-12:	REC "sys.unknown", rax
+12:	cmp rax, 13
+	jne 13f
+	swapgs                          /* as Linux: kernel GS while in the kernel */
+	out 0x80, al                    /* an exit to the VMM */
+	swapgs
+	jmp sys_ret
+13:	cmp rax, 14
+	jne 14f
+	swapgs
+	push rax
+	push rbx
+	mov al, IRQ_VEC
+	mov ebx, 5
+	out P_INJMS, al
+	mov byte ptr [G_VIF], 1
+	HC 0x1009                       /* block until the interrupt: the vCPU is descheduled */
+	pop rbx
+	pop rax
+	swapgs
+	jmp sys_ret
+14:	cmp rax, 15
+	jne 15f
+	push rax
+	mov al, IRQ_VEC
+	mov ebx, 5
+	out P_INJMS, al
+	mov byte ptr [G_VIF], 1
+	HC 0x1009                       /* the same without swapgs around it */
+	pop rax
+	jmp sys_ret
+15:	cmp rax, 16
+	jne 16f
+	push rcx
+	push rdx
+	rdgsbase rax
+	REC "  sys.rdgsbase", rax
+	mov ecx, 0xc0000101
+	rdmsr
+	shl rdx, 32
+	or rax, rdx
+	REC "  sys.msr_gs_base", rax
+	mov ecx, 0xc0000102
+	rdmsr
+	shl rdx, 32
+	or rax, rdx
+	REC "  sys.msr_kernel_gs_base", rax
+	pop rdx
+	pop rcx
+	jmp sys_ret
+16:	cmp rax, 17
+	jne 17f
+	swapgs
+	swapgs
+	mov eax, 10                     /* then return through 0x100d like action 10 */
+	jmp 9b
+17:	cmp rax, 18
+	jne 18f
+	swapgs
+	swapgs
+	jmp sys_ret
+18:	cmp rax, 19
+	jne 19f
+	swapgs                          /* Linux's entry swapgs, and no swapgs on the way out: */
+	mov eax, 10                     /* the return's own exchange restores the user's GS base */
+	jmp 9b
+19:	REC "sys.unknown", rax
 sys_ret:
 	mov byte ptr [G_VIF], 1
 	mov rsp, [V_SAVE + 0x70]
@@ -715,6 +780,39 @@ check_markers:
 	REC "  r13 CHANGED", 1
 1:	ret
 exp_kern:
+	/* swapgs: does it exchange the hardware GS base (rdgsbase/wrgsbase) with KERNEL_GS_BASE? */
+	REC "k.swapgs", 0
+	mov rax, 0xaaaa000
+	wrgsbase rax
+	mov ecx, 0xc0000102
+	mov eax, 0xbbbb000
+	xor edx, edx
+	wrmsr
+	rdgsbase rax
+	REC "  gsbase.before(A=aaaa000)", rax
+	mov ecx, 0xc0000101
+	rdmsr
+	REC "  msr.gs_base.before", rax
+	swapgs
+	rdgsbase rax
+	REC "  gsbase.after_swapgs(want bbbb000)", rax
+	mov ecx, 0xc0000101
+	rdmsr
+	REC "  msr.gs_base.after_swapgs", rax
+	mov ecx, 0xc0000102
+	rdmsr
+	REC "  msr.kernel_gs_base.after_swapgs(want aaaa000)", rax
+	mov rax, 0xcccc000
+	wrgsbase rax
+	swapgs
+	rdgsbase rax
+	REC "  gsbase.after_wrgsbase_c_swapgs(want aaaa000)", rax
+	mov ecx, 0xc0000102
+	rdmsr
+	REC "  msr.kernel_gs_base(want cccc000)", rax
+	mov ecx, 0xc0000101
+	rdmsr
+	REC "  msr.gs_base(want aaaa000)", rax
 	HCREGS(hc_unknown_10ff, mov eax, 0x10ff; int 0x1b)
 	HCREGS(hc_flush_tlb, mov eax, 0x1007; int 0x1b)
 	HCREGS(hc_set_cr3, mov eax, 0x1001; mov ebx, G_KPML4; int 0x1b)
@@ -871,6 +969,13 @@ exp_kern:
 	REC "  hc_halt.rax", rax
 	mov rax, [V_IRQN]
 	REC "  irq.count", rax
+	/* does a kernel-mode event and its iretq exchange GS bases too? */
+	REC "k.gsbase_across_kernel_int3_iretq", 0
+	mov rax, 0x5a5a000
+	wrgsbase rax
+	int3
+	rdgsbase rax
+	REC "  gsbase.after(want 5a5a000)", rax
 	/* halting, in a loop until an interrupt due in 30 ms has arrived: how many halts? */
 .macro HALTLOOP name, vifif, insn:vararg
 	REC "k.haltloop.\name", \vifif

@@ -61,6 +61,37 @@ u_tests:
 	jne 1f
 	UT(wrpkru_deny_key0_then_syscall, xor ecx, ecx; xor edx, edx; mov eax, 0x3; wrpkru; mov eax, 12; syscall)
 1:	UT(wrpkru_restore, xor ecx, ecx; xor edx, edx; xor eax, eax; wrpkru; mov eax, 12; syscall)
+	/* the user's own GS base (wrgsbase) across kernel events */
+	UT(gsbase_syscall, mov rax, 0x111000; wrgsbase rax; mov eax, 1; syscall; rdgsbase rax)
+	UT(gsbase_syscall_vmm_exit, mov rax, 0x222000; wrgsbase rax; mov eax, 4; syscall; rdgsbase rax)
+	UT(gsbase_syscall_swapgs_vmm_exit, mov rax, 0x333000; wrgsbase rax; mov eax, 13; syscall; rdgsbase rax)
+	UT(gsbase_page_fault, mov rax, 0x444000; wrgsbase rax; lea rbx, [rip + 1f]; mov [V_RESUME], rbx; mov rbx, [G_NOTPRES]; 1: rdgsbase rax)
+	UT(gsbase_syscall_swapgs_halt, mov rax, 0x555000; wrgsbase rax; mov eax, 14; syscall; rdgsbase rax)
+	UT(gsbase_syscall_halt, mov rax, 0x666000; wrgsbase rax; mov eax, 15; syscall; rdgsbase rax)
+	UT(gsbase_timer_irq, mov rax, 0x777000; wrgsbase rax; mov eax, 6; mov ebx, 5; syscall; mov rcx, 200000000; 2: dec rcx; jnz 2b; rdgsbase rax)
+	UT(gs_model_a, mov rax, 0xa00000; wrgsbase rax; mov eax, 16; syscall; rdgsbase rax)
+	UT(gs_model_b, mov rax, 0xb00000; wrgsbase rax; mov eax, 16; syscall; rdgsbase rax)
+	UT(gs_model_b_again, mov eax, 16; syscall; rdgsbase rax)
+	UT(gs_model_c_twice, mov rax, 0xc00000; wrgsbase rax; mov eax, 16; syscall; mov rax, 0xc00000; wrgsbase rax; mov eax, 16; syscall; rdgsbase rax)
+	UT(gs_model_d_msr_write_in_kernel, mov rax, 0xd00000; wrgsbase rax; mov eax, 16; syscall; rdgsbase rax)
+	/* GS base in user mode = G, KERNEL_GS_BASE = K beforehand (set via a syscall round trip pair) */
+	UT(gs_sysretq_noswap, mov rax, 0x1000; wrgsbase rax; mov eax, 16; syscall; rdgsbase rax)
+	UT(gs_sysretq_noswap_2, mov rax, 0x2000; wrgsbase rax; mov eax, 1; syscall; rdgsbase rax)
+	UT(gs_100d_noswap, mov rax, 0x3000; wrgsbase rax; mov eax, 10; syscall; rdgsbase rax)
+	UT(gs_100d_noswap_2, mov rax, 0x4000; wrgsbase rax; mov eax, 10; syscall; rdgsbase rax)
+	UT(gs_swapgs2_100d, mov rax, 0x5000; wrgsbase rax; mov eax, 17; syscall; rdgsbase rax)
+	UT(gs_swapgs2_100d_2, mov rax, 0x6000; wrgsbase rax; mov eax, 17; syscall; rdgsbase rax)
+	UT(gs_swapgs2_sysretq, mov rax, 0x7000; wrgsbase rax; mov eax, 18; syscall; rdgsbase rax)
+	UT(gs_swapgs2_sysretq_2, mov rax, 0x8000; wrgsbase rax; mov eax, 18; syscall; rdgsbase rax)
+	UT(gs_ud2_100d, mov qword ptr [V_URET], RET_HC100D; mov qword ptr [V_QUIETEV], 1; mov rax, 0x9000; wrgsbase rax; lea rbx, [rip + 1f]; mov [V_RESUME], rbx; ud2; 1: rdgsbase rax)
+	UT(gs_ud2_100d_2, mov rax, 0xa000; wrgsbase rax; lea rbx, [rip + 1f]; mov [V_RESUME], rbx; ud2; 1: rdgsbase rax)
+	UT(gs_ud2_sysretq, mov qword ptr [V_URET], RET_SYSRET; mov rax, 0xb000; wrgsbase rax; lea rbx, [rip + 1f]; mov [V_RESUME], rbx; ud2; 1: rdgsbase rax)
+	UT(gs_ud2_sysretq_2, mov rax, 0xc000; wrgsbase rax; lea rbx, [rip + 1f]; mov [V_RESUME], rbx; ud2; 1: rdgsbase rax)
+	mov qword ptr [V_QUIETEV], 0
+	mov qword ptr [V_URET], RET_HC100D
+	UT(gs_linux_model_1, mov rax, 0xe1000; wrgsbase rax; mov eax, 19; syscall; rdgsbase rax)
+	UT(gs_linux_model_2, mov rax, 0xe2000; wrgsbase rax; mov eax, 19; syscall; rdgsbase rax)
+	UT(gs_linux_model_3, mov eax, 19; syscall; rdgsbase rax)
 	UT(wrmsr_vif_zero, mov ecx, 0x4b564d10; xor eax, eax; xor edx, edx; wrmsr)
 	UT(syscall_after_wrmsr_vif, xor eax, eax; syscall)
 	mov eax, 2
