@@ -68,6 +68,8 @@ public struct HostReport: Sendable {
         switch mode {
         case .hardware:
             return "hardware virtualization: the guest kernel runs at ring 0 as on any KVM host"
+        case .pvmNative where profile.pv == .kernel:
+            return "AIRLOCK_PV=kernel: the VMM registers no VIF page; the guest kernel finds the paravirtual interface itself and runs natively from early in its boot"
         case .pvmNative:
             return "kvm_pvm's paravirtual interface answers (MSR 0x4b564d11 reads \"PVM\") and the kernel carries Airlock's PV note: the VMM registers the guest's VIF page before its first instruction and the guest kernel runs natively"
         case .pvmEmulated:

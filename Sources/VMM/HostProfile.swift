@@ -33,6 +33,11 @@ public struct HostProfile: Equatable, Sendable, Codable {
         case auto
         /// The emulated path, always (for comparison, or a host whose interface differs).
         case off
+        /// The VMM registers nothing and the guest kernel finds the interface itself (its
+        /// signature MSR, with a #GP where it is absent) and registers a page early in its
+        /// boot; the instructions before that run emulated. What another VMM gets; the tests
+        /// use it to keep that path working.
+        case kernel
     }
 
     public let backend: Backend
@@ -101,6 +106,13 @@ public struct HostProfile: Equatable, Sendable, Codable {
     /// Whether emulation failures on int3 and fwait are completed by the VMM (emulated mode only).
     public static func emulationAssists(for mode: GuestMode) -> Bool { mode == .pvmEmulated }
 
+    /// Whether the VMM registers the VIF page before the first instruction in `mode`.
+    public func vmmRegistersVIF(in mode: GuestMode) -> Bool { mode == .pvmNative && pv != .kernel }
+
+    /// Whether the guest kernel starts in KVM's emulator in `mode` (and needs the assists):
+    /// always in emulated mode, and for its first instructions when it registers itself.
+    public func startsEmulated(in mode: GuestMode) -> Bool { mode == .pvmEmulated || (mode == .pvmNative && pv == .kernel) }
+
     /// Whether emulation failures on int3 and fwait are completed by the VMM in the backend's default mode.
     public var emulationAssists: Bool { backend == .pvm }
 
@@ -112,13 +124,14 @@ public struct HostProfile: Equatable, Sendable, Codable {
     /// before the mode is known): any PVM host.
     public var extendedStateAssist: Bool { backend == .pvm }
 
-    /// Detects the backend from the loaded kernel modules; `AIRLOCK_PV=off` in
-    /// `environment` forces the emulated path (how the test suite runs once in that mode).
+    /// Detects the backend from the loaded kernel modules; `AIRLOCK_PV` in `environment`
+    /// sets the preference (`off` forces the emulated path: how the test suite runs once in
+    /// that mode; `kernel` leaves the registration to the guest kernel).
     public static func detect(sysModule: String = "/sys/module",
                               environment: [String: String] = HostProfile.processEnvironment()) -> HostProfile {
         var info = stat()
         let backend: Backend = stat(sysModule + "/kvm_pvm", &info) == 0 ? .pvm : .hardware
-        return HostProfile(backend: backend, pv: environment["AIRLOCK_PV"] == "off" ? .off : .auto)
+        return HostProfile(backend: backend, pv: environment["AIRLOCK_PV"].flatMap(PVPreference.init(rawValue:)) ?? .auto)
     }
 
     /// The process environment as a dictionary.

@@ -239,7 +239,7 @@ public final class Machine: @unchecked Sendable {
                                                   kernelStartsInPVMode: kernelStartsInPVMode,
                                                   extraCommandLine: extraCommandLine)
         guestMode = wanted
-        guard wanted == .pvmNative else { return }
+        guard config.hostProfile.vmmRegistersVIF(in: wanted) else { return }
         do { try CPUSetup.writeIdentityPageTables(memory, userAccessible: true) } catch { throw .memory(error) }
         let registered: Bool
         do { registered = try PVInterface.register(vcpus[0], page: Layout.pvBootVIFAddress.raw) } catch { throw .kvm(error) }
@@ -270,6 +270,23 @@ public final class Machine: @unchecked Sendable {
         do { try memory.write(code, at: address) } catch { throw .memory(error) }
         try setEntry(CPUSetup.entryRegisters(entry: address))
         timings.loaded = monotonicNanoseconds()
+    }
+
+    /// Starts a payload (tests, benchmarks) the way native mode starts a kernel: boot page
+    /// tables with the user bit and the VMM's VIF page registered, so that its first
+    /// instruction runs natively, in hardware ring 3. False, with nothing changed, where the
+    /// host has no paravirtual interface or refuses the page.
+    public func enterNativeModeForPayload() throws(VMMError) -> Bool {
+        guard pvInterfacePresent else { return false }
+        do { try CPUSetup.writeIdentityPageTables(memory, userAccessible: true) } catch { throw .memory(error) }
+        let registered: Bool
+        do { registered = try PVInterface.register(vcpus[0], page: Layout.pvBootVIFAddress.raw) } catch { throw .kvm(error) }
+        guard registered else {
+            do { try CPUSetup.writeIdentityPageTables(memory) } catch { throw .memory(error) }
+            return false
+        }
+        guestMode = .pvmNative
+        return true
     }
 
     private func setEntry(_ regs: Registers) throws(VMMError) {
@@ -341,8 +358,9 @@ public final class Machine: @unchecked Sendable {
     public func run(timeout: Double? = nil) throws(VMMError) -> MachineExit {
         installKickHandler()
         let finished = DispatchSemaphore(value: 0)
-        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: HostProfile.emulationAssists(for: guestMode),
-                                  extendedState: HostProfile.extendedStateAssist(for: guestMode)
+        let emulated = config.hostProfile.startsEmulated(in: guestMode)
+        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: emulated,
+                                  extendedState: emulated
                                       ? ExtendedStateAssist(memory: memory, layout: xsaveLayout) : nil)
         let built = vcpus.map {
             VCPURunner(vcpu: $0, handler: handler, threadSetup: config.vcpuThreadSetup, onFinish: { _ in finished.signal() })

@@ -6,13 +6,15 @@ import VMM
 /// A static guest program from Tests/guest-programs, built with gcc for the guest (no libc, so
 /// it runs in any image) and handed to it on stdin.
 enum GuestProgram {
-    static func build(_ name: String) throws -> [UInt8] {
+    /// `libc`: link glibc statically (gcc -static) for the programs that use it.
+    static func build(_ name: String, libc: Bool = false) throws -> [UInt8] {
         let source = VMTests.repositoryRoot.appendingPathComponent("Tests/guest-programs/\(name).c").path
         let out = FileManager.default.temporaryDirectory.appendingPathComponent("airlock-\(name)-\(getpid())").path
         defer { try? FileManager.default.removeItem(atPath: out) }
         let gcc = Process()
         gcc.executableURL = URL(fileURLWithPath: "/usr/bin/gcc")
-        gcc.arguments = ["-O2", "-Wall", "-static", "-nostdlib", "-fno-stack-protector", "-fno-builtin", "-o", out, source]
+        gcc.arguments = libc ? ["-O2", "-Wall", "-static", "-o", out, source]
+                             : ["-O2", "-Wall", "-static", "-nostdlib", "-fno-stack-protector", "-fno-builtin", "-o", out, source]
         try gcc.run()
         gcc.waitUntilExit()
         guard gcc.terminationStatus == 0 else { throw TestFailure("gcc could not build \(source) (install gcc: make deps)") }

@@ -516,6 +516,11 @@ ret_sysret:
 .macro PRIV_A name
 	cmp qword ptr [V_VARIANT], privn
 	ja 9f
+	cmp qword ptr [V_ONLY], 0
+	je 6f
+	cmp qword ptr [V_VARIANT], privn
+	jne 9f
+6:
 	REC "priv.\name", privn
 	lea rax, [rip + 8f]
 	mov [V_RESUME], rax

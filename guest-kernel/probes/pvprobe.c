@@ -13,6 +13,7 @@
                               ro = read-only, np = not present, n = normal)   (experiment perm)
      gate=trap     trap gates (type 0xF) instead of interrupt gates
      gate1b=np|dpl0|dpl3      IDT gate 0x1b (default dpl0)
+     only=1        experiment priv: run only entry number `variant` (the fatal ones each in a VM of their own)
      loops=N       iterations for timed loops (default 100000)
      irqchip=1     in-kernel irqchip (as Airlock has): x2APIC enabled by the VMM, interrupts sent with
                    KVM_SIGNAL_MSI (from another thread for timed ones), the guest EOIs with wrmsr 0x80b
@@ -110,7 +111,7 @@ int main(int argc, char **argv) {
 	for (int i = 0; i < 8; i++) if (!strcmp(argv[1], names[i])) exp = i;
 	if (exp < 0) exp = atoi(argv[1]);
 	uint64_t vif = 0, variant = 0, uret = RET_HC100D, loops = 100000;
-	int stay_emulated = 0, vmmreg = 0, trapgates = 0;
+	int stay_emulated = 0, vmmreg = 0, trapgates = 0, only = 0;
 	const char *perm = "", *gate1b = "dpl0";
 	for (int i = 2; i < argc; i++) {
 		char *k = argv[i], *v = strchr(k, '=');
@@ -124,6 +125,7 @@ int main(int argc, char **argv) {
 		else if (!strcmp(k, "gate")) trapgates = !strcmp(v, "trap");
 		else if (!strcmp(k, "gate1b")) gate1b = v;
 		else if (!strcmp(k, "loops")) loops = strtoull(v, 0, 0);
+		else if (!strcmp(k, "only")) only = atoi(v);
 		else if (!strcmp(k, "quiet")) quiet = atoi(v);
 		else if (!strcmp(k, "irqchip")) irqchip = atoi(v);
 		else { fprintf(stderr, "unknown key %s\n", k); return 2; }
@@ -198,6 +200,7 @@ int main(int argc, char **argv) {
 	wr64(V_URET, uret);
 	wr64(V_VARIANT, variant);
 	wr64(V_LOOPS, loops);
+	wr64(V_ONLY, only);
 
 	vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
 	run = mmap(NULL, ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0), PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);

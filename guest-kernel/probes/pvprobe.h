@@ -54,6 +54,7 @@
 #define V_TSCKHZ   (G_VARS + 0x130)
 #define V_QUIETEV  (G_VARS + 0x138) /* handlers record nothing (timed loops) */
 #define V_IRQCHIP  (G_VARS + 0x148) /* 1: in-kernel irqchip, EOI with wrmsr 0x80b */
+#define V_ONLY     (G_VARS + 0x150) /* experiment priv: run only the entry V_VARIANT */
 #define V_NEXT     (G_VARS + 0x140) /* kernel-side sequence: next step */
 #define G_XSAVE    0xd0000          /* 64-byte aligned XSAVE area (8 KiB) */
 

@@ -12,7 +12,7 @@
    and writing garbage there must not hurt the kernel.
 
    Output: one line per probe, "ok" or "FAIL", then "isolation: N failures". Exit status 0
-   only if nothing failed. Build: cc -static -O2 -o isolation isolation.c */
+   only if nothing failed. Built by the tests (gcc -O2 -static) and fed to the guest on stdin. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <signal.h>
