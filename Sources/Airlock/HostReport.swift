@@ -28,9 +28,13 @@ public struct HostReport: Sendable {
         var checks: [Check] = []
         let profile = HostProfile.detect()
         var interfacePresent = false
+        var cpuSuits = true
         do {
             let kvm = try KVMSystem(path: kvmPath)
-            if profile.backend == .pvm { interfacePresent = PVInterface.probe(kvm: kvm) }
+            if profile.backend == .pvm {
+                cpuSuits = (try? kvm.supportedCPUID()).map(PVInterface.cpuSuitsGuestKernel) ?? false
+                interfacePresent = PVInterface.probe(kvm: kvm)
+            }
             checks.append(Check(name: kvmPath, ok: true, detail: "present and accessible"))
             checks.append(Check(name: "KVM API version", ok: true, detail: "\(kvm.apiVersion)"))
             for (name, present) in kvm.requiredCapabilities() {
@@ -57,14 +61,16 @@ public struct HostReport: Sendable {
         checks.append(Check(name: "guest agent", ok: agentOK, detail: agentDetail))
         let kernelSupportsPV = names.contains(ImageStore.kernelName)
             && ((try? MappedFile(path: store.kernelPath, role: "kernel")).map(KernelLoader.startsInPVMode) ?? false)
-        let mode = profile.guestMode(interfacePresent: interfacePresent, kernelStartsInPVMode: kernelSupportsPV)
+        let mode = profile.guestMode(interfacePresent: interfacePresent && cpuSuits, kernelStartsInPVMode: kernelSupportsPV)
         return HostReport(checks: checks, profile: profile, guestMode: mode,
-                          guestModeReason: Self.reason(mode, profile: profile, interfacePresent: interfacePresent, kernelSupportsPV: kernelSupportsPV),
+                          guestModeReason: Self.reason(mode, profile: profile, interfacePresent: interfacePresent,
+                                                       cpuSuits: cpuSuits, kernelSupportsPV: kernelSupportsPV),
                           images: images, imagesDirectory: store.imagesDirectory)
     }
 
     /// Why a guest gets `mode`, in words.
-    static func reason(_ mode: HostProfile.GuestMode, profile: HostProfile, interfacePresent: Bool, kernelSupportsPV: Bool) -> String {
+    static func reason(_ mode: HostProfile.GuestMode, profile: HostProfile, interfacePresent: Bool, cpuSuits: Bool = true,
+                       kernelSupportsPV: Bool) -> String {
         switch mode {
         case .hardware:
             return "hardware virtualization: the guest kernel runs at ring 0 as on any KVM host"
@@ -75,6 +81,7 @@ public struct HostReport: Sendable {
         case .pvmEmulated:
             if profile.pv == .off { return "forced by AIRLOCK_PV=off: the guest kernel runs in KVM's instruction emulator" }
             if !interfacePresent { return "kvm_pvm without the paravirtual interface (MSR 0x4b564d11 does not read \"PVM\"): the guest kernel runs in KVM's instruction emulator" }
+            if !cpuSuits { return "the CPU has no FSGSBASE, which the guest kernel's PV mode needs: the guest kernel runs in KVM's instruction emulator" }
             if !kernelSupportsPV { return "the installed kernel has no Airlock PV note (rebuild it with make images): the guest kernel runs in KVM's instruction emulator" }
             return "the guest kernel runs in KVM's instruction emulator"
         }

@@ -91,7 +91,8 @@ public final class Machine: @unchecked Sendable {
     public private(set) var blockDevices: [BlockDevice] = []
     /// How the guest kernel runs; decided when the kernel is loaded (`loadLinux`).
     public private(set) var guestMode: HostProfile.GuestMode
-    /// Whether the host answered the paravirtual interface's signature MSR.
+    /// Whether the host answered the paravirtual interface's signature MSR, on a CPU
+    /// the guest kernel's PV mode runs on (`PVInterface.cpuSuitsGuestKernel`).
     public let pvInterfacePresent: Bool
 
     /// First event reported by a device (the i8042 reset) before any vCPU reports one.
@@ -161,6 +162,7 @@ public final class Machine: @unchecked Sendable {
         self.vcpus = vcpus
         // One KVM_GET_MSRS on the machine's own vCPU: costs microseconds, no extra VM.
         pvInterfacePresent = config.hostProfile.backend == .pvm && PVInterface.probe(vcpus[0])
+            && PVInterface.cpuSuitsGuestKernel(supported)
         guestMode = config.hostProfile.guestMode(interfacePresent: false, kernelStartsInPVMode: false)
 
         do {

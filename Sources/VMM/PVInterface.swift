@@ -28,6 +28,14 @@ public enum PVInterface {
         return probe(vcpu)
     }
 
+    /// Whether Airlock's guest kernel can run in PV mode on this CPU: it keeps the
+    /// user's GS base live in kernel mode there and moves it with rdgsbase/wrgsbase
+    /// (FSGSBASE, CPUID leaf 7 EBX bit 0), and on a CPU without them stays emulated
+    /// (guest-kernel/patches/0010), so the VMM must not start it natively either.
+    public static func cpuSuitsGuestKernel(_ cpuid: CPUIDTable) -> Bool {
+        cpuid.entries.contains { $0.function == 7 && $0.index == 0 && $0.ebx & 1 != 0 }
+    }
+
     /// Registers `page` (guest-physical, page-aligned) as the vCPU's VIF page; false if the host refused.
     public static func register(_ vcpu: VCPU, page: UInt64) throws(KVMError) -> Bool {
         precondition(page & 0xFFF == 0, "the VIF page must be page-aligned")

@@ -16,7 +16,9 @@ struct PVNativeVMTests {
     /// The mode this host gives the installed kernel (what `airlock doctor` says), found the
     /// same way the VMM does: the module, the signature MSR, the kernel's note.
     static func expectedMode(_ profile: HostProfile = .detect()) -> HostProfile.GuestMode {
-        let interface = profile.backend == .pvm && ((try? KVMSystem()).map(PVInterface.probe(kvm:)) ?? false)
+        let interface = profile.backend == .pvm && ((try? KVMSystem()).map {
+            PVInterface.probe(kvm: $0) && ((try? $0.supportedCPUID()).map(PVInterface.cpuSuitsGuestKernel) ?? false)
+        } ?? false)
         let path = ImageStore().kernelPath
         let note = (try? MappedFile(path: path, role: "kernel")).map(KernelLoader.startsInPVMode) ?? false
         return profile.guestMode(interfacePresent: interface, kernelStartsInPVMode: note)
@@ -39,6 +41,7 @@ struct PVNativeVMTests {
         #expect(m.exitCode == 0, "pvmode: \(m.stdoutText) \(m.stderrText)")
         #expect(m.guestMode == expected.rawValue, "the receipt says \(m.guestMode ?? "nothing"), this host gives \(expected.rawValue)")
         #expect(f["native"] == (expected == .pvmNative ? "1" : "0"), "\(m.stdoutText)")
+        #expect(f["gsbase_ok"] == "1", "a process's GS base changed under it: \(m.stdoutText)")
         if expected == .pvmNative {
             // Kernel and user code share hardware ring 3 there: page-table isolation is what separates them.
             #expect(f["pti"] == "1", "PV mode without page-table isolation: \(m.stdoutText)")

@@ -212,6 +212,16 @@ final class Recorder: BusDevice {
         #expect(hardware.guestMode(interfacePresent: true, kernelStartsInPVMode: true) == .hardware)
     }
 
+    @Test func nativeModeNeedsFSGSBASE() {
+        // The guest kernel's PV mode moves GS bases with rdgsbase/wrgsbase (CPUID 7.0 EBX bit 0).
+        let with = CPUIDTable(entries: [CPUIDEntry(function: 7, index: 0, ebx: 0xf1bf23eb)])
+        let without = CPUIDTable(entries: [CPUIDEntry(function: 7, index: 0, ebx: 0xf1bf23ea)])
+        let otherSubleaf = CPUIDTable(entries: [CPUIDEntry(function: 7, index: 1, ebx: 1)])
+        #expect(PVInterface.cpuSuitsGuestKernel(with))
+        #expect(!PVInterface.cpuSuitsGuestKernel(without) && !PVInterface.cpuSuitsGuestKernel(otherSubleaf))
+        #expect(!PVInterface.cpuSuitsGuestKernel(CPUIDTable(entries: [])))
+    }
+
     @Test func theEmulatedPathCanBeForced() {
         #expect(HostProfile(backend: .pvm, pv: .off).guestMode(interfacePresent: true, kernelStartsInPVMode: true) == .pvmEmulated)
         let auto = HostProfile(backend: .pvm)
