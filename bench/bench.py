@@ -672,6 +672,22 @@ def airlock_run_json(a, env, command, stdin_bytes=None, timeout=None):
     return doc, wall
 
 
+# Appended to a workload: the guest's CPU time line (on stderr), for its steal time.
+STAT_TAIL = "; head -1 /proc/stat >&2"
+
+
+def guest_steal(doc):
+    """The guest kernel's accounting since its boot (USER_HZ ticks from /proc/stat's cpu
+    line): the share of its time its vCPU was runnable on the host but not running
+    ("steal", from kvm-clock's steal time), which is the host's CPU contention."""
+    m = re.search(r"^cpu +([0-9 ]+)$", doc.get("stderr") or "", re.M)
+    if not m:
+        return None
+    v = [int(x) for x in m.group(1).split()]
+    total = sum(v[:8])
+    return {"steal_s": v[7] / 100, "total_s": total / 100, "fraction": v[7] / total if total else None}
+
+
 def pv_boots(a, env, n):
     guest = a.memory_mib * MIB
     runs = []
@@ -736,13 +752,13 @@ def bench_pv(a):
     calls = {"native": a.pv_syscalls, "emulated": a.pv_syscalls_emulated}
     for mode, env in PV_MODES:
         m = res["modes"][mode]
-        doc, wall = airlock_run_json(a, env, ["sh", "-c", PIPELINE])
+        doc, wall = airlock_run_json(a, env, ["sh", "-c", PIPELINE + STAT_TAIL])
         m["pipeline"] = {"command_ms": doc["timings"]["commandMs"], "total_ms": doc["timings"]["totalMs"], "wall_ms": wall,
-                         "same_output_as_host": doc["stdout"].encode() == host_pipe}
+                         "same_output_as_host": doc["stdout"].encode() == host_pipe, "steal": guest_steal(doc)}
         zeros = bytes(size[mode])
-        doc, wall = airlock_run_json(a, env, ["wc", "-c"], stdin_bytes=zeros)
+        doc, wall = airlock_run_json(a, env, ["sh", "-c", "wc -c" + STAT_TAIL], stdin_bytes=zeros)
         m["wc"] = {"bytes": size[mode], "command_ms": doc["timings"]["commandMs"], "total_ms": doc["timings"]["totalMs"],
-                   "wall_ms": wall, "output_ok": doc["stdout"].strip() == str(size[mode])}
+                   "wall_ms": wall, "output_ok": doc["stdout"].strip() == str(size[mode]), "steal": guest_steal(doc)}
         doc, wall = airlock_run_json(a, env, ["sh", "-c", f"cat > /tmp/p && chmod +x /tmp/p && /tmp/p --syscalls {calls[mode]}"],
                               stdin_bytes=pvmode)
         f = dict(kv.split("=", 1) for kv in doc["stdout"].split() if "=" in kv)

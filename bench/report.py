@@ -476,6 +476,13 @@ def pv_md(pv):
     if r.get("ready_emulated_over_native"):
         L += ["", f"Emulated / native: boot to AIRLOCK-READY {r['ready_emulated_over_native']:.0f}x, one system call "
                   f"{r['getppid_emulated_over_native']:.0f}x."]
+    steals = [(what, nat[k].get("steal")) for k, what in (("pipeline", "the pipeline's"), ("wc", "the `wc -c`"))]
+    steals = [(w, s) for w, s in steals if s and s.get("fraction") is not None]
+    if steals:
+        L += ["", "Host contention: the native guest's vCPU was runnable but waiting for a host CPU (the guest "
+                  "kernel's steal time, `/proc/stat`, from boot to the end of the command) for "
+              + " and ".join(f"{s['fraction'] * 100:.0f}% of {w} VM's time ({s['steal_s']:.2f} of {s['total_s']:.2f} s)" for w, s in steals)
+              + ". That share is the machine's load (the load average above), not guest work."]
     L += ["", "Where the native time goes: the VMM's own start (exec to the first KVM_RUN) is the same in both modes; "
           "the kernel's boot runs natively from its first instruction (the VMM registers the VIF page before it), "
           "so what remains is the kernel's own work plus one trap to the host for every privileged operation "
