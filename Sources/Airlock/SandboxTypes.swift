@@ -50,6 +50,10 @@ public struct SandboxConfig: Sendable, Codable, Equatable {
         /// UNSAFE, for debugging: the same VMM on a thread of this process, unconfined.
         case unjailed
     }
+    /// On a PVM host with the paravirtual interface, run the guest kernel natively (the
+    /// default); false forces the emulated path (as `airlock.pv=off` on the kernel command
+    /// line or AIRLOCK_PV=off do), for comparison or a host whose interface differs.
+    public var pvNative: Bool = true
 
     public init(kernelPath: String? = nil, rootfsPath: String? = nil, memoryMiB: Int = 256, cpus: Int = 1) {
         self.kernelPath = kernelPath
@@ -130,6 +134,8 @@ public struct RunResult: Sendable, Codable, Equatable {
     public var failure: String?
     /// How the VM ended ("reset on vCPU 0: ..."), nil while it still runs (sessions) or when the host stopped it.
     public var systemEvent: String?
+    /// How the guest kernel ran: "hardware", "pvm-emulated" or "pvm-native" (`HostProfile.GuestMode`); nil if no VM was built.
+    public var guestMode: String?
     public var timings = RunTimings()
     /// What came back from the workspace (`Command.artifacts`); nil when nothing was asked or it was refused.
     public var artifacts: ArtifactReport?

@@ -72,7 +72,8 @@ final class SessionClient: @unchecked Sendable {
         let images = try ImageResolution.resolve(config)
         let disks = try DiskFiles.open(config.disks)  // the workspace and --disk images (BuildStep.swift)
         try HostMemory.check(guestMiB: config.memoryMiB)
-        let profile = config.hostProfile ?? .detect()  // here, outside the jail: it has no /sys
+        var profile = config.hostProfile ?? .detect()  // here, outside the jail: it has no /sys
+        if !config.pvNative { profile.pv = .off }
         let (ours, theirs): (UnixSocket, UnixSocket)
         do { (ours, theirs) = try UnixSocket.pair() } catch { throw .vmm("cannot create the session socket: \(error)") }
         do { try ours.setSendTimeout(seconds: margins.send) } catch { throw .vmm("\(error)") }
@@ -123,6 +124,10 @@ final class SessionClient: @unchecked Sendable {
         // A margin over the VMM's own boot timeout: it reports that itself.
         switch try receive(until: Self.deadline(after: config.bootTimeoutSeconds + Self.margins.boot), while: "booting") {
         case let .booted(report):
+            // Reported, never acted on; still only one of the names this build knows goes into a receipt.
+            guard HostProfile.GuestMode(rawValue: report.guestMode) != nil else {
+                throw lost("reported an unknown guest mode '\(report.guestMode)'")
+            }
             bootReport = report
         case let .failed(failure):
             throw finish(failure)
@@ -205,6 +210,7 @@ final class SessionClient: @unchecked Sendable {
         result.outputTruncated = o.stdoutDropped > 0 || o.stderrDropped > 0 || out.truncated || err.truncated
         result.stderrEndsMidLine = o.stderrEndsMidLine
         result.systemEvent = o.systemEvent
+        result.guestMode = bootReport?.guestMode
         var t = RunTimings()
         t.vmmStartMs = o.timings.vmmStartMs; t.kernelBootMs = o.timings.kernelBootMs; t.agentReadyMs = o.timings.agentReadyMs
         t.commandMs = o.timings.commandMs; t.shutdownMs = o.timings.shutdownMs; t.totalMs = o.timings.totalMs

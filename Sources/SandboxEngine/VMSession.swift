@@ -254,7 +254,8 @@ final class VMSession: @unchecked Sendable {
                 logger.debug("agent ready: \(agent), protocol \(version)")
                 func ms(_ from: UInt64, _ to: UInt64) -> Double { to > from ? Double(to - from) / 1e6 : 0 }
                 let firstKVMRun = machine.firstRunNanoseconds
-                return BootReport(vmmStartMs: ms(request.requestedAt, firstKVMRun), kernelBootMs: ms(firstKVMRun, helloAt), agent: agent)
+                return BootReport(vmmStartMs: ms(request.requestedAt, firstKVMRun), kernelBootMs: ms(firstKVMRun, helloAt), agent: agent,
+                                  guestMode: machine.guestMode.rawValue)
             case let .guest(other):
                 destroy()
                 throw failure(.protocolViolation, "the agent sent \(other) before its hello: the guest is not running Airlock's agent")

@@ -24,7 +24,7 @@ import AgentProtocol
 /// of the socket closes.
 public enum SessionProtocol {
     /// Bumped whenever a message's layout changes; `hello` keeps its layout forever.
-    public static let version: UInt16 = 1
+    public static let version: UInt16 = 2
 
     public enum Limits {
         /// Names (paths, for messages), log levels, profile names, the system event.
@@ -165,10 +165,14 @@ public struct BootReport: Equatable, Sendable {
     public var kernelBootMs: Double
     /// The agent's own name for itself (its hello).
     public var agent: String
-    public init(vmmStartMs: Double, kernelBootMs: Double, agent: String) {
+    /// How the guest kernel runs (`HostProfile.GuestMode`'s raw value): the VMM decides it
+    /// at the first instruction, from its own probe of the host's paravirtual interface.
+    public var guestMode: String
+    public init(vmmStartMs: Double, kernelBootMs: Double, agent: String, guestMode: String) {
         self.vmmStartMs = vmmStartMs
         self.kernelBootMs = kernelBootMs
         self.agent = agent
+        self.guestMode = guestMode
     }
 }
 
@@ -342,6 +346,7 @@ public enum VMMMessage: Equatable, Sendable {
             w.f64(b.vmmStartMs)
             w.f64(b.kernelBootMs)
             w.string(Self.clip(b.agent, L.name))
+            w.string(Self.clip(b.guestMode, L.name))
         case let .started(id):
             tag = .started
             w.u32(id)
@@ -387,7 +392,7 @@ public enum VMMMessage: Equatable, Sendable {
             let start = try r.f64("vmm start")
             let boot = try r.f64("kernel boot")
             message = .booted(BootReport(vmmStartMs: try Self.duration(start, "vmm start"), kernelBootMs: try Self.duration(boot, "kernel boot"),
-                                         agent: try r.string("agent", limit: L.name)))
+                                         agent: try r.string("agent", limit: L.name), guestMode: try r.string("guest mode", limit: L.name)))
         case .started:
             message = .started(runID: try r.u32("run id"))
         case .exited:

@@ -38,6 +38,8 @@ public struct MachineExit: Sendable {
     public let event: SystemEvent?
     public let timedOut: Bool
     public let timings: MachineTimings
+    /// How the guest kernel ran (the mode the VMM set it up in).
+    public var guestMode: HostProfile.GuestMode = .hardware
 }
 
 /// Monotonic timestamps (ns) of a machine's life, for `--json` and benchmarks.
@@ -89,6 +91,11 @@ public final class Machine: @unchecked Sendable {
     private var virtioDevices: [(base: UInt64, irq: UInt32)] = []
     /// The block devices, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
     public private(set) var blockDevices: [BlockDevice] = []
+    /// How the guest kernel runs; decided when the kernel is loaded (`loadLinux`).
+    public private(set) var guestMode: HostProfile.GuestMode
+    /// Whether the host answered the paravirtual interface's signature MSR, on a CPU
+    /// the guest kernel's PV mode runs on (`PVInterface.cpuSuitsGuestKernel`).
+    public let pvInterfacePresent: Bool
 
     /// First event reported by a device (the i8042 reset) before any vCPU reports one.
     private let deviceEvent = Mutex<SystemEvent?>(nil)
@@ -155,6 +162,10 @@ public final class Machine: @unchecked Sendable {
             }
         } catch { throw .kvm(error) }
         self.vcpus = vcpus
+        // One KVM_GET_MSRS on the machine's own vCPU: costs microseconds, no extra VM.
+        pvInterfacePresent = config.hostProfile.backend == .pvm && PVInterface.probe(vcpus[0])
+            && PVInterface.cpuSuitsGuestKernel()
+        guestMode = config.hostProfile.guestMode(interfacePresent: false, kernelStartsInPVMode: false)
 
         do {
             try CPUSetup.writeDescriptorTables(memory)
@@ -199,8 +210,9 @@ public final class Machine: @unchecked Sendable {
         let kernelPath = image.path
         do {
             let kernel = try KernelLoader.load(image, into: memory)
+            try selectGuestMode(kernelStartsInPVMode: kernel.startsInPVMode, extraCommandLine: extraCommandLine)
             var cmdline = try KernelCommandLine(Self.baseCommandLine, capacity: Layout.commandLineCapacity)
-            for p in config.hostProfile.commandLineParameters { try cmdline.append(p) }
+            for p in HostProfile.commandLineParameters(for: guestMode) { try cmdline.append(p) }
             for d in virtioDevices {
                 try cmdline.append("virtio_mmio.device=4K@0x\(String(d.base, radix: 16)):\(d.irq)")
             }
@@ -230,11 +242,30 @@ public final class Machine: @unchecked Sendable {
             try params.setE820(E820Entry.map(for: memory))
             try params.write(to: memory, at: Layout.zeroPageAddress)
             try setEntry(CPUSetup.entryRegisters(entry: kernel.entry))
-            logger.info("kernel \(kernelPath) (\(kernel.format)) entry \(kernel.entry), command line: \(cmdline.string)")
+            logger.info("kernel \(kernelPath) (\(kernel.format)) entry \(kernel.entry), guest mode \(guestMode.rawValue), command line: \(cmdline.string)")
         } catch let e as LinuxBootError { throw .boot(e) } catch let e as VMMError { throw e } catch {
             throw .invalidConfiguration("\(error)")
         }
         timings.loaded = monotonicNanoseconds()
+    }
+
+    /// Native mode on a PVM host: the boot page tables get the user bit and the VMM
+    /// registers the first VIF page, so the kernel's first instruction already runs
+    /// natively. A host that refuses the registration leaves the guest emulated.
+    private func selectGuestMode(kernelStartsInPVMode: Bool, extraCommandLine: String) throws(VMMError) {
+        let wanted = config.hostProfile.guestMode(interfacePresent: pvInterfacePresent,
+                                                  kernelStartsInPVMode: kernelStartsInPVMode,
+                                                  extraCommandLine: extraCommandLine)
+        guestMode = wanted
+        guard config.hostProfile.vmmRegistersVIF(in: wanted) else { return }
+        do { try CPUSetup.writeIdentityPageTables(memory, userAccessible: true) } catch { throw .memory(error) }
+        let registered: Bool
+        do { registered = try PVInterface.register(vcpus[0], page: Layout.pvBootVIFAddress.raw) } catch { throw .kvm(error) }
+        if !registered {
+            logger.warning("the host refused the VIF page (KVM_SET_MSRS on MSR 0x4b564d10): the guest kernel runs emulated")
+            do { try CPUSetup.writeIdentityPageTables(memory) } catch { throw .memory(error) }
+            guestMode = .pvmEmulated
+        }
     }
 
     /// Bytes from the host's kernel CSPRNG (getrandom blocks only before the host's own pool is ready).
@@ -257,6 +288,23 @@ public final class Machine: @unchecked Sendable {
         do { try memory.write(code, at: address) } catch { throw .memory(error) }
         try setEntry(CPUSetup.entryRegisters(entry: address))
         timings.loaded = monotonicNanoseconds()
+    }
+
+    /// Starts a payload (tests, benchmarks) the way native mode starts a kernel: boot page
+    /// tables with the user bit and the VMM's VIF page registered, so that its first
+    /// instruction runs natively, in hardware ring 3. False, with nothing changed, where the
+    /// host has no paravirtual interface or refuses the page.
+    public func enterNativeModeForPayload() throws(VMMError) -> Bool {
+        guard pvInterfacePresent else { return false }
+        do { try CPUSetup.writeIdentityPageTables(memory, userAccessible: true) } catch { throw .memory(error) }
+        let registered: Bool
+        do { registered = try PVInterface.register(vcpus[0], page: Layout.pvBootVIFAddress.raw) } catch { throw .kvm(error) }
+        guard registered else {
+            do { try CPUSetup.writeIdentityPageTables(memory) } catch { throw .memory(error) }
+            return false
+        }
+        guestMode = .pvmNative
+        return true
     }
 
     private func setEntry(_ regs: Registers) throws(VMMError) {
@@ -333,8 +381,9 @@ public final class Machine: @unchecked Sendable {
     public func run(timeout: Double? = nil) throws(VMMError) -> MachineExit {
         installKickHandler()
         let finished = DispatchSemaphore(value: 0)
-        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: config.hostProfile.emulationAssists,
-                                  extendedState: config.hostProfile.extendedStateAssist
+        let emulated = config.hostProfile.startsEmulated(in: guestMode)
+        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: emulated,
+                                  extendedState: emulated
                                       ? ExtendedStateAssist(memory: memory, layout: xsaveLayout) : nil)
         let built = vcpus.map {
             VCPURunner(vcpu: $0, handler: handler, threadSetup: config.vcpuThreadSetup, onFinish: { _ in finished.signal() })
@@ -375,7 +424,9 @@ public final class Machine: @unchecked Sendable {
                 break
             }
         }
-        return MachineExit(event: event, timedOut: timedOut && event == nil, timings: timings)
+        var exit = MachineExit(event: event, timedOut: timedOut && event == nil, timings: timings)
+        exit.guestMode = guestMode
+        return exit
     }
 
     private func installKickHandler() {
