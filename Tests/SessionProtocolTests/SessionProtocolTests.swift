@@ -39,7 +39,7 @@ import Glibc
         o.stdoutDropped = 7; o.stderrDropped = 8; o.stderrEndsMidLine = true; o.failure = "it failed"
         o.systemEvent = "reset on vCPU 0"; o.timings.totalMs = 12.5; o.timings.commandMs = 3
         let failure = SessionFailure(kind: .agentDidNotStart, message: "no hello", console: "last lines", vmEnded: true)
-        for m: VMMMessage in [.hello(version: SessionProtocol.version), .booted(BootReport(vmmStartMs: 9.5, kernelBootMs: 1000, agent: "airlock-init 1")),
+        for m: VMMMessage in [.hello(version: SessionProtocol.version), .booted(BootReport(vmmStartMs: 9.5, kernelBootMs: 1000, agent: "airlock-init 1", guestMode: "pvm-native")),
                               .started(runID: 7), .exited(runID: 7, o), .exited(runID: 8, RunOutcome()), .failed(failure),
                               .ended(systemEvent: nil), .ended(systemEvent: "shutdown")] {
             #expect(try roundTrip(m) == m)
@@ -95,8 +95,8 @@ import Glibc
             }
         }
         refused(.hello(version: SessionProtocol.version + 1), mentions: "version")
-        refused(.booted(BootReport(vmmStartMs: -1, kernelBootMs: 0, agent: "")), mentions: "not a duration")
-        refused(.booted(BootReport(vmmStartMs: .infinity, kernelBootMs: 0, agent: "")), mentions: "not a duration")
+        refused(.booted(BootReport(vmmStartMs: -1, kernelBootMs: 0, agent: "", guestMode: "hardware")), mentions: "not a duration")
+        refused(.booted(BootReport(vmmStartMs: .infinity, kernelBootMs: 0, agent: "", guestMode: "hardware")), mentions: "not a duration")
         var o = RunOutcome()
         o.signal = 9
         // The signal field sits after the run id and exit code.
