@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail fuzz-virtio clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail fuzz-virtio probe-snapshot clean doctor
 
 all: build
 
@@ -124,6 +124,14 @@ FUZZ_SEED ?= 1
 fuzz-virtio: deps
 	$(SWIFT) build -c release --product airlock-fuzz-virtio
 	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-virtio $(FUZZ_ITERATIONS) $(FUZZ_SEED)
+
+## probe-snapshot: can a vCPU's whole state be saved and restored into a fresh VM on this host?
+## (scripts/snapshot-probe.c: emulated mode, and on a PVM host the PV mode with its VIF MSR)
+probe-snapshot:
+	mkdir -p $(BENCH_OUT)
+	gcc -O2 -Wall -o $(BENCH_OUT)/snapshot-probe scripts/snapshot-probe.c
+	$(BENCH_OUT)/snapshot-probe emulated
+	if [ -e /sys/module/kvm_pvm ]; then $(BENCH_OUT)/snapshot-probe pv 0; fi
 
 clean:
 	rm -rf .build
