@@ -62,6 +62,10 @@ let package = Package(
         .target(name: "Jailer", dependencies: ["AirlockOS", "CAirlockShim", "CJailShim", "CSeccomp", "CCap"]),
         // Test-only: enters a jail, installs the filters, and breaks a rule on request (JailerTests).
         .executableTarget(name: "airlock-jail-probe", dependencies: ["Jailer", "CJailShim", "CAirlockShim"]),
+        // The snapshot file format: a saved, booted VM (manifest, vCPU and device state, RAM
+        // image), written from a paused machine and read back with every part checked.
+        .target(name: "Snapshot", dependencies: ["VMM", "KVM", "GuestMemory", "Virtio", "VirtioDevices", "AirlockOS", "COpenSSL"],
+                linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
         // The public library: image store, host report, the async Sandbox API.
         .target(
             name: "Airlock",
@@ -98,6 +102,7 @@ let package = Package(
         .testTarget(name: "RootFSTests", dependencies: ["RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
         .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "VMM", "KVM", "GuestMemory", "Virtio", "VirtioDevices", "AirlockOS", "SeededRandom"]),
     ],
     swiftLanguageModes: [.v6]
 )

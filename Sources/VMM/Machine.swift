@@ -38,6 +38,8 @@ public struct MachineExit: Sendable {
     public let event: SystemEvent?
     public let timedOut: Bool
     public let timings: MachineTimings
+    /// The vCPUs stopped because `pause` asked: the machine is whole and `run` goes on with it.
+    public var paused: Bool = false
 }
 
 /// Monotonic timestamps (ns) of a machine's life, for `--json` and benchmarks.
@@ -59,7 +61,21 @@ public struct MachineConfig: Sendable {
     /// Runs first on each vCPU thread, before its first KVM_RUN (the jailer
     /// installs the vCPU seccomp filter here); an error fails that vCPU.
     public var vcpuThreadSetup: (@Sendable (_ vcpu: UInt32) throws -> Void)?
+    /// Guest RAM from a saved image instead of zeros (a snapshot's): the
+    /// machine is then built without boot-time CPU state, and `restore` gives
+    /// it the saved one.
+    public var memoryImage: MemoryImage?
     public init() {}
+}
+
+/// A file that holds a saved guest RAM image: the regions back to back from `offset`.
+public struct MemoryImage: Sendable {
+    public let file: OwnedFileDescriptor
+    public let offset: UInt64
+    public init(file: OwnedFileDescriptor, offset: UInt64) {
+        self.file = file
+        self.offset = offset
+    }
 }
 
 /// One virtual machine: KVM objects, guest memory, devices and vCPU threads.
@@ -83,6 +99,9 @@ public final class Machine: @unchecked Sendable {
 
     /// virtio-mmio devices added so far, announced on the kernel command line.
     private var virtioDevices: [(base: UInt64, irq: UInt32)] = []
+    /// Their transports and device models, in the same order (snapshots save and restore them).
+    private(set) var virtioEntries: [(transport: MMIOTransport, device: any VirtioDevice)] = []
+    let i8042: I8042
     /// The block devices, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
     public private(set) var blockDevices: [BlockDevice] = []
 
@@ -90,6 +109,10 @@ public final class Machine: @unchecked Sendable {
     private let deviceEvent = Mutex<SystemEvent?>(nil)
     private let runners = Mutex<[VCPURunner]>([])
     private let stopRequested = Atomic<Bool>(false)
+    /// `pause` was asked for and the current (or next) `run` has not yet returned for it.
+    private let pauseRequested = Atomic<Bool>(false)
+    /// Inside `run`: vCPU threads may be in the guest.
+    private let running = Atomic<Bool>(false)
 
     public init(_ config: MachineConfig) throws(VMMError) {
         self.config = config
@@ -113,7 +136,12 @@ public final class Machine: @unchecked Sendable {
         } catch { throw .kvm(error) }
 
         do {
-            memory = try GuestMemory(layout: Layout.ramRegions(memory: config.memoryBytes))
+            if let image = config.memoryImage {
+                memory = try GuestMemory(layout: Layout.ramRegions(memory: config.memoryBytes),
+                                         imageFD: image.file.rawValue, imageOffset: image.offset)
+            } else {
+                memory = try GuestMemory(layout: Layout.ramRegions(memory: config.memoryBytes))
+            }
         } catch let e as GuestMemoryError { throw .memory(e) } catch {
             throw .invalidConfiguration("cannot allocate \(config.memoryBytes >> 20) MiB of guest memory: \(error)")
         }
@@ -132,10 +160,13 @@ public final class Machine: @unchecked Sendable {
         serial = Serial16550(interrupt: KVMInterruptLine(vm: vm, irq: LegacyPorts.com1IRQ, logger: logger),
                              output: config.console)
         var vcpus: [VCPU] = []
+        let restoring = config.memoryImage != nil
         do {
             let supported = try kvm.supportedCPUID()
             for id in 0..<UInt32(config.vcpuCount) {
                 let vcpu = try vm.createVCPU(id: id)
+                // A restored vCPU gets its whole state (CPUID included) from `restore`.
+                if restoring { vcpus.append(vcpu); continue }
                 try vcpu.setCPUID(CPUSetup.guestCPUID(supported, vcpuID: id, vcpuCount: UInt32(config.vcpuCount)))
                 let msrs = CPUSetup.bootMSRs()
                 let set = try vcpu.setMSRs(msrs)
@@ -148,18 +179,22 @@ public final class Machine: @unchecked Sendable {
         } catch { throw .kvm(error) }
         self.vcpus = vcpus
 
-        do {
-            try CPUSetup.writeDescriptorTables(memory)
-            try CPUSetup.writeIdentityPageTables(memory)
-        } catch { throw .memory(error) }
+        if !restoring {
+            do {
+                try CPUSetup.writeDescriptorTables(memory)
+                try CPUSetup.writeIdentityPageTables(memory)
+            } catch { throw .memory(error) }
+        }
 
+        let stopBox = WeakMachine()
+        i8042 = I8042(onReset: {
+            stopBox.machine?.stop(with: SystemEvent(kind: .reset, cause: .i8042Reset, vcpu: 0))
+        })
         do {
             try portBus.insert(serial, name: "16550A UART (COM1)", base: LegacyPorts.com1, length: LegacyPorts.com1Length)
-            let i8042 = I8042(onReset: { [weak self] in
-                self?.stop(with: SystemEvent(kind: .reset, cause: .i8042Reset, vcpu: 0))
-            })
             try portBus.insert(i8042, name: "i8042", base: LegacyPorts.i8042, length: LegacyPorts.i8042Length)
         } catch { throw .bus(error) }
+        stopBox.machine = self
     }
 
     /// The kernel command line every Airlock guest gets, before the host profile's and the user's.
@@ -214,6 +249,9 @@ public final class Machine: @unchecked Sendable {
         }
         timings.loaded = monotonicNanoseconds()
     }
+
+    /// Marks the machine as ready to run (the load time in its timings).
+    func markLoaded() { timings.loaded = monotonicNanoseconds() }
 
     /// Bytes from the host's kernel CSPRNG (getrandom blocks only before the host's own pool is ready).
     static func hostRandomBytes(_ count: Int) throws(VMMError) -> [UInt8] {
@@ -281,6 +319,7 @@ public final class Machine: @unchecked Sendable {
         try addMMIODevice(VirtioMMIODevice(transport), name: "virtio-mmio \(device.deviceID) #\(index)",
                           base: base, length: MMIOTransport.windowSize)
         virtioDevices.append((base, irq))
+        virtioEntries.append((transport, device))
         return transport
     }
 
@@ -302,8 +341,22 @@ public final class Machine: @unchecked Sendable {
         runners.withLock { $0.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0 }
     }
 
-    /// Runs the vCPUs until the guest ends, a vCPU fails, or `timeout` seconds pass.
+    /// Stops every vCPU at its next exit without ending the machine: `run`
+    /// returns with `paused`, the state can be saved (`captureState`), and a
+    /// later `run` goes on from there. Safe from any thread.
+    public func pause() {
+        pauseRequested.store(true, ordering: .sequentiallyConsistent)
+        for r in runners.withLock({ $0 }) { r.requestStop() }
+    }
+
+    /// Whether vCPU threads may be running the guest now.
+    public var isRunning: Bool { running.load(ordering: .sequentiallyConsistent) }
+
+    /// Runs the vCPUs until the guest ends, a vCPU fails, `pause` is asked for,
+    /// or `timeout` seconds pass. After a pause it may be called again.
     public func run(timeout: Double? = nil) throws(VMMError) -> MachineExit {
+        running.store(true, ordering: .sequentiallyConsistent)
+        defer { running.store(false, ordering: .sequentiallyConsistent) }
         installKickHandler()
         let finished = DispatchSemaphore(value: 0)
         let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: config.hostProfile.emulationAssists)
@@ -319,8 +372,10 @@ public final class Machine: @unchecked Sendable {
             }
             started.append(r)
         }
-        // A stop that came before the runners were published would have found none to stop.
-        if stopRequested.load(ordering: .sequentiallyConsistent) { for r in built { r.requestStop() } }
+        // A stop or pause that came before the runners were published would have found none to stop.
+        if stopRequested.load(ordering: .sequentiallyConsistent) || pauseRequested.load(ordering: .sequentiallyConsistent) {
+            for r in built { r.requestStop() }
+        }
 
         var timedOut = false
         if let timeout {
@@ -346,10 +401,23 @@ public final class Machine: @unchecked Sendable {
                 break
             }
         }
-        return MachineExit(event: event, timedOut: timedOut && event == nil, timings: timings)
+        var exit = MachineExit(event: event, timedOut: timedOut && event == nil, timings: timings)
+        // A pause is taken (and cleared) only when nothing else ended the run.
+        if event == nil, !stopRequested.load(ordering: .sequentiallyConsistent),
+           pauseRequested.exchange(false, ordering: .sequentiallyConsistent) {
+            exit.paused = true
+        }
+        return exit
     }
 
     private func installKickHandler() {
         _ = airlock_install_kick_handler(kickSignal)
     }
+}
+
+/// The i8042's way back to its machine, set once the machine exists (the
+/// device is built inside `Machine.init`, before `self` may be captured).
+private final class WeakMachine: @unchecked Sendable {
+    // @unchecked: written once in Machine.init before any vCPU runs, read after.
+    weak var machine: Machine?
 }

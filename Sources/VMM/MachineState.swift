@@ -1,0 +1,152 @@
+import GuestMemory
+import KVM
+import Virtio
+import VirtioDevices
+
+/// A whole machine as plain values: what a snapshot holds besides guest RAM.
+/// Taken from a paused machine (`Machine.captureState`) and given to one built
+/// from the RAM image with the same devices (`Machine.restore`).
+public struct MachineState: Equatable, Sendable {
+    public var memoryBytes: UInt64
+    public var vcpus: [VCPUState]
+    public var vm: VMState
+    public var serial: SerialState
+    public var i8042: I8042State
+    /// The virtio devices in the order they were added (and the guest numbered them).
+    public var virtio: [VirtioState]
+
+    public init(memoryBytes: UInt64, vcpus: [VCPUState], vm: VMState, serial: SerialState, i8042: I8042State, virtio: [VirtioState]) {
+        self.memoryBytes = memoryBytes; self.vcpus = vcpus; self.vm = vm
+        self.serial = serial; self.i8042 = i8042; self.virtio = virtio
+    }
+}
+
+/// One virtio device behind its transport.
+public struct VirtioState: Equatable, Sendable {
+    public var transport: TransportState
+    public var device: VirtioDeviceState
+    public init(transport: TransportState, device: VirtioDeviceState) {
+        self.transport = transport
+        self.device = device
+    }
+}
+
+/// The device models a snapshot knows how to save.
+public enum VirtioDeviceState: Equatable, Sendable {
+    case block(BlockDeviceState)
+    case console(ConsoleDeviceState)
+
+    public var deviceID: UInt32 {
+        switch self {
+        case .block: return VirtioDeviceID.block
+        case .console: return VirtioDeviceID.console
+        }
+    }
+
+    public var kind: String {
+        switch self {
+        case .block: return "block"
+        case .console: return "console"
+        }
+    }
+}
+
+extension Machine {
+    /// The MSRs a snapshot saves for each vCPU: every one KVM lists, and the
+    /// host profile's own (PVM's VIF registration, which KVM does not list).
+    public func snapshotMSRIndices() throws(VMMError) -> [UInt32] {
+        do {
+            var indices = try kvm.msrIndexList()
+            for extra in config.hostProfile.snapshotMSRs where !indices.contains(extra) { indices.append(extra) }
+            return indices
+        } catch { throw .kvm(error) }
+    }
+
+    /// Saves the whole machine. Only while no vCPU runs: after `pause` made
+    /// `run` return (each vCPU then completed its last exit), or before the first `run`.
+    public func captureState() throws(VMMError) -> MachineState {
+        guard !isRunning else {
+            throw .invalidState("the machine is running: pause it (and wait for run to return) before saving it")
+        }
+        do { try kvm.checkSnapshotCapabilities() } catch { throw .kvm(error) }
+        let indices = try snapshotMSRIndices()
+        let xsaveSize = kvm.xsaveSize
+        var vcpuStates: [VCPUState] = []
+        let vmState: VMState
+        do {
+            for v in vcpus { vcpuStates.append(try v.captureState(msrIndices: indices, xsaveSize: xsaveSize)) }
+            vmState = try vm.captureState()
+        } catch { throw .kvm(error) }
+        var devices: [VirtioState] = []
+        for (i, entry) in virtioEntries.enumerated() {
+            let device: VirtioDeviceState
+            let transport: TransportState
+            switch entry.device {
+            case let block as BlockDevice:
+                (transport, device) = entry.transport.captureState { .block(block.captureState()) }
+            case let console as ConsoleDevice:
+                (transport, device) = entry.transport.captureState { .console(console.captureState()) }
+            default:
+                throw .invalidState("virtio device #\(i) (device ID \(entry.device.deviceID)) cannot be saved: snapshots know block and console devices")
+            }
+            devices.append(VirtioState(transport: transport, device: device))
+        }
+        return MachineState(memoryBytes: config.memoryBytes, vcpus: vcpuStates, vm: vmState,
+                            serial: serial.captureState(), i8042: i8042.captureState(), virtio: devices)
+    }
+
+    /// Gives a machine built from a RAM image (`MachineConfig.memoryImage`),
+    /// with the same devices added in the same order, the rest of its saved
+    /// state. Everything is checked against this machine before KVM is told
+    /// anything: the memory size, the vCPU count, each device's kind and
+    /// geometry, and each saved record's own rules; a state that does not fit
+    /// throws and the machine must not be run.
+    public func restore(_ s: MachineState) throws(VMMError) {
+        guard config.memoryImage != nil else {
+            throw .invalidState("a machine booted from zeroed RAM cannot take a saved state: build it with the snapshot's memory image")
+        }
+        guard !isRunning else { throw .invalidState("the machine is already running") }
+        guard s.memoryBytes == config.memoryBytes else {
+            throw .invalidState("the snapshot's guest has \(s.memoryBytes >> 20) MiB of RAM, this machine \(config.memoryBytes >> 20) MiB")
+        }
+        guard s.vcpus.count == vcpus.count else {
+            throw .invalidState("the snapshot has \(s.vcpus.count) vCPUs, this machine \(vcpus.count)")
+        }
+        guard s.virtio.count == virtioEntries.count else {
+            throw .invalidState("the snapshot has \(s.virtio.count) virtio devices, this machine \(virtioEntries.count)")
+        }
+        for (i, (saved, entry)) in zip(s.virtio, virtioEntries).enumerated() where saved.device.deviceID != entry.device.deviceID {
+            throw .invalidState("virtio device #\(i) is a \(saved.device.kind) device in the snapshot, device ID \(entry.device.deviceID) here")
+        }
+        let xsaveSize = kvm.xsaveSize
+        do {
+            for v in s.vcpus { try v.validate(xsaveSize: xsaveSize) }
+            try s.vm.validate()
+            try kvm.checkSnapshotCapabilities()
+            for (v, saved) in zip(vcpus, s.vcpus) {
+                var state = saved
+                state.msrs = config.hostProfile.restorableMSRs(state.msrs)
+                try v.restoreState(state, xsaveSize: xsaveSize)
+            }
+            try vm.restoreState(s.vm)
+        } catch { throw .kvm(error) }
+        // Devices after the irqchip: each drives its interrupt line to its saved level,
+        // which a later KVM_SET_IRQCHIP would undo.
+        try serial.restoreState(s.serial)
+        try i8042.restoreState(s.i8042)
+        for (i, (saved, entry)) in zip(s.virtio, virtioEntries).enumerated() {
+            let name = "virtio device #\(i)"
+            do throws(StateError) {
+                switch (saved.device, entry.device) {
+                case let (.block(b), device as BlockDevice):
+                    try entry.transport.restoreState(saved.transport, name: name) { () throws(StateError) in try device.restoreState(b, name: name) }
+                case let (.console(c), device as ConsoleDevice):
+                    try entry.transport.restoreState(saved.transport, name: name) { () throws(StateError) in try device.restoreState(c, name: name) }
+                default:
+                    throw StateError("\(name): the snapshot's \(saved.device.kind) device does not match the device added here")
+                }
+            } catch { throw .invalidState(error.description) }
+        }
+        markLoaded()
+    }
+}
