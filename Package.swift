@@ -70,7 +70,7 @@ let package = Package(
         .target(
             name: "Airlock",
             dependencies: [
-                "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
+                "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer", "Snapshot",
                 "COpenSSL",
                 .product(name: "Logging", package: "swift-log"),
             ],

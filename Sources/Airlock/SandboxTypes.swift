@@ -91,6 +91,8 @@ public struct RunResult: Sendable, Codable, Equatable {
     public var failure: String?
     /// How the VM ended ("reset on vCPU 0: ..."), nil while it still runs (sessions) or when the host stopped it.
     public var systemEvent: String?
+    /// The snapshot the VM was restored from instead of booted, nil when it booted.
+    public var snapshot: String?
     public var timings = RunTimings()
 
     public init() {}
@@ -103,8 +105,10 @@ public struct RunResult: Sendable, Codable, Equatable {
 public struct RunTimings: Sendable, Codable, Equatable {
     /// From the request (process start for the CLI) to the vCPU's first KVM_RUN.
     public var vmmStartMs: Double = 0
-    /// From the first KVM_RUN to the agent's hello: the guest kernel's boot and init's start.
+    /// From the first KVM_RUN to the agent's hello: the guest kernel's boot and init's start (0 when restored).
     public var kernelBootMs: Double = 0
+    /// From the request to a VM restored from a snapshot and ready to run (0 when it booted).
+    public var restoreMs: Double = 0
     /// From the hello to the command's start: the run request and the agent's set-up.
     public var agentReadyMs: Double = 0
     /// The command's own run time, as the host saw it (start report to exit report).

@@ -2,6 +2,7 @@ import AgentProtocol
 import AirlockOS
 import Dispatch
 import Logging
+import Snapshot
 import Synchronization
 import Virtio
 import VirtioDevices
@@ -62,11 +63,13 @@ final class ConsoleLog: ConsoleOutput, @unchecked Sendable {
 
 extension RunRequest {
     /// The agent's view of `command`, with `extraEnvironment` (the host profile's) first.
-    init(_ command: Command, runID: UInt32, extraEnvironment: [String], shutdownAfter: Bool) {
+    init(_ command: Command, runID: UInt32, extraEnvironment: [String], shutdownAfter: Bool,
+         hostTimeNanoseconds: UInt64 = 0, entropy: [UInt8] = []) {
         self.init(runID: runID, arguments: command.arguments,
                   environment: extraEnvironment + command.environment.map { "\($0.name)=\($0.value)" },
                   workingDirectory: command.workingDirectory, user: command.user,
-                  hasStdin: command.stdin != .none, shutdownAfter: shutdownAfter)
+                  hasStdin: command.stdin != .none, shutdownAfter: shutdownAfter,
+                  hostTimeNanoseconds: hostTimeNanoseconds, entropy: entropy)
     }
 }
 
@@ -120,11 +123,23 @@ final class VMSession: @unchecked Sendable {
     private(set) var endError: String?
     private var firstRunDone = false
 
+    /// Where the machine thread waits while the VM is paused for a snapshot.
+    private let pauseGate = PauseGate()
+    /// The snapshot this VM was restored from (nil: it booted), and when the restore was done (monotonic ns).
+    private(set) var restoredFrom: String?
+    private var restoredAt: UInt64 = 0
+    /// The host's wall clock for each run request (the agent sets the guest's clock to it); tests fake it.
+    var hostTime: @Sendable () -> UInt64 = VMSession.realtimeNanoseconds
+
     static let controlPort = 0, stdoutPort = 1, stderrPort = 2
 
     /// Builds the machine (KVM objects, memory, devices, kernel) without starting it.
+    /// With `snapshot`, the machine is built from the snapshot instead of
+    /// booted: guest RAM mapped from its memory image, the same devices bound
+    /// to this session's root filesystem (reopened read-only) and console
+    /// ports, the saved state restored; `start` then runs it.
     init(config: SandboxConfig, kernelPath: String, rootfsPath: String, requestedAt: UInt64, logger: Logger,
-         hooks: SessionHooks = SessionHooks()) throws(SandboxError) {
+         hooks: SessionHooks = SessionHooks(), snapshot: SnapshotFile? = nil) throws(SandboxError) {
         self.config = config
         self.hooks = hooks
         self.logger = logger
@@ -139,6 +154,7 @@ final class VMSession: @unchecked Sendable {
         mc.logger = logger
         mc.vcpuThreadSetup = hooks.vcpuThreadSetup
         if let profile = config.hostProfile { mc.hostProfile = profile }
+        mc.memoryImage = snapshot?.memoryImage
         guestEnvironment = mc.hostProfile.guestEnvironment
 
         let inputSpace = self.inputSpace
@@ -156,16 +172,30 @@ final class VMSession: @unchecked Sendable {
             ])
             console = added.console
             transport = added.transport
-            // Port n of virtio device k is /dev/vport{k}p{n} in the guest: the agent opens these
-            // directly instead of scanning sysfs for the names.
-            let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
-            var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath) AIRLOCK_PORTS=\(ports)"
-            // The kernel's own messages cost emulated UART work per character; errors still show.
-            if config.consoleFD == nil { cmdline += " quiet" }
-            if !config.extraKernelCommandLine.isEmpty { cmdline += " " + config.extraKernelCommandLine }
-            try machine.loadLinux(kernelPath: kernelPath, initrdPath: nil, extraCommandLine: cmdline)
+            let cmdline = Self.sessionCommandLine(config, consoleIndex: consoleIndex)
+            if let snapshot {
+                // The snapshot's guest booted with the command line this session would have
+                // given it, or its devices and agent ports are not where this session puts them.
+                let expected = Machine.kernelCommandLine(hostProfile: mc.hostProfile, virtioDeviceCount: machine.virtioDeviceCount, extra: cmdline)
+                guard snapshot.manifest.commandLine == expected else {
+                    throw SandboxError.invalidConfiguration(SnapshotError.foreign(
+                        path: snapshot.path, detail: "its guest booted with '\(snapshot.manifest.commandLine)', this sandbox's would boot with '\(expected ?? "")'").description)
+                }
+                try machine.restore(snapshot.state)
+            } else {
+                try machine.loadLinux(kernelPath: kernelPath, initrdPath: nil, extraCommandLine: cmdline)
+            }
+        } catch let e as SandboxError {
+            throw e
+        } catch let e as VMMError {
+            if let snapshot { throw .invalidConfiguration("snapshot \(snapshot.path) cannot be restored here: \(e.description)") }
+            throw .vmm(e.description)
         } catch {
-            throw .vmm(error.description)
+            throw .vmm("\(error)")
+        }
+        if let snapshot {
+            restoredFrom = snapshot.path
+            restoredAt = monotonicNanoseconds()
         }
         let transport = self.transport
         stdoutPump.resume = { transport.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stdoutPort)) }
@@ -210,20 +240,7 @@ final class VMSession: @unchecked Sendable {
         } catch {
             throw .vmm("the sandbox could not lock the VMM down before starting it: \(error)")
         }
-        do {
-            try stdoutPump.start()
-            try stderrPump.start()
-            let machine = self.machine
-            let events = self.events, finished = self.vmFinished
-            try startDetachedThread {
-                let result: Result<MachineExit, VMMError>
-                do throws(VMMError) { result = .success(try machine.run()) } catch { result = .failure(error) }
-                finished.set()
-                events.post(.vmEnded(result), always: true)
-            }
-        } catch {
-            throw .vmm("cannot start the VM's threads: \(error)")
-        }
+        try startThreads()
         let deadline = Self.deadline(after: config.bootTimeoutSeconds)
         while true {
             guard let event = nextEvent(until: deadline) else {
@@ -249,6 +266,112 @@ final class VMSession: @unchecked Sendable {
             case .progress:
                 continue
             }
+        }
+    }
+
+    /// Starts the output pumps and the machine's thread. The machine thread
+    /// runs the vCPUs until the VM ends; while a snapshot is taken it waits,
+    /// paused, at the gate, and then runs them on.
+    private func startThreads() throws(SandboxError) {
+        do {
+            try stdoutPump.start()
+            try stderrPump.start()
+            let machine = self.machine
+            let events = self.events, finished = self.vmFinished, gate = self.pauseGate
+            try startDetachedThread {
+                while true {
+                    let result: Result<MachineExit, VMMError>
+                    do throws(VMMError) { result = .success(try machine.run()) } catch { result = .failure(error) }
+                    if case let .success(e) = result, e.paused {
+                        gate.pausedAndWait()
+                        continue
+                    }
+                    gate.ended()
+                    finished.set()
+                    events.post(.vmEnded(result), always: true)
+                    return
+                }
+            }
+        } catch {
+            throw .vmm("cannot start the VM's threads: \(error)")
+        }
+    }
+
+    /// The part of the kernel command line a session adds: the root
+    /// filesystem, the agent as init, where its ports are (port n of virtio
+    /// device k is /dev/vport{k}p{n} in the guest: the agent opens these
+    /// directly instead of scanning sysfs for the names), quiet unless the
+    /// console is shown, and the caller's own parameters.
+    static func sessionCommandLine(_ config: SandboxConfig, consoleIndex: Int) -> String {
+        let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
+        var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath) AIRLOCK_PORTS=\(ports)"
+        // The kernel's own messages cost emulated UART work per character; errors still show.
+        if config.consoleFD == nil { cmdline += " quiet" }
+        if !config.extraKernelCommandLine.isEmpty { cmdline += " " + config.extraKernelCommandLine }
+        return cmdline
+    }
+
+    /// The whole command line a session with `config` boots its kernel with
+    /// (a root filesystem, then the console: two virtio devices), without
+    /// building anything: what a snapshot for this configuration must record.
+    static func bootCommandLine(_ config: SandboxConfig, hostProfile: HostProfile) -> String {
+        Machine.kernelCommandLine(hostProfile: hostProfile, virtioDeviceCount: 2,
+                                  extra: sessionCommandLine(config, consoleIndex: 1)) ?? ""
+    }
+
+    static func realtimeNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(max(0, ts.tv_sec)) * 1_000_000_000 + UInt64(max(0, ts.tv_nsec))
+    }
+
+    // MARK: - Snapshots
+
+    /// Starts a VM restored from a snapshot (instead of `boot`): its agent
+    /// said hello before the snapshot was taken and waits for a run request.
+    func start() throws(SandboxError) {
+        busy.wait()
+        defer { busy.signal() }
+        guard restoredFrom != nil else { throw .invalidConfiguration("start() is for a restored sandbox; boot() starts a fresh one") }
+        do { try hooks.beforeThreads?() } catch {
+            throw .vmm("the sandbox could not lock the VMM down before starting it: \(error)")
+        }
+        try startThreads()
+        helloAt = monotonicNanoseconds()
+    }
+
+    /// Pauses this VM, writes a snapshot of it into `fd` (an empty file opened
+    /// for writing, named `path` in messages), and lets it run on. Only a VM
+    /// that has booted to its agent's hello and run nothing yet is saved: its
+    /// guest holds nothing of any command, and its agent waits for the first
+    /// request, which is where every restore takes over.
+    func saveSnapshot(into fd: Int32, path: String, kernelSHA256: String, rootfsSHA256: String) throws(SandboxError) -> SnapshotWriteReport {
+        busy.wait()
+        defer { busy.signal() }
+        guard !ended else { throw .ended("the sandbox has ended: \(endDescription)") }
+        guard helloAt != 0, !firstRunDone, restoredFrom == nil else {
+            throw .invalidConfiguration("only a sandbox that booted and has run no command can be saved as a snapshot")
+        }
+        machine.pause()
+        guard pauseGate.waitUntilPaused(seconds: 30) else {
+            destroy()
+            throw .vmm("the VM did not pause within 30 s to be saved; it was stopped")
+        }
+        defer { pauseGate.resume() }
+        do {
+            let state = try machine.captureState()
+            guard let vcpu = state.vcpus.first else { throw SandboxError.vmm("the VM has no vCPU to save") }
+            let profile = machine.config.hostProfile
+            let manifest = SnapshotManifest(
+                createdAt: UInt64(max(0, time(nil))), kernelSHA256: kernelSHA256, rootfsSHA256: rootfsSHA256,
+                commandLine: machine.commandLine, hostBackend: profile.snapshotBackendName,
+                guestMode: profile.guestMode(savedMSRs: vcpu.msrs), memoryBytes: state.memoryBytes, vcpuCount: state.vcpus.count,
+                tscKHz: vcpu.tscKHz, xsaveSize: machine.kvm.xsaveSize, cpuid: vcpu.cpuid, dataPages: 0)
+            return try SnapshotWriter.write(fd: fd, path: path, manifest: manifest, state: state, memory: machine.memory)
+        } catch let e as SandboxError {
+            throw e
+        } catch {
+            throw .vmm("the VM could not be saved to \(path): \(error)")
         }
     }
 
@@ -388,6 +511,49 @@ final class EventQueue: Sendable {
     }
 }
 
+/// Where the machine thread waits while its VM is paused for a snapshot,
+/// and how the controller knows it has stopped there (or that the VM ended).
+final class PauseGate: Sendable {
+    private let state = Mutex<(paused: Bool, ended: Bool, resumeSent: Bool)>((false, false, false))
+    private let changed = DispatchSemaphore(value: 0)
+    private let resumeSignal = DispatchSemaphore(value: 0)
+
+    /// Machine thread: `run` returned paused; waits until `resume`.
+    func pausedAndWait() {
+        state.withLock { $0.paused = true; $0.resumeSent = false }
+        changed.signal()
+        resumeSignal.wait()
+        state.withLock { $0.paused = false }
+    }
+
+    /// Machine thread: the VM has ended for good.
+    func ended() {
+        state.withLock { $0.ended = true }
+        changed.signal()
+    }
+
+    /// Controller: waits until the machine thread is paused (true) or the VM ended or time ran out (false).
+    func waitUntilPaused(seconds: Double) -> Bool {
+        let deadline = DispatchTime.now() + .nanoseconds(Int(seconds * 1e9))
+        while true {
+            let (paused, ended) = state.withLock { ($0.paused, $0.ended) }
+            if paused { return true }
+            if ended { return false }
+            if changed.wait(timeout: deadline) == .timedOut { return state.withLock { $0.paused } }
+        }
+    }
+
+    /// Lets a paused machine thread go on; nothing when it is not paused.
+    func resume() {
+        let send = state.withLock { s -> Bool in
+            guard s.paused, !s.resumeSent else { return false }
+            s.resumeSent = true
+            return true
+        }
+        if send { resumeSignal.signal() }
+    }
+}
+
 /// A flag one thread raises once and others poll: a stop request for a
 /// feeder, or the machine thread's "Machine.run has returned".
 final class OneWayFlag: Sendable {
@@ -404,7 +570,10 @@ extension VMSession {
         defer { busy.signal() }
         guard !ended else { throw .ended("the sandbox has ended: \(endDescription)") }
         // Sandbox.validate checked the command; the guest's own environment is added here.
-        let request = RunRequest(command, runID: nextRunID, extraEnvironment: guestEnvironment, shutdownAfter: shutdownAfter)
+        // The host's time and fresh randomness go with every request: a restored guest wakes with the
+        // snapshot's clock and random pool (and a fresh one with no wall clock at all).
+        let request = RunRequest(command, runID: nextRunID, extraEnvironment: guestEnvironment, shutdownAfter: shutdownAfter,
+                                 hostTimeNanoseconds: hostTime(), entropy: (try? Machine.hostRandomBytes(32)) ?? [])
         if let problem = request.limitProblem { throw .invalidConfiguration("\(problem): pass large inputs on stdin or in a file instead") }
         let runID = nextRunID
         nextRunID &+= 1
@@ -509,7 +678,11 @@ extension VMSession {
         let firstKVMRun = machine.firstRunNanoseconds
         if firstRun {
             result.timings.vmmStartMs = ms(requestedAt, firstKVMRun)
-            result.timings.kernelBootMs = ms(firstKVMRun, helloAt)
+            result.timings.kernelBootMs = restoredFrom == nil ? ms(firstKVMRun, helloAt) : 0
+            if let restoredFrom {
+                result.snapshot = restoredFrom
+                result.timings.restoreMs = ms(requestedAt, restoredAt)
+            }
         }
         result.timings.agentReadyMs = ms(requested, startedAt)
         result.timings.commandMs = ms(startedAt, exitedAt)
@@ -566,6 +739,7 @@ extension VMSession {
     /// Stops the vCPUs now (the guest gets no say) and waits for the machine's thread.
     func destroy() {
         machine.stop(with: nil)
+        pauseGate.resume()
         if !waitForEnd(seconds: 30) { logger.error("the vCPU threads did not stop within 30 s") }
         closePumps()
     }
@@ -573,6 +747,7 @@ extension VMSession {
     /// Stops the VM without waiting (the owner is gone); the machine's and the pumps' threads then end.
     func abandon() {
         machine.stop(with: nil)
+        pauseGate.resume()
         closePumps()
     }
 

@@ -21,8 +21,8 @@ public struct MSREntry: Equatable, Sendable {
 /// a state taken on one Linux host means the same on another; whether that
 /// host's CPU and KVM can run it is the snapshot manifest's business.
 public struct VCPUState: Equatable, Sendable {
-    /// The CPUID table the guest saw (KVM_GET_CPUID2), set first on restore:
-    /// it decides which MSRs and XSAVE components exist.
+    /// The CPUID table the vCPU was given (KVM_SET_CPUID2), set first on
+    /// restore: it decides which MSRs and XSAVE components exist.
     public var cpuid: CPUIDTable
     /// struct kvm_regs: general registers, RIP, RFLAGS.
     public var regs: [UInt8]
@@ -186,14 +186,9 @@ extension KVMSystem {
 }
 
 extension VCPU {
-    /// KVM_GET_CPUID2: the CPUID table this vCPU was given with KVM_SET_CPUID2.
-    public func cpuid() throws(KVMError) -> CPUIDTable {
-        var table = airlock_cpuid()
-        table.nent = UInt32(AIRLOCK_MAX_CPUID_ENTRIES)
-        _ = try withUnsafeMutableBytes(of: &table) { (p) throws(KVMError) -> Int32 in
-            try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_CPUID2, "KVM_GET_CPUID2", p.baseAddress)
-        }
-        return CPUIDTable(table)
+    /// KVM_GET_TSC_KHZ: the vCPU's TSC frequency, 0 where KVM cannot say.
+    public func tscKHz() -> UInt32 {
+        UInt32(max(0, (try? kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ", value: 0)) ?? 0))
     }
 
     /// KVM_GET_MSRS for `indices`. KVM stops at the first MSR it cannot read
@@ -266,14 +261,15 @@ extension VCPU {
 
     /// Saves this vCPU's whole state. The vCPU must not be running (its thread
     /// stopped, and `completePendingExit` called after its last exit).
-    /// `extraMSRs` are read beside KVM's list (the host profile's own, such as PVM's VIF).
-    public func captureState(msrIndices: [UInt32], xsaveSize: Int) throws(KVMError) -> VCPUState {
+    /// `cpuid` is the table it was given: KVM_GET_CPUID2 would return it with
+    /// bits KVM keeps in step with the guest's own settings (OSXSAVE follows
+    /// CR4), which a restore recomputes from the saved registers anyway.
+    public func captureState(cpuid: CPUIDTable, msrIndices: [UInt32], xsaveSize: Int) throws(KVMError) -> VCPUState {
         func get(_ request: UInt, _ name: String, size: Int) throws(KVMError) -> [UInt8] {
             var bytes = [UInt8](repeating: 0, count: size)
             _ = try kvmIoctl(fd.rawValue, request, name, bytes: &bytes)
             return bytes
         }
-        let cpuid = try self.cpuid()
         let regs = try get(AIRLOCK_KVM_GET_REGS, "KVM_GET_REGS", size: VCPUState.regsSize)
         let sregs = try get(AIRLOCK_KVM_GET_SREGS, "KVM_GET_SREGS", size: VCPUState.sregsSize)
         // KVM_GET_XSAVE2 fills as many bytes as KVM_CAP_XSAVE2 said; without the capability, KVM_GET_XSAVE's 4 KiB.
@@ -287,9 +283,8 @@ extension VCPU {
         _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_MP_STATE, "KVM_GET_MP_STATE", &mp)
         let debug = try get(AIRLOCK_KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS", size: VCPUState.debugRegistersSize)
         let msrs = try readMSRs(msrIndices)
-        let khz = (try? kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ", value: 0)) ?? 0
         return VCPUState(cpuid: cpuid, regs: regs, sregs: sregs, xsave: xsave, xcrs: xcrs, lapic: lapic, events: events,
-                         mpState: mp.mp_state, debugRegisters: debug, msrs: msrs, tscKHz: UInt32(max(0, khz)))
+                         mpState: mp.mp_state, debugRegisters: debug, msrs: msrs, tscKHz: tscKHz())
     }
 
     /// Gives a freshly created vCPU a saved state. The order matters:

@@ -39,3 +39,24 @@ extension HostProfile {
         msrs.filter { $0.index != Self.pvmVIFMSR || Self.vifRegistered($0.value) }
     }
 }
+
+extension HostProfile {
+    /// The backend's name in a snapshot's manifest (kept apart from the
+    /// human-readable `Backend` raw values, which may change).
+    public var snapshotBackendName: String {
+        switch backend {
+        case .hardware: return "hardware"
+        case .pvm: return "pvm"
+        }
+    }
+
+    /// The guest modes a snapshot may have been taken in to be restored on
+    /// this host. On PVM both: the mode is the guest kernel's choice, and the
+    /// kernel's SHA-256 in the manifest already pins it.
+    public var restorableGuestModes: Set<String> {
+        switch backend {
+        case .hardware: return ["hardware"]
+        case .pvm: return ["pvm-emulated", "pvm-native"]
+        }
+    }
+}

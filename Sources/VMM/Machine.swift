@@ -91,6 +91,8 @@ public final class Machine: @unchecked Sendable {
     public let vm: VirtualMachine
     public let kvm: KVMSystem
     let vcpus: [VCPU]
+    /// The CPUID table each vCPU was given (snapshots record it; a restore sets the saved one).
+    var guestCPUIDs: [CPUIDTable]
     public private(set) var portBus = Bus(name: "port I/O")
     public private(set) var mmioBus = Bus(name: "MMIO")
     public let serial: Serial16550
@@ -160,6 +162,7 @@ public final class Machine: @unchecked Sendable {
         serial = Serial16550(interrupt: KVMInterruptLine(vm: vm, irq: LegacyPorts.com1IRQ, logger: logger),
                              output: config.console)
         var vcpus: [VCPU] = []
+        var cpuids: [CPUIDTable] = []
         let restoring = config.memoryImage != nil
         do {
             let supported = try kvm.supportedCPUID()
@@ -167,7 +170,9 @@ public final class Machine: @unchecked Sendable {
                 let vcpu = try vm.createVCPU(id: id)
                 // A restored vCPU gets its whole state (CPUID included) from `restore`.
                 if restoring { vcpus.append(vcpu); continue }
-                try vcpu.setCPUID(CPUSetup.guestCPUID(supported, vcpuID: id, vcpuCount: UInt32(config.vcpuCount)))
+                let cpuid = CPUSetup.guestCPUID(supported, vcpuID: id, vcpuCount: UInt32(config.vcpuCount))
+                try vcpu.setCPUID(cpuid)
+                cpuids.append(cpuid)
                 let msrs = CPUSetup.bootMSRs()
                 let set = try vcpu.setMSRs(msrs)
                 if set < msrs.count { logger.debug("KVM accepted \(set) of \(msrs.count) boot MSRs") }
@@ -178,6 +183,7 @@ public final class Machine: @unchecked Sendable {
             }
         } catch { throw .kvm(error) }
         self.vcpus = vcpus
+        self.guestCPUIDs = cpuids
 
         if !restoring {
             do {
@@ -200,20 +206,47 @@ public final class Machine: @unchecked Sendable {
     /// The kernel command line every Airlock guest gets, before the host profile's and the user's.
     public static let baseCommandLine = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1"
 
+    /// The whole command line `loadLinux` gave the kernel ("" before it ran): a snapshot records it.
+    public private(set) var commandLine = ""
+
+    /// The command line a machine with this profile and these virtio devices
+    /// gives its kernel: Airlock's base, the host profile's, one
+    /// virtio_mmio.device= per device, then `extra`.
+    static func kernelCommandLine(hostProfile: HostProfile, virtioDevices: [(base: UInt64, irq: UInt32)],
+                                  extra: String) throws(LinuxBootError) -> KernelCommandLine {
+        var cmdline = try KernelCommandLine(baseCommandLine, capacity: Layout.commandLineCapacity)
+        for p in hostProfile.commandLineParameters { try cmdline.append(p) }
+        for d in virtioDevices {
+            try cmdline.append("virtio_mmio.device=4K@0x\(String(d.base, radix: 16)):\(d.irq)")
+        }
+        if !extra.isEmpty { try cmdline.append(extra) }
+        return cmdline
+    }
+
+    /// The command line `loadLinux` would use on a machine with `virtioDeviceCount`
+    /// devices added, computed without building one (to check a snapshot against
+    /// the boot it stands for); nil when it would not fit.
+    public static func kernelCommandLine(hostProfile: HostProfile, virtioDeviceCount: Int, extra: String) -> String? {
+        guard virtioDeviceCount <= Layout.virtioIRQs.count else { return nil }
+        let devices = (0..<virtioDeviceCount).map {
+            (base: Layout.virtioMMIOBase + UInt64($0) * MMIOTransport.windowSize, irq: Layout.virtioIRQs[$0])
+        }
+        return try? kernelCommandLine(hostProfile: hostProfile, virtioDevices: devices, extra: extra).string
+    }
+
     /// Loads a vmlinux or bzImage, an optional initrd and the command line, and points vCPU 0 at the entry.
     public func loadLinux(kernelPath: String, initrdPath: String?, extraCommandLine: String) throws(VMMError) {
+        guard config.memoryImage == nil else {
+            throw .invalidConfiguration("a machine built from a snapshot's memory image is restored, not booted: use restore")
+        }
         let image: MappedFile
         do { image = try MappedFile(path: kernelPath, role: "kernel") } catch {
             throw .invalidConfiguration(error.description)
         }
         do {
             let kernel = try KernelLoader.load(image, into: memory)
-            var cmdline = try KernelCommandLine(Self.baseCommandLine, capacity: Layout.commandLineCapacity)
-            for p in config.hostProfile.commandLineParameters { try cmdline.append(p) }
-            for d in virtioDevices {
-                try cmdline.append("virtio_mmio.device=4K@0x\(String(d.base, radix: 16)):\(d.irq)")
-            }
-            if !extraCommandLine.isEmpty { try cmdline.append(extraCommandLine) }
+            let cmdline = try Self.kernelCommandLine(hostProfile: config.hostProfile, virtioDevices: virtioDevices, extra: extraCommandLine)
+            commandLine = cmdline.string
 
             var params = BootParams(kernel: kernel)
             // The guest's random pool is seeded from the host before any driver runs: without
@@ -254,7 +287,7 @@ public final class Machine: @unchecked Sendable {
     func markLoaded() { timings.loaded = monotonicNanoseconds() }
 
     /// Bytes from the host's kernel CSPRNG (getrandom blocks only before the host's own pool is ready).
-    static func hostRandomBytes(_ count: Int) throws(VMMError) -> [UInt8] {
+    public static func hostRandomBytes(_ count: Int) throws(VMMError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         var filled = 0
         while filled < count {
@@ -270,6 +303,9 @@ public final class Machine: @unchecked Sendable {
 
     /// Copies raw 64-bit code to `address` and points vCPU 0 at it (tests, benchmarks).
     public func loadPayload(_ code: [UInt8], at address: GuestAddress) throws(VMMError) {
+        guard config.memoryImage == nil else {
+            throw .invalidConfiguration("a machine built from a snapshot's memory image is restored, not booted: use restore")
+        }
         do { try memory.write(code, at: address) } catch { throw .memory(error) }
         try setEntry(CPUSetup.entryRegisters(entry: address))
         timings.loaded = monotonicNanoseconds()

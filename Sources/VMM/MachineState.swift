@@ -52,6 +52,14 @@ public enum VirtioDeviceState: Equatable, Sendable {
 }
 
 extension Machine {
+    static func firstDifference(_ a: CPUIDTable, _ b: CPUIDTable) -> String {
+        if a.entries.count != b.entries.count { return "\(a.entries.count) leaves against \(b.entries.count)" }
+        for (x, y) in zip(a.entries, b.entries) where x != y {
+            return "leaf 0x\(String(x.function, radix: 16)).\(x.index)"
+        }
+        return "none"
+    }
+
     /// The MSRs a snapshot saves for each vCPU: every one KVM lists, and the
     /// host profile's own (PVM's VIF registration, which KVM does not list).
     public func snapshotMSRIndices() throws(VMMError) -> [UInt32] {
@@ -74,7 +82,9 @@ extension Machine {
         var vcpuStates: [VCPUState] = []
         let vmState: VMState
         do {
-            for v in vcpus { vcpuStates.append(try v.captureState(msrIndices: indices, xsaveSize: xsaveSize)) }
+            for (v, cpuid) in zip(vcpus, guestCPUIDs) {
+                vcpuStates.append(try v.captureState(cpuid: cpuid, msrIndices: indices, xsaveSize: xsaveSize))
+            }
             vmState = try vm.captureState()
         } catch { throw .kvm(error) }
         var devices: [VirtioState] = []
@@ -119,10 +129,23 @@ extension Machine {
             throw .invalidState("virtio device #\(i) is a \(saved.device.kind) device in the snapshot, device ID \(entry.device.deviceID) here")
         }
         let xsaveSize = kvm.xsaveSize
-        do {
+        do throws(KVMError) {
             for v in s.vcpus { try v.validate(xsaveSize: xsaveSize) }
             try s.vm.validate()
             try kvm.checkSnapshotCapabilities()
+            // The CPU the guest saw must be the one this host gives: the guest kernel chose
+            // its code paths (and the XSAVE layout) by it. And its clock runs at one TSC rate.
+            let supported = try kvm.supportedCPUID()
+            for (i, (v, saved)) in zip(vcpus, s.vcpus).enumerated() {
+                let here = CPUSetup.guestCPUID(supported, vcpuID: UInt32(i), vcpuCount: UInt32(vcpus.count))
+                guard here == saved.cpuid else {
+                    throw KVMError.invalidState("the snapshot's guest saw other CPU features than this host gives (CPUID \(Self.firstDifference(saved.cpuid, here))): it was made on another kind of CPU or KVM")
+                }
+                let khz = v.tscKHz()
+                guard saved.tscKHz == 0 || khz == 0 || saved.tscKHz == khz else {
+                    throw KVMError.invalidState("the snapshot's vCPU ran its TSC at \(saved.tscKHz) kHz, this host's at \(khz) kHz: the guest's clock would run wrong")
+                }
+            }
             for (v, saved) in zip(vcpus, s.vcpus) {
                 var state = saved
                 state.msrs = config.hostProfile.restorableMSRs(state.msrs)
@@ -130,6 +153,7 @@ extension Machine {
             }
             try vm.restoreState(s.vm)
         } catch { throw .kvm(error) }
+        guestCPUIDs = s.vcpus.map(\.cpuid)
         // Devices after the irqchip: each drives its interrupt line to its saved level,
         // which a later KVM_SET_IRQCHIP would undo.
         try serial.restoreState(s.serial)

@@ -50,7 +50,6 @@ static const unsigned long AIRLOCK_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
 static const unsigned long AIRLOCK_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
 
 // State save and restore (snapshots). Each has a line in Sources/KVM saying what it moves.
-static const unsigned long AIRLOCK_KVM_GET_CPUID2 = KVM_GET_CPUID2;
 static const unsigned long AIRLOCK_KVM_GET_XSAVE = KVM_GET_XSAVE;
 static const unsigned long AIRLOCK_KVM_GET_XSAVE2 = KVM_GET_XSAVE2;
 static const unsigned long AIRLOCK_KVM_SET_XSAVE = KVM_SET_XSAVE;
