@@ -318,7 +318,7 @@ extension VCPU {
 
     /// The TSC first (writing it moves KVM's TSC offset, which the deadline is
     /// measured against), the TSC deadline last; the rest as saved.
-    static func restoreOrder(_ msrs: [MSREntry]) -> [MSREntry] {
+    public static func restoreOrder(_ msrs: [MSREntry]) -> [MSREntry] {
         msrs.filter { $0.index == tscMSR } + msrs.filter { $0.index != tscMSR && $0.index != tscDeadlineMSR }
             + msrs.filter { $0.index == tscDeadlineMSR }
     }
