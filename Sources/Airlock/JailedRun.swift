@@ -5,6 +5,7 @@ import Glibc
 #endif
 import Jailer
 import Logging
+import Snapshot
 import Synchronization
 import VMM
 
@@ -16,12 +17,16 @@ import VMM
 ///
 /// Descriptors of the VMM process: 0 the command's stdin (or /dev/null), 1 and
 /// 2 the caller's stdout and stderr (streamed output and Airlock's messages),
-/// 3 the request (JSON, read to EOF), 4 the result (JSON, written once).
+/// 3 the request (JSON, read to EOF), 4 the result (JSON, written once), and,
+/// when the run saves a snapshot, 5 the new snapshot file (docs/snapshots.md).
 public enum JailedRun {
     /// The hidden subcommand that runs the VMM side.
     public static let subcommand = "__vmm"
     static let requestFD: Int32 = 3
     static let resultFD: Int32 = 4
+    static let snapshotFD: Int32 = 5
+    /// Where a snapshot to restore is bind-mounted in the jail (read-only).
+    static let snapshotJailPath = "/snapshot.snap"
     /// Guest RAM plus this for the VMM process itself (measured peaks: 23-33 MB).
     static let vmmMemoryAllowance: UInt64 = 128 << 20
     /// CPUs beyond one per vCPU for the VMM's own threads (output, stdin, the controller).
@@ -42,12 +47,27 @@ public enum JailedRun {
         var logLevel: String
         /// Tests only: a forbidden system call the VMM makes once its filters are on ("main:execve", "vcpu:ioctl").
         var testViolation: String?
+        /// What the VMM does with a snapshot, decided by the supervisor (nil: none).
+        var snapshot: SnapshotOrder?
+    }
+
+    /// The supervisor's snapshot decision for the jailed VMM.
+    struct SnapshotOrder: Codable {
+        /// Restore from the snapshot at `snapshotJailPath` instead of booting.
+        var restore: Bool
+        /// Boot, and save the idle VM into fd `snapshotFD` (with these image digests) before the command.
+        var kernelSHA256: String
+        var rootfsSHA256: String
+        /// Save the snapshot and shut down, with no command (`airlock snapshot create`).
+        var saveOnly: Bool
     }
 
     /// What crosses back: a result, or the error that stopped the sandbox.
     struct Reply: Codable {
         var result: RunResult?
         var error: String?
+        /// What a save wrote into fd 5, when it did.
+        var saved: SnapshotWriteReport?
     }
 
     /// Runs `command` in a jailed VMM process and waits for it. `streamOutput`
@@ -59,17 +79,60 @@ public enum JailedRun {
                            logLevel: Logger.Level = .warning, testViolation: String? = nil,
                            logger: Logger) throws(SandboxError) -> RunResult {
         try Sandbox.validate(command)
+        return try runJailed(command, config: config, stdinFromFD0: stdinFromFD0, streamOutput: streamOutput,
+                             vmmExecutable: vmmExecutable, requestedAt: requestedAt, logLevel: logLevel,
+                             testViolation: testViolation, logger: logger)
+    }
+
+    /// `airlock snapshot create`: boots a jailed VM, saves it into the store
+    /// (replacing the snapshot for the same inputs) and shuts it down.
+    public static func createSnapshot(config: SandboxConfig, vmmExecutable: String = "/proc/self/exe", requestedAt: UInt64,
+                                      logLevel: Logger.Level = .warning, logger: Logger) throws(SandboxError) -> SnapshotUse {
+        var c = config
+        c.snapshots = .automatic
+        let result = try runJailed(nil, config: c, stdinFromFD0: false, streamOutput: false, vmmExecutable: vmmExecutable,
+                                   requestedAt: requestedAt, logLevel: logLevel, testViolation: nil, logger: logger)
+        guard let saved = result.snapshot, !saved.restored else {
+            throw .vmm(result.failure ?? "the VM booted but no snapshot was saved (the warning above says why)")
+        }
+        return saved
+    }
+
+    /// One jailed VMM: the command's run, or with no command, a snapshot save.
+    static func runJailed(_ command: Command?, config: SandboxConfig, stdinFromFD0: Bool, streamOutput: Bool,
+                          vmmExecutable: String, requestedAt: UInt64, logLevel: Logger.Level, testViolation: String?,
+                          logger: Logger) throws(SandboxError) -> RunResult {
         // Everything that can be checked is checked here, before a jail exists.
         let images = try ImageResolution.resolve(config)
         var inner = config
         inner.kernelPath = "/vmlinux"
         inner.rootfsPath = "/rootfs.ext4"
         inner.hostProfile = config.hostProfile ?? .detect()  // /sys is not in the jail
+        inner.snapshots = .none  // the store is not in the jail: the order below says what to do
+        // The snapshot is chosen (and checked whole) here, before any VM; a snapshot-only run always saves anew.
+        var plan = try SnapshotPlan.make(config, kernelPath: images.kernel, rootfsPath: images.rootfs, hostProfile: inner.hostProfile!, logger: logger)
+        if command == nil, let p = plan { plan = SnapshotPlan(action: .bootAndSave, inputs: p.inputs, requirements: p.requirements, store: p.store) }
+        var snapshotFile: (path: String, fd: OwnedFileDescriptor)?
+        var files = [JailFile(hostPath: images.kernel, jailPath: "/vmlinux"), JailFile(hostPath: images.rootfs, jailPath: "/rootfs.ext4")]
+        var order: SnapshotOrder?
+        if let plan {
+            switch plan.action {
+            case let .restore(path):
+                files.append(JailFile(hostPath: path, jailPath: snapshotJailPath, preopen: true))
+                order = SnapshotOrder(restore: true, kernelSHA256: plan.inputs.kernelSHA256, rootfsSHA256: plan.inputs.rootfsSHA256, saveOnly: false)
+            case .bootAndSave:
+                snapshotFile = try plan.store.temporaryFile(forKey: plan.inputs.key)
+                order = SnapshotOrder(restore: false, kernelSHA256: plan.inputs.kernelSHA256, rootfsSHA256: plan.inputs.rootfsSHA256,
+                                      saveOnly: command == nil)
+            }
+        }
+        defer { if let snapshotFile { unlink(snapshotFile.path) } }
+        let command = command ?? Command(["true"])
         let request = Request(
             config: inner, arguments: command.arguments, environment: command.environment.map { [$0.name, $0.value] },
             workingDirectory: command.workingDirectory, user: command.user, timeoutSeconds: command.timeoutSeconds,
             maxOutputBytes: command.maxOutputBytes, stdinFromFD0: stdinFromFD0, streamOutput: streamOutput,
-            requestedAt: requestedAt, logLevel: logLevel.rawValue, testViolation: testViolation)
+            requestedAt: requestedAt, logLevel: logLevel.rawValue, testViolation: testViolation, snapshot: order)
 
         let supervisor: JailSupervisor
         do {
@@ -83,8 +146,7 @@ public enum JailedRun {
         let jail: PreparedJail
         do {
             jail = try supervisor.prepare(id: id, JailRequest(
-                files: [JailFile(hostPath: images.kernel, jailPath: "/vmlinux"),
-                        JailFile(hostPath: images.rootfs, jailPath: "/rootfs.ext4")],
+                files: files,
                 devices: [.kvm],
                 limits: CgroupLimits(memoryBytes: (UInt64(config.memoryMiB) << 20) + vmmMemoryAllowance
                                                     // captured output lives in the VMM until the end: room for both streams
@@ -111,9 +173,9 @@ public enum JailedRun {
         let devNull = open("/dev/null", O_RDONLY | O_CLOEXEC)
         let child: JailedChild
         do {
-            child = try jail.spawn(executable: vmmExecutable, arguments: [subcommand],
-                                   fds: [0: stdinFromFD0 ? 0 : devNull, 1: 1, 2: 2,
-                                         requestFD: requestPipe[0], resultFD: resultPipe[1]])
+            var fds: [Int32: Int32] = [0: stdinFromFD0 ? 0 : devNull, 1: 1, 2: 2, requestFD: requestPipe[0], resultFD: resultPipe[1]]
+            if let snapshotFile { fds[snapshotFD] = snapshotFile.fd.rawValue }
+            child = try jail.spawn(executable: vmmExecutable, arguments: [subcommand], fds: fds)
         } catch {
             (requestPipe + resultPipe + [devNull]).forEach { close($0) }
             throw .jail("\(error)")
@@ -151,6 +213,11 @@ public enum JailedRun {
         guard var result = reply.result else { throw .vmm("the VMM process ended (\(exit)) without a result") }
         result.stdout = received.stdout
         result.stderr = received.stderr
+        // The VMM wrote a snapshot: checked whole here (a jailed process wrote it) before it goes into the store.
+        if let plan, let snapshotFile, plan.action == .bootAndSave {
+            result.snapshot = plan.installWritten(snapshotFile.path, report: reply.saved, logger: logger)
+        }
+        if let plan, case let .restore(path) = plan.action { result.snapshot?.path = path }  // not the jail's name for it
         return result
     }
 
@@ -159,7 +226,8 @@ public enum JailedRun {
         signal(SIGPIPE, SIG_IGN)
         // Jail.enter wants a single-threaded process and /sys for nothing; the host profile
         // came in the request, read after the jail is up.
-        do { _ = try Jail.enter() } catch {
+        let jailed: JailedProcess
+        do { jailed = try Jail.enter() } catch {
             writeToStandardError("airlock: the VMM cannot enter its jail: \(error)\n")
             return JailExitCode.setupFailed
         }
@@ -194,9 +262,15 @@ public enum JailedRun {
                     try Seccomp.install(.vcpu)
                     if let violation, violation.role == "vcpu" { violation.commit() }
                 })
-            let result = try Sandbox.runBlocking(command, config: request.config, requestedAt: request.requestedAt,
-                                                 logger: Logger(label: "airlock.vmm"), hooks: hooks)
-            reply = Reply(result: result)
+            let logger = Logger(label: "airlock.vmm")
+            if let order = request.snapshot {
+                reply = try runOrdered(order, command: command, request: request, snapshot: jailed.take(snapshotJailPath),
+                                       logger: logger, hooks: hooks)
+            } else {
+                let result = try Sandbox.runBlocking(command, config: request.config, requestedAt: request.requestedAt,
+                                                     logger: logger, hooks: hooks)
+                reply = Reply(result: result)
+            }
         } catch let error as SandboxError {
             reply = Reply(error: error.description)
         } catch {
@@ -210,6 +284,33 @@ public enum JailedRun {
         let json = (try? JSONEncoder().encode(bare)) ?? Data()
         ResultWire.write(fd: resultFD, json: [UInt8](json), stdout: reply.result?.stdout ?? [], stderr: reply.result?.stderr ?? [])
         return reply.error == nil ? 0 : SandboxExitCode.airlockFailed
+    }
+
+    /// The VMM side of a run with a snapshot order: restore from the one in the
+    /// jail, or boot and save into fd 5. The snapshot is read again here (the
+    /// supervisor checked it, but this process trusts no file): header,
+    /// manifest and state, and the VMM checks the CPU and TSC itself.
+    static func runOrdered(_ order: SnapshotOrder, command: Command, request: Request, snapshot: OwnedFileDescriptor?,
+                           logger: Logger, hooks: SessionHooks) throws(SandboxError) -> Reply {
+        let config = request.config
+        let kernel = config.kernelPath ?? "/vmlinux", rootfs = config.rootfsPath ?? "/rootfs.ext4"
+        try Sandbox.validate(command)
+        let use: SessionSnapshot
+        if order.restore {
+            // Opened by Jail.enter before it dropped root: the snapshot is root's, mode 0600.
+            guard let fd = snapshot else { throw .invalidConfiguration("the snapshot was not opened for the jail") }
+            do { use = .restore(try SnapshotFile(file: fd, path: snapshotJailPath)) } catch {
+                throw .invalidConfiguration(error.description)
+            }
+        } else {
+            // libcrypto sets itself up on its first digest (it may read its configuration
+            // files): done now, before the filters forbid opening anything.
+            _ = sha256Hex([])
+            use = .save(fd: snapshotFD, path: "the new snapshot", kernelSHA256: order.kernelSHA256, rootfsSHA256: order.rootfsSHA256)
+        }
+        let (result, saved) = try Sandbox.runSession(order.saveOnly ? nil : command, config: config, kernelPath: kernel, rootfsPath: rootfs,
+                                                     requestedAt: request.requestedAt, logger: logger, hooks: hooks, snapshot: use)
+        return Reply(result: result, saved: saved)
     }
 
     /// The result pipe: three little-endian u64 lengths (the JSON reply without

@@ -18,6 +18,8 @@ struct RunReport: Encodable {
     let failure: String?
     let systemEvent: String?
     let timings: RunTimings
+    /// Whether the VM was restored from a snapshot (and how long that took) or saved one; null when neither.
+    let snapshot: SnapshotUse?
 
     init(_ r: RunResult) {
         stdout = r.stdoutText
@@ -31,6 +33,7 @@ struct RunReport: Encodable {
         failure = r.failure
         systemEvent = r.systemEvent
         timings = r.timings
+        snapshot = r.snapshot
     }
 
     static func base64UnlessText(_ bytes: [UInt8]) -> String? {
@@ -39,7 +42,7 @@ struct RunReport: Encodable {
 
     // Explicit so that a nil signal or failure is written as null: readers see every key.
     enum CodingKeys: String, CodingKey {
-        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings
+        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings, snapshot
     }
     func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
@@ -54,6 +57,7 @@ struct RunReport: Encodable {
         try c.encode(failure, forKey: .failure)
         try c.encode(systemEvent, forKey: .systemEvent)
         try c.encode(timings, forKey: .timings)
+        try c.encode(snapshot, forKey: .snapshot)
     }
 }
 

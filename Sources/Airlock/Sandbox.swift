@@ -26,7 +26,7 @@ import VMM
 public final class Sandbox: Sendable {
     let session: VMSession
 
-    private init(session: VMSession) { self.session = session }
+    init(session: VMSession) { self.session = session }
 
     /// A sandbox dropped without `shutdown` still ends its VM and threads.
     deinit { session.abandon() }
@@ -93,6 +93,9 @@ public final class Sandbox: Sendable {
     public static func runBlocking(_ command: Command, config: SandboxConfig, requestedAt: UInt64,
                                    logger: Logger, hooks: SessionHooks = SessionHooks()) throws(SandboxError) -> RunResult {
         try validate(command)
+        if config.snapshots == .automatic {
+            return try runUsingSnapshotStore(command, config: config, requestedAt: requestedAt, logger: logger, hooks: hooks)
+        }
         let session = try makeSession(config, requestedAt: requestedAt, logger: logger, hooks: hooks)
         try session.boot()
         return try session.run(command, shutdownAfter: true)

@@ -20,6 +20,9 @@ public struct SandboxConfig: Sendable, Codable, Equatable {
     public var consoleFD: Int32?
     /// The host's KVM backend quirks; nil detects them (a jailed VMM cannot: /sys is outside its jail).
     public var hostProfile: HostProfile?
+    /// Whether `Sandbox.runBlocking` and `airlock run` restore from (and save
+    /// into) the snapshot store; `Sandbox.restore` and `saveSnapshot` use files directly.
+    public var snapshots: SnapshotPolicy = .none
 
     public init(kernelPath: String? = nil, rootfsPath: String? = nil, memoryMiB: Int = 256, cpus: Int = 1) {
         self.kernelPath = kernelPath
@@ -91,8 +94,9 @@ public struct RunResult: Sendable, Codable, Equatable {
     public var failure: String?
     /// How the VM ended ("reset on vCPU 0: ..."), nil while it still runs (sessions) or when the host stopped it.
     public var systemEvent: String?
-    /// The snapshot the VM was restored from instead of booted, nil when it booted.
-    public var snapshot: String?
+    /// What the run did with a snapshot: restored its VM from one, or booted
+    /// and saved one before the command; nil when it used none.
+    public var snapshot: SnapshotUse?
     public var timings = RunTimings()
 
     public init() {}
@@ -101,13 +105,33 @@ public struct RunResult: Sendable, Codable, Equatable {
     public var stderrText: String { String(decoding: stderr, as: UTF8.self) }
 }
 
+/// A run's use of a snapshot, for `--json`.
+public struct SnapshotUse: Sendable, Codable, Equatable {
+    /// The snapshot file.
+    public var path: String
+    /// True: the VM was restored from it instead of booted. False: the VM
+    /// booted and saved it before the command ran.
+    public var restored: Bool
+    /// The VMM's restore: from building the VM from the snapshot to its being
+    /// ready to run (KVM objects, RAM mapped, every state set; 0 when saved).
+    public var restoreMs: Double = 0
+    /// Pausing the booted VM, writing the snapshot and checking it (0 when restored).
+    public var saveMs: Double = 0
+    /// The bytes the snapshot takes on disk.
+    public var allocatedBytes: UInt64 = 0
+
+    public init(path: String, restored: Bool, restoreMs: Double = 0, saveMs: Double = 0, allocatedBytes: UInt64 = 0) {
+        self.path = path; self.restored = restored; self.restoreMs = restoreMs; self.saveMs = saveMs; self.allocatedBytes = allocatedBytes
+    }
+}
+
 /// Where the time of one run went, in milliseconds.
 public struct RunTimings: Sendable, Codable, Equatable {
     /// From the request (process start for the CLI) to the vCPU's first KVM_RUN.
     public var vmmStartMs: Double = 0
     /// From the first KVM_RUN to the agent's hello: the guest kernel's boot and init's start (0 when restored).
     public var kernelBootMs: Double = 0
-    /// From the request to a VM restored from a snapshot and ready to run (0 when it booted).
+    /// Building a VM from a snapshot, to ready to run (0 when it booted); `vmmStartMs` then covers the whole start.
     public var restoreMs: Double = 0
     /// From the hello to the command's start: the run request and the agent's set-up.
     public var agentReadyMs: Double = 0

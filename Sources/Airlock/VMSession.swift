@@ -105,6 +105,7 @@ final class VMSession: @unchecked Sendable {
     let stderrPump = OutputPump(name: AgentProtocol.stderrPortName)
     let consoleLog: ConsoleLog
     let rootfsPath: String
+    let kernelPath: String
     let guestEnvironment: [String]
     let hooks: SessionHooks
 
@@ -128,6 +129,8 @@ final class VMSession: @unchecked Sendable {
     /// The snapshot this VM was restored from (nil: it booted), and when the restore was done (monotonic ns).
     private(set) var restoredFrom: String?
     private var restoredAt: UInt64 = 0
+    private var restoreStartedAt: UInt64 = 0
+    private var restoredAllocatedBytes: UInt64 = 0
     /// The host's wall clock for each run request (the agent sets the guest's clock to it); tests fake it.
     var hostTime: @Sendable () -> UInt64 = VMSession.realtimeNanoseconds
 
@@ -140,11 +143,13 @@ final class VMSession: @unchecked Sendable {
     /// ports, the saved state restored; `start` then runs it.
     init(config: SandboxConfig, kernelPath: String, rootfsPath: String, requestedAt: UInt64, logger: Logger,
          hooks: SessionHooks = SessionHooks(), snapshot: SnapshotFile? = nil) throws(SandboxError) {
+        let initStarted = monotonicNanoseconds()
         self.config = config
         self.hooks = hooks
         self.logger = logger
         self.requestedAt = requestedAt
         self.rootfsPath = rootfsPath
+        self.kernelPath = kernelPath
         consoleLog = ConsoleLog(copyTo: config.consoleFD)
 
         var mc = MachineConfig()
@@ -196,6 +201,9 @@ final class VMSession: @unchecked Sendable {
         if let snapshot {
             restoredFrom = snapshot.path
             restoredAt = monotonicNanoseconds()
+            restoreStartedAt = initStarted
+            var info = stat()
+            if fstat(snapshot.file.rawValue, &info) == 0 { restoredAllocatedBytes = UInt64(info.st_blocks) * 512 }
         }
         let transport = self.transport
         stdoutPump.resume = { transport.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stdoutPort)) }
@@ -366,7 +374,7 @@ final class VMSession: @unchecked Sendable {
                 createdAt: UInt64(max(0, time(nil))), kernelSHA256: kernelSHA256, rootfsSHA256: rootfsSHA256,
                 commandLine: machine.commandLine, hostBackend: profile.snapshotBackendName,
                 guestMode: profile.guestMode(savedMSRs: vcpu.msrs), memoryBytes: state.memoryBytes, vcpuCount: state.vcpus.count,
-                tscKHz: vcpu.tscKHz, xsaveSize: machine.kvm.xsaveSize, cpuid: vcpu.cpuid, dataPages: 0)
+                tscKHz: vcpu.tscKHz, xsaveSize: machine.xsaveSize, cpuid: vcpu.cpuid, dataPages: 0)
             return try SnapshotWriter.write(fd: fd, path: path, manifest: manifest, state: state, memory: machine.memory)
         } catch let e as SandboxError {
             throw e
@@ -680,8 +688,9 @@ extension VMSession {
             result.timings.vmmStartMs = ms(requestedAt, firstKVMRun)
             result.timings.kernelBootMs = restoredFrom == nil ? ms(firstKVMRun, helloAt) : 0
             if let restoredFrom {
-                result.snapshot = restoredFrom
-                result.timings.restoreMs = ms(requestedAt, restoredAt)
+                result.timings.restoreMs = ms(restoreStartedAt, restoredAt)
+                result.snapshot = SnapshotUse(path: restoredFrom, restored: true, restoreMs: result.timings.restoreMs,
+                                              allocatedBytes: restoredAllocatedBytes)
             }
         }
         result.timings.agentReadyMs = ms(requested, startedAt)

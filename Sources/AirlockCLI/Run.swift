@@ -26,6 +26,12 @@ struct Run: ParsableCommand {
 
             The VMM runs in a jail (its own namespaces, a pivot_root directory, a cgroup, no \
             capabilities, seccomp; see docs/security.md), which needs root; --no-jail is for debugging only.
+
+            Snapshots: the first run with a given kernel, root filesystem, memory size and command line \
+            boots the VM, saves it once the agent is ready (before the command runs) in Airlock's data \
+            directory, and later runs restore it instead of booting; each restored guest gets the host's \
+            time and fresh randomness before the command starts (see 'airlock snapshot --help' and \
+            docs/snapshots.md). --no-snapshot boots cold and saves nothing.
             """)
 
     @Option(help: "The guest kernel (vmlinux or bzImage). Default: the installed image (make images).")
@@ -58,7 +64,7 @@ struct Run: ParsableCommand {
     @Option(help: "Keep at most this many bytes of each of stdout and stderr (K, M, G suffixes allowed); the rest is dropped and flagged. Default: unlimited when streaming, 64M with --json.")
     var maxOutput: String?
 
-    @Flag(help: "Print one JSON document (output, with its exact bytes in base64 where they are not UTF-8; exit code, signal, timeout, truncation, system event, timings) instead of streaming.")
+    @Flag(help: "Print one JSON document (output, with its exact bytes in base64 where they are not UTF-8; exit code, signal, timeout, truncation, system event, timings, the snapshot restored or saved) instead of streaming.")
     var json = false
 
     @Flag(help: "Copy the guest kernel's console to stderr (for debugging a guest that does not boot).")
@@ -66,6 +72,9 @@ struct Run: ParsableCommand {
 
     @Flag(help: "UNSAFE, for debugging: run the VMM in this process, without the jail (seccomp, namespaces, cgroup, dropped privileges).")
     var noJail = false
+
+    @Flag(help: "Boot the VM cold: neither restore a saved snapshot nor save one.")
+    var noSnapshot = false
 
     @Option(help: "Extra kernel command-line parameters.")
     var cmdline: String = ""
@@ -120,6 +129,7 @@ struct Run: ParsableCommand {
         config.bootTimeoutSeconds = bootTimeout
         config.extraKernelCommandLine = cmdline
         if console { config.consoleFD = 2 }
+        config.snapshots = noSnapshot ? .none : .automatic
         if !noJail && getuid() != 0 {
             throw ValidationError("the jail around the VMM needs root (namespaces, cgroups, pivot_root): run as root, or pass --no-jail to debug without it (unsafe)")
         }

@@ -32,10 +32,42 @@ public enum SeccompPolicy {
         .irqLine,                                // device interrupts raised by MMIO/PIO writes handled on this thread
     ]
 
-    /// KVM requests any thread makes after set-up: the same list. vCPU threads
-    /// inherit this filter, and the threads that deliver host input raise
-    /// interrupts with KVM_IRQ_LINE, which the vCPU list already has.
-    public static let mainKVMRequests: [KVMRequest] = vcpuKVMRequests
+    /// KVM requests any thread makes after set-up: the vCPU list, and saving a
+    /// snapshot. vCPU threads inherit this filter, and the threads that
+    /// deliver host input raise interrupts with KVM_IRQ_LINE, which the vCPU
+    /// list already has.
+    public static let mainKVMRequests: [KVMRequest] = vcpuKVMRequests + snapshotKVMRequests
+
+    // MARK: Snapshots (issue 15)
+    // A run that saves a snapshot pauses its booted VM and reads every piece of
+    // KVM state on the controller (main) thread, after the filters are on. Only
+    // reads: a restore builds its VM and sets its state before any filter is
+    // installed, so no KVM_SET_* request is allowed after set-up. The vCPU list
+    // needs nothing new (stopping a vCPU for a save completes its last exit with
+    // one more KVM_RUN, which it has).
+
+    /// KVM requests the controller makes to save a paused VM.
+    public static let snapshotKVMRequests: [KVMRequest] = [
+        .getSregs,                               // segment and control registers, EFER, APIC base
+        .getXSAVE, .getXSAVE2,                   // FPU, SSE, AVX and other XSAVE state (KVM_GET_XSAVE2 where KVM_CAP_XSAVE2 is offered)
+        .getXCRs,                                // XCR0
+        .getLAPIC,                               // the local APIC's registers
+        .getMPState,                             // runnable or halted
+        .getDebugRegisters,                      // DR0-DR7
+        .getMSRs,                                // every MSR KVM lists, and the host profile's (PVM's VIF)
+        .getTSCKHz,                              // the TSC rate a restore must match
+        .getIRQChip,                             // the PICs and the IOAPIC
+        .getPIT2,                                // the PIT's channels
+        .getClock,                               // kvmclock, which a restore sets back
+    ]
+
+    /// System calls of a snapshot save, beyond the run's (in the main list).
+    static let snapshotRules: [SyscallRule] = [
+        SyscallRule("mincore", "a snapshot save asks which guest pages are resident, so untouched ones are never read or written"),
+        SyscallRule("ftruncate", "a snapshot save sizes its file (descriptor 5, passed by the supervisor) to hold the RAM image as holes"),
+        SyscallRule("getrandom", "each run request carries fresh host randomness for the guest's pool, so VMs restored from one snapshot never share random numbers (no descriptor, no path)"),
+    ]
+    // MARK: end of the snapshot block
 
     static let main: [SyscallRule] = [
         SyscallRule("read", "host input for the guest, read from descriptors the supervisor passed (console ports)"),
@@ -66,7 +98,7 @@ public enum SeccompPolicy {
         SyscallRule("clock_gettime", "timeouts and timings; the vDSO falls back to the syscall when the clocksource cannot be read from user space"),
         SyscallRule("seccomp", "each vCPU thread adds its own (narrower) filter; only SET_MODE_FILTER without flags", .seccompFilterOnly),
         SyscallRule("poll", "airlock run's stdin feeder waits for input on fd 0 with a timeout, so that it sees the run end"),
-    ]
+    ] + snapshotRules
 
     static let vcpu: [SyscallRule] = [
         SyscallRule("write", "guest console output (UART, virtio-console) and logs; the SIGSYS report"),
@@ -162,6 +194,18 @@ public enum KVMRequest: String, Sendable, CaseIterable {
     case createVCPU = "KVM_CREATE_VCPU"
     case setUserMemoryRegion = "KVM_SET_USER_MEMORY_REGION"
     case getAPIVersion = "KVM_GET_API_VERSION"
+    // Snapshot saves (see `SeccompPolicy.snapshotKVMRequests`).
+    case getXSAVE = "KVM_GET_XSAVE"
+    case getXSAVE2 = "KVM_GET_XSAVE2"
+    case getXCRs = "KVM_GET_XCRS"
+    case getLAPIC = "KVM_GET_LAPIC"
+    case getMPState = "KVM_GET_MP_STATE"
+    case getDebugRegisters = "KVM_GET_DEBUGREGS"
+    case getMSRs = "KVM_GET_MSRS"
+    case getTSCKHz = "KVM_GET_TSC_KHZ"
+    case getIRQChip = "KVM_GET_IRQCHIP"
+    case getPIT2 = "KVM_GET_PIT2"
+    case getClock = "KVM_GET_CLOCK"
 
     public var number: UInt {
         switch self {
@@ -177,6 +221,17 @@ public enum KVMRequest: String, Sendable, CaseIterable {
         case .createVCPU: return AIRLOCK_KVM_CREATE_VCPU
         case .setUserMemoryRegion: return AIRLOCK_KVM_SET_USER_MEMORY_REGION
         case .getAPIVersion: return AIRLOCK_KVM_GET_API_VERSION
+        case .getXSAVE: return AIRLOCK_KVM_GET_XSAVE
+        case .getXSAVE2: return AIRLOCK_KVM_GET_XSAVE2
+        case .getXCRs: return AIRLOCK_KVM_GET_XCRS
+        case .getLAPIC: return AIRLOCK_KVM_GET_LAPIC
+        case .getMPState: return AIRLOCK_KVM_GET_MP_STATE
+        case .getDebugRegisters: return AIRLOCK_KVM_GET_DEBUGREGS
+        case .getMSRs: return AIRLOCK_KVM_GET_MSRS
+        case .getTSCKHz: return AIRLOCK_KVM_GET_TSC_KHZ
+        case .getIRQChip: return AIRLOCK_KVM_GET_IRQCHIP
+        case .getPIT2: return AIRLOCK_KVM_GET_PIT2
+        case .getClock: return AIRLOCK_KVM_GET_CLOCK
         }
     }
 }

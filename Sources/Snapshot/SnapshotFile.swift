@@ -42,8 +42,8 @@ public enum SnapshotFormat {
 }
 
 /// What writing one snapshot did, for `--json`, listings and benchmarks.
-public struct SnapshotWriteReport: Sendable, Equatable {
-    /// The file's length (its holes included) and the bytes it takes on disk.
+public struct SnapshotWriteReport: Sendable, Equatable, Codable {
+    /// The file's length (its holes included) and the bytes its data takes (about what it takes on disk).
     public var fileSize: UInt64 = 0
     public var allocatedBytes: UInt64 = 0
     /// Guest pages written (touched and not all zeros), and how many were resident in all.
@@ -113,8 +113,9 @@ public enum SnapshotWriter {
 
         var report = SnapshotWriteReport()
         report.fileSize = fileEnd
-        var info = stat()
-        if fstat(fd, &info) == 0 { report.allocatedBytes = UInt64(info.st_blocks) * 512 }
+        // What the file takes on disk: the data pages and the records (the
+        // reader fstats the file itself where it may; a jailed writer may not).
+        report.allocatedBytes = UInt64(stats.dataPages * page) + stateOffset + UInt64(stateBytes.count)
         report.dataPages = stats.dataPages
         report.residentPages = stats.residentPages
         report.totalPages = stats.totalPages

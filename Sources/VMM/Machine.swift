@@ -93,6 +93,11 @@ public final class Machine: @unchecked Sendable {
     let vcpus: [VCPU]
     /// The CPUID table each vCPU was given (snapshots record it; a restore sets the saved one).
     var guestCPUIDs: [CPUIDTable]
+    /// What a snapshot of this machine needs from KVM, asked at set-up so that
+    /// saving makes no system-wide KVM requests once the jail's filters are on:
+    /// the MSRs to save (or why KVM cannot save a VM) and the XSAVE size.
+    let snapshotSupport: Result<[UInt32], KVMError>
+    public let xsaveSize: Int
     public private(set) var portBus = Bus(name: "port I/O")
     public private(set) var mmioBus = Bus(name: "MMIO")
     public let serial: Serial16550
@@ -115,6 +120,8 @@ public final class Machine: @unchecked Sendable {
     private let pauseRequested = Atomic<Bool>(false)
     /// Inside `run`: vCPU threads may be in the guest.
     private let running = Atomic<Bool>(false)
+    /// The first KVM_RUN of the machine's first `run` (monotonic ns), kept across pauses.
+    private let firstEntry = Atomic<UInt64>(0)
 
     public init(_ config: MachineConfig) throws(VMMError) {
         self.config = config
@@ -184,6 +191,14 @@ public final class Machine: @unchecked Sendable {
         } catch { throw .kvm(error) }
         self.vcpus = vcpus
         self.guestCPUIDs = cpuids
+        let kvm = self.kvm, profile = config.hostProfile
+        snapshotSupport = Result { () throws(KVMError) -> [UInt32] in
+            try kvm.checkSnapshotCapabilities()
+            var indices = try kvm.msrIndexList()
+            for extra in profile.snapshotMSRs where !indices.contains(extra) { indices.append(extra) }
+            return indices
+        }
+        xsaveSize = kvm.xsaveSize
 
         if !restoring {
             do {
@@ -372,9 +387,14 @@ public final class Machine: @unchecked Sendable {
         for r in runners.withLock({ $0 }) { r.requestStop() }
     }
 
-    /// When the first vCPU entered KVM_RUN (monotonic ns), 0 before it has.
+    /// When the first vCPU first entered KVM_RUN (monotonic ns), 0 before it has;
+    /// the first `run`'s, when a pause made the machine run again with new threads.
     public var firstRunNanoseconds: UInt64 {
-        runners.withLock { $0.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0 }
+        let kept = firstEntry.load(ordering: .relaxed)
+        if kept != 0 { return kept }
+        let now: UInt64 = runners.withLock { r -> UInt64 in r.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0 }
+        if now != 0 { _ = firstEntry.compareExchange(expected: 0, desired: now, ordering: .relaxed) }
+        return firstEntry.load(ordering: .relaxed)
     }
 
     /// Stops every vCPU at its next exit without ending the machine: `run`
@@ -424,7 +444,7 @@ public final class Machine: @unchecked Sendable {
         for r in built { r.requestStop() }
         for r in built { r.join() }
         timings.stopped = monotonicNanoseconds()
-        timings.firstRun = built.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0
+        timings.firstRun = firstRunNanoseconds
 
         var event = deviceEvent.withLock { $0 }
         for r in built {

@@ -63,11 +63,7 @@ extension Machine {
     /// The MSRs a snapshot saves for each vCPU: every one KVM lists, and the
     /// host profile's own (PVM's VIF registration, which KVM does not list).
     public func snapshotMSRIndices() throws(VMMError) -> [UInt32] {
-        do {
-            var indices = try kvm.msrIndexList()
-            for extra in config.hostProfile.snapshotMSRs where !indices.contains(extra) { indices.append(extra) }
-            return indices
-        } catch { throw .kvm(error) }
+        do { return try snapshotSupport.get() } catch { throw .kvm(error) }
     }
 
     /// Saves the whole machine. Only while no vCPU runs: after `pause` made
@@ -76,9 +72,7 @@ extension Machine {
         guard !isRunning else {
             throw .invalidState("the machine is running: pause it (and wait for run to return) before saving it")
         }
-        do { try kvm.checkSnapshotCapabilities() } catch { throw .kvm(error) }
         let indices = try snapshotMSRIndices()
-        let xsaveSize = kvm.xsaveSize
         var vcpuStates: [VCPUState] = []
         let vmState: VMState
         do {
@@ -128,11 +122,10 @@ extension Machine {
         for (i, (saved, entry)) in zip(s.virtio, virtioEntries).enumerated() where saved.device.deviceID != entry.device.deviceID {
             throw .invalidState("virtio device #\(i) is a \(saved.device.kind) device in the snapshot, device ID \(entry.device.deviceID) here")
         }
-        let xsaveSize = kvm.xsaveSize
         do throws(KVMError) {
             for v in s.vcpus { try v.validate(xsaveSize: xsaveSize) }
             try s.vm.validate()
-            try kvm.checkSnapshotCapabilities()
+            _ = try snapshotSupport.get()
             // The CPU the guest saw must be the one this host gives: the guest kernel chose
             // its code paths (and the XSAVE layout) by it. And its clock runs at one TSC rate.
             let supported = try kvm.supportedCPUID()
