@@ -206,8 +206,10 @@ final class VMSession: @unchecked Sendable {
             if fstat(snapshot.file.rawValue, &info) == 0 { restoredAllocatedBytes = UInt64(info.st_blocks) * 512 }
         }
         let transport = self.transport
-        stdoutPump.resume = { transport.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stdoutPort)) }
-        stderrPump.resume = { transport.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stderrPort)) }
+        // Weak: the transport's console holds the pumps as its ports' outputs, so a strong
+        // reference here would be a cycle that keeps the whole VM (its fd, its RAM) after the session.
+        stdoutPump.resume = { [weak transport] in transport?.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stdoutPort)) }
+        stderrPump.resume = { [weak transport] in transport?.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stderrPort)) }
         stdoutPump.progress = { post(.progress) }
         stderrPump.progress = { post(.progress) }
     }
