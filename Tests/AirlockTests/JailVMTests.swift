@@ -127,7 +127,7 @@ struct SeccompInTheVMMTests {
     @Test(arguments: ["main", "vcpu"], [("execve", "execve (59)"), ("socket", "socket (41)"), ("open", "openat (257)"), ("ioctl", "ioctl (16)")])
     func aForbiddenCallEndsTheVMMWithTheSandboxStatus(role: String, call: (name: String, reported: String)) throws {
         try JailProbe.requireRoot()
-        let (p, out, err) = try JailProbe.start(["run", "--test-violation", "\(role):\(call.name)", "--", "true"])
+        let (p, out, err) = try JailProbe.start(["run", "--no-snapshot", "--test-violation", "\(role):\(call.name)", "--", "true"])
         _ = out.readDataToEndOfFile()
         let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
@@ -147,7 +147,8 @@ struct JailedVMMTests {
     @Test(.timeLimit(.minutes(3)))
     func aRunningVMMIsConfinedAndAKilledOneLeavesNothing() throws {
         try JailProbe.requireRoot()
-        let (p, out, err) = try JailProbe.start(["run", "--memory", "128", "--", "sleep", "60"])
+        // --no-snapshot: a cold boot's jail (a restored one's: SnapshotCLIVMTests).
+        let (p, out, err) = try JailProbe.start(["run", "--no-snapshot", "--memory", "128", "--", "sleep", "60"])
         let supervisor = p.processIdentifier
         defer { if p.isRunning { p.terminate() } }
         // Found once its vCPU thread exists (a thread set up after the machine: main, pumps, vCPU).
@@ -226,9 +227,9 @@ struct JailedVMMTests {
         for i in 0..<200 {
             let arguments: [String]
             switch i % 4 {
-            case 0: arguments = ["run", "--test-violation", "main:execve", "--", "true"]
-            case 1: arguments = ["run", "--test-violation", "vcpu:socket", "--", "true"]
-            default: arguments = ["run", "--", "sleep", "60"]
+            case 0: arguments = ["run", "--no-snapshot", "--test-violation", "main:execve", "--", "true"]
+            case 1: arguments = ["run", "--no-snapshot", "--test-violation", "vcpu:socket", "--", "true"]
+            default: arguments = ["run", "--no-snapshot", "--", "sleep", "60"]
             }
             let (p, out, err) = try JailProbe.start(arguments)
             supervisors.append(p.processIdentifier)

@@ -207,6 +207,36 @@ struct SnapshotCLIVMTests {
         #expect(try VMTests.airlock(["snapshot", "list"], environment: env).stdout.hasPrefix("no snapshots"))
     }
 
+    /// The save inside the jail (its filters on: KVM's state requests, mincore,
+    /// ftruncate): `airlock snapshot create` into an empty store, which the next
+    /// `airlock run` restores; and a run with --no-snapshot neither restores nor saves.
+    @Test(.timeLimit(.minutes(8)))
+    func aJailedCreateSavesWhatTheNextRunRestores() async throws {
+        try JailProbe.requireRoot()
+        let home = SharedSnapshot.directory.appendingPathComponent("home-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: home) }
+        let env = ["AIRLOCK_HOME": home]
+        let (kernel, rootfs) = SharedSnapshot.images
+        let images = ["--memory", "128", "--kernel", kernel, "--rootfs", rootfs]
+        let created = try VMTests.airlock(["snapshot", "create"] + images, environment: env)
+        #expect(created.status == 0, "\(created.stderr)")
+        let path = created.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(path.hasPrefix(home + "/snapshots/") && path.hasSuffix(".snap"), "\(created.stdout)")
+        #expect(JailProbe.leftovers(of: created.pid).isEmpty)
+        let strays = ((try? FileManager.default.contentsOfDirectory(atPath: home + "/snapshots")) ?? []).filter { $0.hasSuffix(".tmp") }
+        #expect(strays.isEmpty, "\(strays)")
+
+        let restored = try VMTests.airlock(["run", "--json"] + images + ["--", "echo", "restored"], environment: env)
+        let receipt = try JSONSerialization.jsonObject(with: Data(restored.stdout.utf8)) as? [String: Any]
+        #expect(receipt?["stdout"] as? String == "restored\n", "\(restored.stderr)")
+        #expect((receipt?["snapshot"] as? [String: Any])?["path"] as? String == path)
+
+        let cold = try VMTests.airlock(["run", "--json", "--no-snapshot"] + images + ["--", "true"], environment: env)
+        let coldReceipt = try JSONSerialization.jsonObject(with: Data(cold.stdout.utf8)) as? [String: Any]
+        #expect(coldReceipt?["snapshot"] is NSNull, "\(cold.stdout)")
+        #expect(((coldReceipt?["timings"] as? [String: Any])?["kernelBootMs"] as? Double ?? 0) > 0)
+    }
+
     /// A restored VMM under the jail: every thread filtered and unprivileged,
     /// its root holding the snapshot beside the images; nothing left after it.
     @Test(.timeLimit(.minutes(5)))
