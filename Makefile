@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail fuzz-virtio probe-snapshot clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail bench-snapshot fuzz-virtio probe-snapshot clean doctor
 
 all: build
 
@@ -67,7 +67,7 @@ test-unit: deps
 ## writes $(BENCH_RESULTS) and regenerates docs/benchmarks.md and docs/boot-timeline.svg.
 ## Takes several minutes on a PVM host (each guest boot is tens of seconds).
 BENCH_RESULTS ?= bench/results/latest.json
-BENCH_ONLY ?= exits,start,boot,run,blk,qemu,fuzz
+BENCH_ONLY ?= exits,start,boot,run,blk,qemu,fuzz,snapshot
 BENCH_QEMU ?= 1
 BENCH_MEMORY_MIB ?= 128
 BENCH_EXIT_ROUNDS ?= 7
@@ -76,13 +76,17 @@ BENCH_BOOT_RUNS ?= 3
 BENCH_RUN_RUNS ?= 3
 BENCH_BLK_MIB ?= 16
 BENCH_BLK_PASSES ?= 3
+BENCH_SNAPSHOT_ROUNDS ?= 3
+BENCH_SNAPSHOT_VMS ?= 10
+BENCH_SNAPSHOT_SIZES ?= 128,512
 BENCH_PY = python3 bench/bench.py --bin "$$($(SWIFT) build -c release --show-bin-path)" --tools $(BENCH_OUT)
 bench: images bench-tools
 	$(if $(filter 1,$(BENCH_QEMU)),scripts/ensure-packages.sh qemu-system-x86)
 	$(BENCH_PY) --out $(BENCH_RESULTS) \
 		--only $(if $(filter 1,$(BENCH_QEMU)),$(BENCH_ONLY),$(subst qemu,,$(BENCH_ONLY))) \
 		--memory-mib $(BENCH_MEMORY_MIB) --exit-rounds $(BENCH_EXIT_ROUNDS) --start-runs $(BENCH_START_RUNS) \
-		--boot-runs $(BENCH_BOOT_RUNS) --run-runs $(BENCH_RUN_RUNS) --blk-mib $(BENCH_BLK_MIB) --blk-passes $(BENCH_BLK_PASSES)
+		--boot-runs $(BENCH_BOOT_RUNS) --run-runs $(BENCH_RUN_RUNS) --blk-mib $(BENCH_BLK_MIB) --blk-passes $(BENCH_BLK_PASSES) \
+		--snapshot-rounds $(BENCH_SNAPSHOT_ROUNDS) --snapshot-vms $(BENCH_SNAPSHOT_VMS) --snapshot-sizes $(BENCH_SNAPSHOT_SIZES)
 	python3 bench/report.py $(BENCH_RESULTS)
 
 ## bench-tools: the release binaries the benchmarks run, the C floor and the start-up probe
@@ -117,6 +121,11 @@ bench-blk: images bench-c
 ## bench-selftest: the benchmark scripts' own tests (parsing, memory split, report) with no VM
 bench-selftest: bench-c
 	python3 -m unittest discover -s bench -p 'test_*.py'
+
+## bench-snapshot: only the snapshot figures (sizes and write times, restored against cold, 10 idle restored VMs)
+bench-snapshot: images bench-tools
+	$(BENCH_PY) --only snapshot --memory-mib $(BENCH_MEMORY_MIB) --snapshot-rounds $(BENCH_SNAPSHOT_ROUNDS) \
+		--snapshot-vms $(BENCH_SNAPSHOT_VMS) --snapshot-sizes $(BENCH_SNAPSHOT_SIZES) --out $(BENCH_OUT)/snapshot.json
 
 ## fuzz-virtio: a seeded random driver against the virtio transport, chain parser and block device
 FUZZ_ITERATIONS ?= 1000000

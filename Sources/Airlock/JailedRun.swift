@@ -110,7 +110,9 @@ public enum JailedRun {
         inner.hostProfile = config.hostProfile ?? .detect()  // /sys is not in the jail
         inner.snapshots = .none  // the store is not in the jail: the order below says what to do
         // The snapshot is chosen (and checked whole) here, before any VM; a snapshot-only run always saves anew.
+        let planned = monotonicNanoseconds()
         var plan = try SnapshotPlan.make(config, kernelPath: images.kernel, rootfsPath: images.rootfs, hostProfile: inner.hostProfile!, logger: logger)
+        let checkMs = Double(monotonicNanoseconds() - planned) / 1e6
         if command == nil, let p = plan { plan = SnapshotPlan(action: .bootAndSave, inputs: p.inputs, requirements: p.requirements, store: p.store) }
         var snapshotFile: (path: String, fd: OwnedFileDescriptor)?
         var files = [JailFile(hostPath: images.kernel, jailPath: "/vmlinux"), JailFile(hostPath: images.rootfs, jailPath: "/rootfs.ext4")]
@@ -217,7 +219,10 @@ public enum JailedRun {
         if let plan, let snapshotFile, plan.action == .bootAndSave {
             result.snapshot = plan.installWritten(snapshotFile.path, report: reply.saved, logger: logger)
         }
-        if let plan, case let .restore(path) = plan.action { result.snapshot?.path = path }  // not the jail's name for it
+        if let plan, case let .restore(path) = plan.action {
+            result.snapshot?.path = path  // not the jail's name for it
+            result.snapshot?.checkMs = checkMs
+        }
         return result
     }
 

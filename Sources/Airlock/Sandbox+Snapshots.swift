@@ -115,6 +115,7 @@ extension Sandbox {
         let images = try ImageResolution.resolve(config)
         var c = config
         c.hostProfile = config.hostProfile ?? .detect()
+        let planned = monotonicNanoseconds()
         guard let plan = try SnapshotPlan.make(c, kernelPath: images.kernel, rootfsPath: images.rootfs,
                                                hostProfile: c.hostProfile!, logger: logger) else {
             c.snapshots = .none
@@ -125,8 +126,11 @@ extension Sandbox {
         case let .restore(path):
             let snapshot: SnapshotFile
             do { snapshot = try SnapshotFile.open(path) } catch { throw .invalidConfiguration(error.description) }
-            return try runSession(command, config: c, kernelPath: images.kernel, rootfsPath: images.rootfs, requestedAt: requestedAt,
-                                  logger: logger, hooks: hooks, snapshot: .restore(snapshot)).result
+            let checkMs = Double(monotonicNanoseconds() - planned) / 1e6
+            var result = try runSession(command, config: c, kernelPath: images.kernel, rootfsPath: images.rootfs, requestedAt: requestedAt,
+                                        logger: logger, hooks: hooks, snapshot: .restore(snapshot)).result
+            result.snapshot?.checkMs = checkMs
+            return result
         case .bootAndSave:
             let temporary = try plan.store.temporaryFile(forKey: plan.inputs.key)
             var (result, report) = try runSession(
@@ -184,7 +188,9 @@ extension SnapshotPlan {
             let checkMs = Double(monotonicNanoseconds() - started) / 1e6
             var info = stat()
             let allocated = stat(path, &info) == 0 ? UInt64(info.st_blocks) * 512 : report.allocatedBytes
-            return SnapshotUse(path: path, restored: false, saveMs: report.seconds * 1000 + checkMs, allocatedBytes: allocated)
+            var use = SnapshotUse(path: path, restored: false, saveMs: report.seconds * 1000 + checkMs, allocatedBytes: allocated)
+            use.writeMs = report.seconds * 1000
+            return use
         } catch {
             logger.warning("the snapshot this run wrote was not kept: \(error)")
             return nil

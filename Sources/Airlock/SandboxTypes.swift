@@ -117,6 +117,12 @@ public struct SnapshotUse: Sendable, Codable, Equatable {
     public var restoreMs: Double = 0
     /// Pausing the booted VM, writing the snapshot and checking it (0 when restored).
     public var saveMs: Double = 0
+    /// Of `saveMs`, the write alone: the VM paused while its state and touched pages went to the file.
+    public var writeMs: Double = 0
+    /// Choosing and checking the snapshot before any VM: the images' digests
+    /// (from the cache when unchanged), its header, manifest and state, and its
+    /// RAM image when the file changed since it was last checked.
+    public var checkMs: Double = 0
     /// The bytes the snapshot takes on disk.
     public var allocatedBytes: UInt64 = 0
 

@@ -46,6 +46,9 @@ struct SnapshotCommand: ParsableCommand {
         @Flag(help: "UNSAFE, for debugging: boot the VMM in this process, without the jail.")
         var noJail = false
 
+        @Flag(help: "Print the snapshot's path, size and timings as JSON.")
+        var json = false
+
         @OptionGroup var logging: LoggingOptions
 
         func validate() throws {
@@ -68,6 +71,12 @@ struct SnapshotCommand: ParsableCommand {
                 let saved = noJail
                     ? try Sandbox.createSnapshotBlocking(config: config, requestedAt: requestedAt, logger: logger)
                     : try JailedRun.createSnapshot(config: config, requestedAt: requestedAt, logLevel: logging.level, logger: logger)
+                if json {
+                    let encoder = JSONEncoder()
+                    encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+                    print(String(decoding: (try? encoder.encode(saved)) ?? Data(), as: UTF8.self))
+                    return
+                }
                 print(saved.path)
                 printError("airlock: saved a \(config.memoryMiB) MiB guest in \(formatBytes(saved.allocatedBytes)) (\(Int(saved.saveMs.rounded())) ms to write and check)")
             } catch {
