@@ -42,7 +42,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ["exits", "start", "boot", "run", "blk", "qemu", "fuzz", "snapshot"]
+SECTIONS = ["exits", "start", "boot", "run", "ctxswitch", "blk", "qemu", "fuzz", "snapshot"]
 MIB = 1 << 20
 
 
@@ -643,6 +643,50 @@ def bench_run(a):
     return res
 
 
+# -------------------------------------------------------------------------- ctxswitch
+
+CTX_MODES = [
+    # What the guest kernel saves on a context switch, and how Airlock boots it for that.
+    ("fxsave", "legacy x87/SSE state only (noxsave: the old PVM profile; wrong, AVX leaks)", ["--cmdline", "noxsave"]),
+    ("xsave", "all enabled state (XSAVE completed by the VMM: the PVM profile now)", []),
+]
+
+
+def bench_ctxswitch(a):
+    """One guest context switch (a sched_yield ping-pong between two processes, vecstress
+    --pingpong) with the guest kernel saving the legacy state only against XSAVE completed by
+    the VMM: what the fidelity fix costs per switch. Both in one run, alternating."""
+    airlock = os.path.join(a.bin, "airlock")
+    prog = os.path.join(a.tools, "vecstress")
+    if not os.path.exists(prog):
+        return {"error": f"{prog} is missing: make bench-c builds it"}
+    with open(prog, "rb") as f:
+        binary = f.read()
+    script = ("cat > /tmp/v && chmod +x /tmp/v && for i in $(seq 1 %d); do /tmp/v --pingpong %d; done"
+              % (a.ctx_repeats, a.ctx_yields))
+    samples = {m: [] for m, _, _ in CTX_MODES}
+    failures = []
+    for rnd in range(a.ctx_rounds):
+        for mode, _, extra in CTX_MODES:
+            argv = [airlock, "run", "--json", "--timeout", "1200", *extra, "--", "sh", "-c", script]
+            p = subprocess.run(argv, input=binary, capture_output=True, timeout=a.boot_timeout + 1500)
+            doc, problems = parse_run_json(p.stdout.decode("utf-8", "replace"))
+            values = [int(m) for m in re.findall(r"ns_per_switch=(\d+)", (doc or {}).get("stdout") or "")]
+            if problems or not values or doc.get("exitCode") != 0:
+                failures.append({"mode": mode, "round": rnd, "problems": problems, "stderr": p.stderr.decode()[-400:]})
+                log(f"ctxswitch {mode} round {rnd + 1}: FAILED {problems} {p.stderr.decode()[-200:]}")
+                continue
+            samples[mode] += [v / 1000 for v in values]
+            log(f"ctxswitch {mode} round {rnd + 1}: {', '.join(f'{v / 1000:.1f}' for v in values)} us per switch")
+    res = {"yields": a.ctx_yields, "repeats": a.ctx_repeats, "rounds": a.ctx_rounds, "failures": failures,
+           "modes": {m: {"what": what, "us_per_switch": stats(samples[m])} for m, what, _ in CTX_MODES}}
+    fx, xs = res["modes"]["fxsave"]["us_per_switch"], res["modes"]["xsave"]["us_per_switch"]
+    if fx and xs:
+        res["ratio_of_medians"] = xs["median"] / fx["median"]
+        res["added_us_per_switch"] = xs["median"] - fx["median"]
+    return res
+
+
 # -------------------------------------------------------------------------- blk
 
 BLK_INIT = """#!/bin/sh
@@ -1042,6 +1086,9 @@ def main():
     ap.add_argument("--boot-runs", type=int, default=3)
     ap.add_argument("--run-runs", type=int, default=3)
     ap.add_argument("--boot-timeout", type=float, default=300)
+    ap.add_argument("--ctx-rounds", type=int, default=2, help="alternations of the two context-switch modes")
+    ap.add_argument("--ctx-repeats", type=int, default=3, help="ping-pongs per VM")
+    ap.add_argument("--ctx-yields", type=int, default=2000, help="sched_yield calls per process per ping-pong")
     ap.add_argument("--blk-mib", type=int, default=16)
     ap.add_argument("--blk-passes", type=int, default=3)
     ap.add_argument("--qemu-timeout", type=float, default=120, help="seconds QEMU may take to the ready marker")
@@ -1062,7 +1109,7 @@ def main():
     results = {"schema": 1, "host": host_info(), "params": {k: v for k, v in vars(a).items() if k not in ("bin", "tools", "out")}}
     log(f"{results['host']['cpu_model']}, {results['host']['cores']} cores, {results['host']['memory_gib']} GiB; "
         f"{results['host']['backend']}")
-    funcs = {"exits": bench_exits, "start": bench_start, "boot": bench_boot, "run": bench_run,
+    funcs = {"exits": bench_exits, "start": bench_start, "boot": bench_boot, "run": bench_run, "ctxswitch": bench_ctxswitch,
              "blk": bench_blk, "qemu": bench_qemu, "fuzz": bench_fuzz, "snapshot": bench_snapshot}
     for s in SECTIONS:
         if s not in only:

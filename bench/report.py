@@ -96,6 +96,10 @@ def summary(res):
         L.append(f"| `airlock run -- true`, first KVM_RUN to the agent's hello (`kernelBootMs`) | {mmm(t['kernelBootMs'], 2, 's', 1e-3)} | | |")
     elif rn and not rn.get("available", True):
         L.append(f"| `airlock run -- true` | not measured: {rn.get('reason')} | | |")
+    cx = res.get("ctxswitch") or {}
+    if cx.get("ratio_of_medians"):
+        L.append(f"| guest context switch with XSAVE completed by the VMM / legacy-state switch | **{cx['ratio_of_medians']:.2f}x** "
+                 f"(+{cx['added_us_per_switch']:.1f} us) | correctness first: no target | |")
     sn = res.get("snapshot") or {}
     if sn.get("restored"):
         r, c = sn["restored"], sn["cold"]
@@ -436,6 +440,23 @@ the same disk.""")
     return "\n".join(L) + "\n"
 
 
+def ctxswitch_md(cx):
+    err = section_error(cx, "ctxswitch")
+    if err:
+        return err
+    L = [f"Two guest processes yielding to each other ({cx['yields']} `sched_yield` each, `vecstress --pingpong`, "
+         f"{cx['repeats']} times per VM, {cx['rounds']} VMs per mode, alternating), so every yield is a context switch:",
+         "", "| guest kernel saves | per context switch |", "| --- | --- |"]
+    for m, v in cx["modes"].items():
+        L.append(f"| {v['what']} | {mmm(v['us_per_switch'], 1, 'us')} |")
+    if cx.get("ratio_of_medians"):
+        L += ["", f"The VMM's XSAVE completion adds **{cx['added_us_per_switch']:.1f} us** per switch "
+                  f"({cx['ratio_of_medians']:.2f}x the legacy-state switch); the switch itself is emulated guest kernel work."]
+    for f_ in cx.get("failures", []):
+        L.append(f"\nFailed: {f_['mode']} round {f_['round']}: {f_['problems']} {f_['stderr'][-200:]}")
+    return "\n".join(L) + "\n"
+
+
 def fuzz_md(fz):
     err = section_error(fz, "fuzz")
     if err:
@@ -580,6 +601,9 @@ the measurements took {res.get('seconds', 0):.0f} s. Parameters: guest memory {p
 ## The VMM's own memory (128 MiB, 1 vCPU)
 
 {memory_md(res)}
+## Guest context switch: the cost of keeping every process's vector registers
+
+{ctxswitch_md(res.get('ctxswitch'))}
 ## virtio-blk sequential read
 
 {blk_md(res.get('blk'))}

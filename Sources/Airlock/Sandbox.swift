@@ -114,9 +114,8 @@ public final class Sandbox: Sendable {
         for (name, _) in command.environment where name.isEmpty || name.contains("=") || name.utf8.contains(0) {
             throw .invalidConfiguration("environment variable name '\(name)' is not valid: give NAME=VALUE with a NAME that has no '='")
         }
-        // The agent's limits, checked before any boot (the session checks the
-        // request again with the guest's own environment added).
-        if let problem = RunRequest(command, runID: 0, extraEnvironment: [], shutdownAfter: false).limitProblem {
+        // The agent's limits, checked before any boot.
+        if let problem = RunRequest(command, runID: 0, shutdownAfter: false).limitProblem {
             throw .invalidConfiguration("\(problem): pass large inputs on stdin or in a file instead")
         }
     }

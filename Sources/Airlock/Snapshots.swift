@@ -283,8 +283,15 @@ struct SnapshotPlan: Sendable {
     static func make(_ config: SandboxConfig, kernelPath: String, rootfsPath: String, hostProfile: HostProfile,
                      store: SnapshotStore = SnapshotStore(), logger: Logger) throws(SandboxError) -> SnapshotPlan? {
         guard config.snapshots == .automatic else { return nil }
+        let t0 = monotonicNanoseconds()
         let inputs = try store.inputs(for: config, kernelPath: kernelPath, rootfsPath: rootfsPath, hostProfile: hostProfile)
+        let t1 = monotonicNanoseconds()
         let requirements = inputs.requirements()
+        let t2 = monotonicNanoseconds()
+        defer {
+            func ms(_ a: UInt64, _ b: UInt64) -> String { "\(Double(b &- a) / 1e6) ms" }
+            logger.debug("snapshot plan: image digests \(ms(t0, t1)), host requirements \(ms(t1, t2)), the snapshot's checks \(ms(t2, monotonicNanoseconds()))")
+        }
         let path = store.path(forKey: inputs.key)
         guard ImageStore.exists(path) else {
             return SnapshotPlan(action: .bootAndSave, inputs: inputs, requirements: requirements, store: store)

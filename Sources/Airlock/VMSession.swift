@@ -62,11 +62,10 @@ final class ConsoleLog: ConsoleOutput, @unchecked Sendable {
 }
 
 extension RunRequest {
-    /// The agent's view of `command`, with `extraEnvironment` (the host profile's) first.
-    init(_ command: Command, runID: UInt32, extraEnvironment: [String], shutdownAfter: Bool,
-         hostTimeNanoseconds: UInt64 = 0, entropy: [UInt8] = []) {
+    /// The agent's view of `command`.
+    init(_ command: Command, runID: UInt32, shutdownAfter: Bool, hostTimeNanoseconds: UInt64 = 0, entropy: [UInt8] = []) {
         self.init(runID: runID, arguments: command.arguments,
-                  environment: extraEnvironment + command.environment.map { "\($0.name)=\($0.value)" },
+                  environment: command.environment.map { "\($0.name)=\($0.value)" },
                   workingDirectory: command.workingDirectory, user: command.user,
                   hasStdin: command.stdin != .none, shutdownAfter: shutdownAfter,
                   hostTimeNanoseconds: hostTimeNanoseconds, entropy: entropy)
@@ -106,7 +105,6 @@ final class VMSession: @unchecked Sendable {
     let consoleLog: ConsoleLog
     let rootfsPath: String
     let kernelPath: String
-    let guestEnvironment: [String]
     let hooks: SessionHooks
 
     private let events = EventQueue()
@@ -160,7 +158,6 @@ final class VMSession: @unchecked Sendable {
         mc.vcpuThreadSetup = hooks.vcpuThreadSetup
         if let profile = config.hostProfile { mc.hostProfile = profile }
         mc.memoryImage = snapshot?.memoryImage
-        guestEnvironment = mc.hostProfile.guestEnvironment
 
         let inputSpace = self.inputSpace
         let events = self.events
@@ -579,10 +576,10 @@ extension VMSession {
         busy.wait()
         defer { busy.signal() }
         guard !ended else { throw .ended("the sandbox has ended: \(endDescription)") }
-        // Sandbox.validate checked the command; the guest's own environment is added here.
+        // Sandbox.validate checked the command (its limits too); the run ID is the session's.
         // The host's time and fresh randomness go with every request: a restored guest wakes with the
         // snapshot's clock and random pool (and a fresh one with no wall clock at all).
-        let request = RunRequest(command, runID: nextRunID, extraEnvironment: guestEnvironment, shutdownAfter: shutdownAfter,
+        let request = RunRequest(command, runID: nextRunID, shutdownAfter: shutdownAfter,
                                  hostTimeNanoseconds: hostTime(), entropy: (try? Machine.hostRandomBytes(32)) ?? [])
         if let problem = request.limitProblem { throw .invalidConfiguration("\(problem): pass large inputs on stdin or in a file instead") }
         let runID = nextRunID

@@ -30,6 +30,10 @@ public enum SeccompPolicy {
         .getRegs, .setRegs,                      // exit handling: HLT checks, PVM emulation assists (int3, fwait) advance RIP
         .getVCPUEvents, .setVCPUEvents,          // is an interrupt pending on HLT; inject #BP for the int3 assist
         .irqLine,                                // device interrupts raised by MMIO/PIO writes handled on this thread
+        // The PVM XSAVE assist (ExtendedStateAssist): control registers, CPL and segment bases
+        // to walk the guest's page tables, and the vCPU's extended state and XCR0, which XSAVE
+        // copies out and XRSTOR replaces (a #PF it raises carries CR2 in KVM_SET_VCPU_EVENTS).
+        .getSregs, .getXSAVE, .getXSAVE2, .setXSAVE, .getXCRS,
     ]
 
     /// KVM requests any thread makes after set-up: the vCPU list, and saving a
@@ -42,15 +46,14 @@ public enum SeccompPolicy {
     // A run that saves a snapshot pauses its booted VM and reads every piece of
     // KVM state on the controller (main) thread, after the filters are on. Only
     // reads: a restore builds its VM and sets its state before any filter is
-    // installed, so no KVM_SET_* request is allowed after set-up. The vCPU list
+    // installed, so snapshots add no KVM_SET_* request to the filters. The vCPU list
     // needs nothing new (stopping a vCPU for a save completes its last exit with
     // one more KVM_RUN, which it has).
 
-    /// KVM requests the controller makes to save a paused VM.
+    /// KVM requests the controller makes to save a paused VM, beyond the vCPU
+    /// list's (which already has KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_XSAVE(2),
+    /// KVM_GET_XCRS and KVM_GET_VCPU_EVENTS, read for the XSAVE assist and exits).
     public static let snapshotKVMRequests: [KVMRequest] = [
-        .getSregs,                               // segment and control registers, EFER, APIC base
-        .getXSAVE, .getXSAVE2,                   // FPU, SSE, AVX and other XSAVE state (KVM_GET_XSAVE2 where KVM_CAP_XSAVE2 is offered)
-        .getXCRs,                                // XCR0
         .getLAPIC,                               // the local APIC's registers
         .getMPState,                             // runnable or halted
         .getDebugRegisters,                      // DR0-DR7
@@ -194,10 +197,11 @@ public enum KVMRequest: String, Sendable, CaseIterable {
     case createVCPU = "KVM_CREATE_VCPU"
     case setUserMemoryRegion = "KVM_SET_USER_MEMORY_REGION"
     case getAPIVersion = "KVM_GET_API_VERSION"
-    // Snapshot saves (see `SeccompPolicy.snapshotKVMRequests`).
     case getXSAVE = "KVM_GET_XSAVE"
     case getXSAVE2 = "KVM_GET_XSAVE2"
-    case getXCRs = "KVM_GET_XCRS"
+    case setXSAVE = "KVM_SET_XSAVE"
+    case getXCRS = "KVM_GET_XCRS"
+    // Snapshot saves (see `SeccompPolicy.snapshotKVMRequests`).
     case getLAPIC = "KVM_GET_LAPIC"
     case getMPState = "KVM_GET_MP_STATE"
     case getDebugRegisters = "KVM_GET_DEBUGREGS"
@@ -223,7 +227,8 @@ public enum KVMRequest: String, Sendable, CaseIterable {
         case .getAPIVersion: return AIRLOCK_KVM_GET_API_VERSION
         case .getXSAVE: return AIRLOCK_KVM_GET_XSAVE
         case .getXSAVE2: return AIRLOCK_KVM_GET_XSAVE2
-        case .getXCRs: return AIRLOCK_KVM_GET_XCRS
+        case .setXSAVE: return AIRLOCK_KVM_SET_XSAVE
+        case .getXCRS: return AIRLOCK_KVM_GET_XCRS
         case .getLAPIC: return AIRLOCK_KVM_GET_LAPIC
         case .getMPState: return AIRLOCK_KVM_GET_MP_STATE
         case .getDebugRegisters: return AIRLOCK_KVM_GET_DEBUGREGS

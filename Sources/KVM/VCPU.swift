@@ -18,9 +18,16 @@ public final class VCPU: @unchecked Sendable {
     private let runPage: MemoryMapping
     private let runStruct: UnsafeMutablePointer<kvm_run>
 
-    init(id: UInt32, fd: OwnedFileDescriptor, runPage: MemoryMapping) {
+    /// Bytes of the extended-state buffer (KVM_GET_XSAVE2's size, at least struct kvm_xsave's 4 KiB).
+    public let xsaveSize: Int
+    /// Whether KVM_GET_XSAVE2 exists; without it KVM_GET_XSAVE gives the first 4 KiB.
+    private let hasXSAVE2: Bool
+
+    init(id: UInt32, fd: OwnedFileDescriptor, runPage: MemoryMapping, xsaveSize: Int = 0) {
         precondition(runPage.length >= MemoryLayout<kvm_run>.size, "kvm_run mapping smaller than struct kvm_run")
         self.id = id
+        self.hasXSAVE2 = xsaveSize > 0
+        self.xsaveSize = max(xsaveSize, MemoryLayout<kvm_xsave>.size)
         self.fd = fd
         self.runPage = runPage
         // Sound: the mapping is at least sizeof(kvm_run) bytes (checked above), page-aligned, and owned by self.
@@ -186,6 +193,35 @@ public final class VCPU: @unchecked Sendable {
         _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", &events)
     }
 
+    /// Queues exception `vector` with `errorCode` (#GP, #PF, ...) for delivery on the next entry.
+    public func injectException(vector: UInt8, errorCode: UInt32) throws(KVMError) {
+        var events = kvm_vcpu_events()
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS", &events)
+        events.exception.injected = 1
+        events.exception.nr = vector
+        events.exception.has_error_code = 1
+        events.exception.error_code = errorCode
+        events.flags = 0
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", &events)
+    }
+
+    /// Queues a page fault for `address` (its CR2) with `errorCode`. Needs the VM's
+    /// exception payload (`VirtualMachine.enableExceptionPayload`): KVM sets CR2 itself as it
+    /// delivers the fault, so the special registers are never rewritten mid-run.
+    public func injectPageFault(address: UInt64, errorCode: UInt32) throws(KVMError) {
+        var events = kvm_vcpu_events()
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS", &events)
+        events.exception.injected = 0
+        events.exception.pending = 1
+        events.exception.nr = 14
+        events.exception.has_error_code = 1
+        events.exception.error_code = errorCode
+        events.exception_has_payload = 1
+        events.exception_payload = address
+        events.flags = AIRLOCK_KVM_VCPUEVENT_VALID_PAYLOAD
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", &events)
+    }
+
     /// Whether an interrupt or exception is waiting to be delivered to the guest.
     public func hasPendingEvent() throws(KVMError) -> Bool {
         var events = kvm_vcpu_events()
@@ -210,5 +246,45 @@ extension VCPU {
             dst.copyBytes(from: regs.prefix(dst.count))
         }
         _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_SET_LAPIC, "KVM_SET_LAPIC", &state)
+    }
+}
+
+extension VCPU {
+    /// The vCPU's extended state (x87, SSE, AVX, AVX-512, PKRU, ...) in the standard,
+    /// non-compacted XSAVE layout, `xsaveSize` bytes (KVM_GET_XSAVE2 or KVM_GET_XSAVE).
+    public func xsaveArea() throws(KVMError) -> [UInt8] {
+        var area = [UInt8](repeating: 0, count: xsaveSize)
+        let request = hasXSAVE2 ? AIRLOCK_KVM_GET_XSAVE2 : AIRLOCK_KVM_GET_XSAVE
+        // Sound: the buffer is xsaveSize bytes, at least what the request writes
+        // (KVM_GET_XSAVE2 writes KVM_CAP_XSAVE2's size, KVM_GET_XSAVE sizeof(struct kvm_xsave)).
+        let name = hasXSAVE2 ? "KVM_GET_XSAVE2" : "KVM_GET_XSAVE"
+        let done: Result<Int32, KVMError> = area.withUnsafeMutableBytes { p in
+            Result { () throws(KVMError) in try kvmIoctl(fd.rawValue, request, name, p.baseAddress) }
+        }
+        _ = try done.get()
+        return area
+    }
+
+    /// Replaces the vCPU's extended state (KVM_SET_XSAVE); `area` is `xsaveSize` bytes as
+    /// `xsaveArea()` returned them. KVM refuses features the vCPU's CPUID does not offer.
+    public func setXSAVEArea(_ area: [UInt8]) throws(KVMError) {
+        var copy = area
+        if copy.count < xsaveSize { copy += [UInt8](repeating: 0, count: xsaveSize - copy.count) }
+        // Sound: KVM reads sizeof(struct kvm_xsave) plus, with XSAVE2, up to xsaveSize bytes.
+        let done: Result<Int32, KVMError> = copy.withUnsafeMutableBytes { p in
+            Result { () throws(KVMError) in try kvmIoctl(fd.rawValue, AIRLOCK_KVM_SET_XSAVE, "KVM_SET_XSAVE", p.baseAddress) }
+        }
+        _ = try done.get()
+    }
+
+    /// XCR0, the extended features the guest kernel enabled with XSETBV (KVM_GET_XCRS).
+    public func xcr0() throws(KVMError) -> UInt64 {
+        var xcrs = kvm_xcrs()
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_XCRS, "KVM_GET_XCRS", &xcrs)
+        let count = min(Int(xcrs.nr_xcrs), Int(KVM_MAX_XCRS))
+        return withUnsafeBytes(of: &xcrs.xcrs) { raw in
+            let entries = raw.bindMemory(to: kvm_xcr.self)
+            return entries.prefix(count).first(where: { $0.xcr == 0 })?.value ?? 1
+        }
     }
 }

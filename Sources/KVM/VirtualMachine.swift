@@ -38,6 +38,18 @@ public final class VirtualMachine: Sendable {
         _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_CREATE_PIT2, "KVM_CREATE_PIT2", &config)
     }
 
+    /// KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD): lets the VMM queue a #PF with its CR2
+    /// (`VCPU.injectPageFault`) without rewriting the special registers.
+    public func enableExceptionPayload() throws(KVMError) {
+        guard airlockIoctlVal(fd.rawValue, AIRLOCK_KVM_CHECK_EXTENSION, UInt(AIRLOCK_KVM_CAP_EXCEPTION_PAYLOAD)) > 0 else {
+            throw .missingCapability("KVM_CAP_EXCEPTION_PAYLOAD")
+        }
+        var cap = kvm_enable_cap()
+        cap.cap = UInt32(AIRLOCK_KVM_CAP_EXCEPTION_PAYLOAD)
+        cap.args.0 = 1
+        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_ENABLE_CAP, "KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD)", &cap)
+    }
+
     /// KVM_SET_USER_MEMORY_REGION for one slot.
     public func setUserMemoryRegion(slot: UInt32, guestAddress: UInt64, size: UInt64, hostAddress: UInt64) throws(KVMError) {
         var region = kvm_userspace_memory_region(slot: slot, flags: 0, guest_phys_addr: guestAddress,
@@ -78,6 +90,9 @@ public final class VirtualMachine: Sendable {
         do {
             runPage = try MemoryMapping.shared(fd: vcpufd, length: system.vcpuMapSize, what: "kvm_run of vCPU \(id)")
         } catch { throw .ioctl(error) }
-        return VCPU(id: id, fd: owned, runPage: runPage)
+        // KVM_CAP_XSAVE2 on the VM gives the size of KVM_GET_XSAVE2's buffer (it grows with
+        // the features the VM may use); 0 means the kernel only has the 4 KiB KVM_GET_XSAVE.
+        let xsaveSize = Int(max(0, airlockIoctlVal(fd.rawValue, AIRLOCK_KVM_CHECK_EXTENSION, UInt(AIRLOCK_KVM_CAP_XSAVE2))))
+        return VCPU(id: id, fd: owned, runPage: runPage, xsaveSize: xsaveSize)
     }
 }

@@ -3,11 +3,8 @@ import KVM
 /// What the exit handler needs from a vCPU beyond the exit itself. `VCPU`
 /// provides it through KVM; tests provide a fake, so every exit path can be
 /// driven without /dev/kvm.
-public protocol VCPUControl: AnyObject {
+public protocol VCPUControl: ExtendedStateVCPU {
     var id: UInt32 { get }
-    func registers() throws(KVMError) -> Registers
-    func setRegisters(_ regs: Registers) throws(KVMError)
-    func injectException(vector: UInt8) throws(KVMError)
     func hasPendingEvent() throws(KVMError) -> Bool
 }
 
@@ -28,11 +25,14 @@ public struct ExitHandler: Sendable {
     public let mmioBus: Bus
     /// Complete int3/fwait emulation failures (PVM hosts only).
     public let emulationAssists: Bool
+    /// Completes the extended-state instructions the emulator rejects (PVM hosts only; nil elsewhere).
+    public let extendedState: ExtendedStateAssist?
 
-    public init(portBus: Bus, mmioBus: Bus, emulationAssists: Bool) {
+    public init(portBus: Bus, mmioBus: Bus, emulationAssists: Bool, extendedState: ExtendedStateAssist? = nil) {
         self.portBus = portBus
         self.mmioBus = mmioBus
         self.emulationAssists = emulationAssists
+        self.extendedState = extendedState
     }
 
     /// KVM_INTERNAL_ERROR_EMULATION
@@ -127,6 +127,12 @@ public struct ExitHandler: Sendable {
 
     func handleEmulationFailure(_ words: [UInt64], vcpu: some VCPUControl) throws(VMMError) -> ExitAction {
         let instruction = Self.failedInstruction(words)
+        if let extendedState, let decoded = ExtendedStateInstruction.decode(instruction) {
+            do { _ = try extendedState.complete(decoded, vcpu: vcpu) } catch {
+                throw .extendedState(vcpu: vcpu.id, rip: try? vcpu.registers().rip, instruction: instruction, reason: error.description)
+            }
+            return .resume
+        }
         guard emulationAssists, let first = instruction.first, first == 0xCC || first == 0x9B else {
             throw .emulationFailure(vcpu: vcpu.id, rip: try? vcpu.registers().rip, instruction: instruction)
         }

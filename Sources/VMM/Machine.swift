@@ -103,6 +103,8 @@ public final class Machine: @unchecked Sendable {
     public let serial: Serial16550
     private var timings = MachineTimings()
     private let logger: Logger
+    /// Where KVM keeps each extended-state component (from its CPUID leaf 0xD), for the XSAVE assist.
+    private let xsaveLayout: XSaveLayout
 
     /// virtio-mmio devices added so far, announced on the kernel command line.
     private var virtioDevices: [(base: UInt64, irq: UInt32)] = []
@@ -140,6 +142,8 @@ public final class Machine: @unchecked Sendable {
             kvm = try KVMSystem(path: config.kvmPath)
             try kvm.checkRequiredCapabilities()
             vm = try kvm.createVM()
+            // The XSAVE assist queues page faults with their CR2 (see ExtendedStateAssist).
+            if config.hostProfile.extendedStateAssist { try vm.enableExceptionPayload() }
             try vm.setTSSAddress(Layout.tssAddress)
             try vm.setIdentityMapAddress(Layout.identityMapAddress)
         } catch { throw .kvm(error) }
@@ -171,8 +175,10 @@ public final class Machine: @unchecked Sendable {
         var vcpus: [VCPU] = []
         var cpuids: [CPUIDTable] = []
         let restoring = config.memoryImage != nil
+        let supported: CPUIDTable
+        do { supported = try kvm.supportedCPUID() } catch { throw .kvm(error) }
+        xsaveLayout = XSaveLayout(cpuid: supported)
         do {
-            let supported = try kvm.supportedCPUID()
             for id in 0..<UInt32(config.vcpuCount) {
                 let vcpu = try vm.createVCPU(id: id)
                 // A restored vCPU gets its whole state (CPUID included) from `restore`.
@@ -415,7 +421,9 @@ public final class Machine: @unchecked Sendable {
         defer { running.store(false, ordering: .sequentiallyConsistent) }
         installKickHandler()
         let finished = DispatchSemaphore(value: 0)
-        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: config.hostProfile.emulationAssists)
+        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: config.hostProfile.emulationAssists,
+                                  extendedState: config.hostProfile.extendedStateAssist
+                                      ? ExtendedStateAssist(memory: memory, layout: xsaveLayout) : nil)
         let built = vcpus.map {
             VCPURunner(vcpu: $0, handler: handler, threadSetup: config.vcpuThreadSetup, onFinish: { _ in finished.signal() })
         }

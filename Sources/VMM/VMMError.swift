@@ -13,6 +13,8 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
     case unhandledExit(name: String, vcpu: UInt32, rip: UInt64?)
     /// KVM could not emulate an instruction and no assist applies.
     case emulationFailure(vcpu: UInt32, rip: UInt64?, instruction: [UInt8])
+    /// An extended-state instruction (XSAVE, XRSTOR, ...) Airlock completes for the guest could not be completed.
+    case extendedState(vcpu: UInt32, rip: UInt64?, instruction: [UInt8], reason: String)
     case internalError(vcpu: UInt32, suberror: UInt32, data: [UInt64], rip: UInt64?)
     case entryFailed(vcpu: UInt32, hardwareReason: UInt64, rip: UInt64?)
     case thread(String)
@@ -33,6 +35,9 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
         case let .emulationFailure(vcpu, rip, bytes):
             let b = bytes.isEmpty ? "not reported" : bytes.map { String($0, radix: 16).leftPadded(2) }.joined(separator: " ")
             return "vCPU \(vcpu): KVM could not emulate the instruction at RIP \(Self.hex(rip)) (bytes: \(b)). On a PVM host, turn the CPU feature that uses it off on the kernel command line (clearcpuid=...)"
+        case let .extendedState(vcpu, rip, bytes, reason):
+            let b = bytes.map { String($0, radix: 16).leftPadded(2) }.joined(separator: " ")
+            return "vCPU \(vcpu): the extended-state instruction at RIP \(Self.hex(rip)) (bytes: \(b)) could not be completed: \(reason). This is a bug in Airlock or an unexpected guest kernel: report it with the kernel you booted"
         case let .internalError(vcpu, sub, data, rip):
             return "vCPU \(vcpu): KVM internal error \(sub) at RIP \(Self.hex(rip)), data \(data.map { "0x" + String($0, radix: 16) })"
         case let .entryFailed(vcpu, reason, rip):

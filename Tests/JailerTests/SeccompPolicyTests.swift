@@ -50,7 +50,8 @@ struct SeccompPolicyTests {
     }
 
     @Test func theVCPURolesRequestsMatchWhatTheExitHandlerUses() {
-        #expect(Set(SeccompPolicy.vcpuKVMRequests) == [.run, .getRegs, .setRegs, .getVCPUEvents, .setVCPUEvents, .irqLine])
+        #expect(Set(SeccompPolicy.vcpuKVMRequests) == [.run, .getRegs, .setRegs, .getVCPUEvents, .setVCPUEvents, .irqLine,
+                                                       .getSregs, .getXSAVE, .getXSAVE2, .setXSAVE, .getXCRS])
         #expect(SeccompPolicy.mainKVMRequests.contains(.irqLine), "host input raises interrupts from non-vCPU threads")
     }
 

@@ -7,12 +7,31 @@ import Testing
 final class FakeVCPU: VCPUControl {
     let id: UInt32 = 0
     var regs = Registers()
+    var sregs = SpecialRegisters()
+    /// KVM's XSAVE buffer for this vCPU (standard layout).
+    var xsave = [UInt8](repeating: 0, count: 4096)
+    var xcr0Value: UInt64 = 0x7
     var injected: [UInt8] = []
+    var errorCodes: [UInt32?] = []
     var pending = false
+    /// Makes setXSAVEArea fail, as KVM does for a buffer it refuses.
+    var refuseXSAVE = false
     func registers() throws(KVMError) -> Registers { regs }
     func setRegisters(_ r: Registers) throws(KVMError) { regs = r }
-    func injectException(vector: UInt8) throws(KVMError) { injected.append(vector) }
+    func injectException(vector: UInt8) throws(KVMError) { injected.append(vector); errorCodes.append(nil) }
+    func injectException(vector: UInt8, errorCode: UInt32) throws(KVMError) { injected.append(vector); errorCodes.append(errorCode) }
     func hasPendingEvent() throws(KVMError) -> Bool { pending }
+    func specialRegisters() throws(KVMError) -> SpecialRegisters { sregs }
+    func injectPageFault(address: UInt64, errorCode: UInt32) throws(KVMError) {
+        sregs.cr2 = address  // what KVM does with the payload as it delivers the fault
+        injected.append(14); errorCodes.append(errorCode)
+    }
+    func xsaveArea() throws(KVMError) -> [UInt8] { xsave }
+    func setXSAVEArea(_ area: [UInt8]) throws(KVMError) {
+        if refuseXSAVE { throw .missingCapability("a valid XSAVE buffer") }
+        xsave = area
+    }
+    func xcr0() throws(KVMError) -> UInt64 { xcr0Value }
 }
 
 /// A bus device that records accesses and answers reads with a fixed value.
@@ -174,7 +193,9 @@ final class Recorder: BusDevice {
         #expect(HostProfile(backend: .hardware).commandLineParameters.isEmpty)
         #expect(!HostProfile(backend: .hardware).emulationAssists)
         let pvm = HostProfile(backend: .pvm)
-        #expect(pvm.commandLineParameters.contains("noxsave") && pvm.emulationAssists)
+        // XSAVE stays on (the VMM completes it); only the compacted/optimised forms are masked.
+        #expect(!pvm.commandLineParameters.contains("noxsave") && pvm.emulationAssists && pvm.extendedStateAssist)
+        #expect(pvm.commandLineParameters.contains { $0.hasPrefix("clearcpuid=") && $0.contains("xsaves") && $0.contains("xsavec") && $0.contains("xsaveopt") })
         #expect(HostProfile.detect(sysModule: "/nonexistent").backend == .hardware)
     }
 }

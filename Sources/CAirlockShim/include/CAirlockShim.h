@@ -9,6 +9,8 @@
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/random.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 // ioctl(2) is variadic, which Swift cannot call; these two cover every KVM use.
 static inline int airlock_ioctl_ptr(int fd, unsigned long request, void *arg) {
@@ -48,12 +50,13 @@ static const unsigned long AIRLOCK_KVM_GET_LAPIC = KVM_GET_LAPIC;
 static const unsigned long AIRLOCK_KVM_SET_LAPIC = KVM_SET_LAPIC;
 static const unsigned long AIRLOCK_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
 static const unsigned long AIRLOCK_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
-
-// State save and restore (snapshots). Each has a line in Sources/KVM saying what it moves.
 static const unsigned long AIRLOCK_KVM_GET_XSAVE = KVM_GET_XSAVE;
 static const unsigned long AIRLOCK_KVM_GET_XSAVE2 = KVM_GET_XSAVE2;
 static const unsigned long AIRLOCK_KVM_SET_XSAVE = KVM_SET_XSAVE;
 static const unsigned long AIRLOCK_KVM_GET_XCRS = KVM_GET_XCRS;
+static const unsigned long AIRLOCK_KVM_ENABLE_CAP = KVM_ENABLE_CAP;
+
+// State save and restore (snapshots). Each has a line in Sources/KVM saying what it moves.
 static const unsigned long AIRLOCK_KVM_SET_XCRS = KVM_SET_XCRS;
 static const unsigned long AIRLOCK_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long AIRLOCK_KVM_SET_MP_STATE = KVM_SET_MP_STATE;
@@ -79,8 +82,10 @@ static const int AIRLOCK_KVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
 static const int AIRLOCK_KVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
 static const int AIRLOCK_KVM_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS;
 static const int AIRLOCK_KVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
-static const int AIRLOCK_KVM_CAP_XSAVE = KVM_CAP_XSAVE;
 static const int AIRLOCK_KVM_CAP_XSAVE2 = KVM_CAP_XSAVE2;
+static const int AIRLOCK_KVM_CAP_EXCEPTION_PAYLOAD = KVM_CAP_EXCEPTION_PAYLOAD;
+static const unsigned int AIRLOCK_KVM_VCPUEVENT_VALID_PAYLOAD = KVM_VCPUEVENT_VALID_PAYLOAD;
+static const int AIRLOCK_KVM_CAP_XSAVE = KVM_CAP_XSAVE;
 static const int AIRLOCK_KVM_CAP_XCRS = KVM_CAP_XCRS;
 static const int AIRLOCK_KVM_CAP_DEBUGREGS = KVM_CAP_DEBUGREGS;
 static const int AIRLOCK_KVM_CAP_MP_STATE = KVM_CAP_MP_STATE;
@@ -126,6 +131,14 @@ static inline unsigned long airlock_kvm_run_mmio_data_offset(void) {
 static inline unsigned long airlock_kvm_run_immediate_exit_offset(void) {
     return __builtin_offsetof(struct kvm_run, immediate_exit);
 }
+
+// Descriptor passing over a Unix socket (SCM_RIGHTS), which needs the CMSG macros.
+// Sends `count` bytes with `nfds` descriptors attached (MSG_NOSIGNAL: a closed peer is EPIPE,
+// not a signal). Receives into `bytes`, storing up to AIRLOCK_MAX_PASSED_FDS descriptors
+// (close-on-exec) in `fds`; `truncated` says descriptors were lost (and closed).
+#define AIRLOCK_MAX_PASSED_FDS 24
+ssize_t airlock_send_with_fds(int socket, const void *bytes, size_t count, const int *fds, int nfds);
+ssize_t airlock_receive_with_fds(int socket, void *bytes, size_t count, int *fds, int *nfds, int *truncated);
 
 // The kick signal's handler does nothing: its only job is to make a blocked
 // KVM_RUN return EINTR. SA_RESTART is left off on purpose.
