@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail bench-snapshot fuzz-virtio probe-snapshot clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail bench-snapshot fuzz-virtio fuzz-snapshot probe-snapshot clean doctor
 
 all: build
 
@@ -127,6 +127,11 @@ bench-selftest: bench-c
 bench-snapshot: images bench-tools
 	$(BENCH_PY) --only snapshot --memory-mib $(BENCH_MEMORY_MIB) --snapshot-rounds $(BENCH_SNAPSHOT_ROUNDS) \
 		--snapshot-vms $(BENCH_SNAPSHOT_VMS) --snapshot-sizes $(BENCH_SNAPSHOT_SIZES) --out $(BENCH_OUT)/snapshot.json
+
+## fuzz-snapshot: the snapshot reader against seeded random damage to a valid file (FUZZ_ROUNDS, FUZZ_SEED)
+FUZZ_ROUNDS ?= 100000
+fuzz-snapshot: deps
+	AIRLOCK_SNAPSHOT_FUZZ_ROUNDS=$(FUZZ_ROUNDS) AIRLOCK_FUZZ_SEED=$(FUZZ_SEED) $(SWIFT) test --filter 'theReaderSurvivesRandomDamage|theStateDecoderSurvivesAnyBytes'
 
 ## fuzz-virtio: a seeded random driver against the virtio transport, chain parser and block device
 FUZZ_ITERATIONS ?= 1000000

@@ -56,7 +56,8 @@ extension Sandbox {
         return try await Self.onThread { () throws(SandboxError) -> SnapshotUse in
             let started = monotonicNanoseconds()
             let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
-            let store = SnapshotStore(directory: directory.isEmpty ? "/" : directory)
+            // The file is made beside `path`; the digest cache stays in the data directory.
+            let store = SnapshotStore(directory: directory.isEmpty ? "/" : directory, cacheDirectory: SnapshotStore().directory)
             let cache = store.digestCache
             let inputs = try store.inputs(for: session.config, kernelPath: session.kernelPath, rootfsPath: session.rootfsPath,
                                           hostProfile: session.machine.config.hostProfile)

@@ -60,14 +60,28 @@ public struct SnapshotStore: Sendable {
     public let directory: String
     public static let fileExtension = ".snap"
 
-    public init(imageStore: ImageStore = ImageStore()) { directory = imageStore.home + "/snapshots" }
-    public init(directory: String) { self.directory = directory }
+    /// Where the digest cache lives: the data directory's store, also for snapshots kept elsewhere.
+    let cacheDirectory: String
+
+    public init(imageStore: ImageStore = ImageStore()) {
+        directory = imageStore.home + "/snapshots"
+        cacheDirectory = directory
+    }
+    public init(directory: String, cacheDirectory: String? = nil) {
+        self.directory = directory
+        self.cacheDirectory = cacheDirectory ?? directory
+    }
 
     public func path(forKey key: String) -> String { directory + "/" + key + Self.fileExtension }
-    var digestCache: DigestCache { DigestCache(path: directory + "/digests.json") }
+    var digestCache: DigestCache { DigestCache(path: cacheDirectory + "/digests.json") }
 
     /// Creates the directory (root's, 0700: a snapshot holds a whole guest's memory).
     func makeDirectory() throws(SandboxError) {
+        try Self.makeDirectory(directory)
+        if cacheDirectory != directory { try Self.makeDirectory(cacheDirectory) }
+    }
+
+    static func makeDirectory(_ directory: String) throws(SandboxError) {
         var info = stat()
         if stat(directory, &info) == 0 { return }
         let parent = String(directory[..<(directory.lastIndex(of: "/") ?? directory.endIndex)])

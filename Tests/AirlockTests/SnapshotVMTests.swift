@@ -124,13 +124,12 @@ struct SnapshotRestoreVMTests {
             offset = file.memoryOffset + (16 << 20) + 123
         }
         try flip(copy, at: offset)
-        let started = ContinuousClock.now
-        // Refused by the snapshot's own checks (before the session, the first thing to make a VM, is built).
+        // Refused by the snapshot's own checks, which come before the session (the first thing
+        // to make a VM) is built: the message is theirs, not a VMM's.
         await #expect { try await Sandbox.restore(from: copy, config: SharedSnapshot.config) } throws: { e in
             let text = "\(e)"
             return text.contains("snapshot \(copy) is corrupted: its \(part)") && text.contains("airlock snapshot rm")
         }
-        #expect(ContinuousClock.now - started < .seconds(5))
     }
 
     /// 100 restores, each running a request and destroyed: no descriptor,
@@ -156,6 +155,8 @@ struct SnapshotRestoreVMTests {
             #expect(r.exitCode == 127, "cycle \(i): \(r.failure ?? "")")
             await sandbox.destroy()
         }
+        // The last VM's threads drop their references as they end: give them a moment.
+        for _ in 0..<50 where SharedSnapshot.snapshotMappings(path) > 0 { try await Task.sleep(for: .milliseconds(100)) }
         // Other suites run in this process at once: only our own kinds of leftovers are counted.
         let leaked = Set(SharedSnapshot.descriptors()).subtracting(fdsBefore).filter {
             $0.hasPrefix("anon_inode:kvm") || $0.hasSuffix(".snap") || $0.hasSuffix("rootfs.ext4") || $0 == "/dev/kvm"
@@ -170,8 +171,9 @@ struct SnapshotRestoreVMTests {
 }
 
 /// `airlock run` and `airlock snapshot`, jailed (the default), with a data
-/// directory of their own holding the shared snapshot under its key.
-@Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
+/// directory of their own holding the shared snapshot under its key. One at a
+/// time: each waits on a child process, and the others need the threads.
+@Suite(.serialized, .enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct SnapshotCLIVMTests {
     /// A data directory whose store has the shared snapshot for `airlock run --memory 128`.
     static func home() async throws -> (home: String, environment: [String: String], arguments: [String], key: String) {
