@@ -972,7 +972,8 @@ def bench_snapshot(a):
     base = ["--kernel", os.path.join(images, "vmlinux"), "--rootfs", os.path.join(images, "rootfs.ext4")]
     home = tempfile.mkdtemp(prefix="airlock-bench-snapshot-")
     env = dict(os.environ, AIRLOCK_HOME=home)
-    res = {"memory_mib": a.memory_mib, "creates": [], "rounds": [], "failures": []}
+    res = {"memory_mib": a.memory_mib, "creates": [], "rounds": [], "failures": [],
+           "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     try:
         # Size and write time, one fresh snapshot per guest size (the restores use the first).
         for mib in sorted({a.memory_mib, *a.snapshot_sizes}):
@@ -1023,26 +1024,24 @@ def bench_snapshot(a):
                     f"cold {pair['cold']['wall_ms'] / 1e3:.2f} s")
 
         # N restored VMs at once, each idle in `sleep`, their memory.
-        procs = [subprocess.Popen(run[:2] + run[3:] + ["--", "sleep", "900"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for _ in range(a.snapshot_vms)]
+        # Each guest says when its command runs (the output streams to the benchmark), then sleeps.
+        procs = [subprocess.Popen(run[:2] + run[3:] + ["--", "sh", "-c", "echo idle; exec sleep 900"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for _ in range(a.snapshot_vms)]
         try:
-            deadline = time.monotonic() + 300
-            vmms = {}
-            while time.monotonic() < deadline and len(vmms) < len(procs):
-                for p in procs:
-                    if p.pid not in vmms:
-                        found = vmm_pids_of(p.pid)
-                        if found:
-                            vmms[p.pid] = found[0]
-                time.sleep(0.5)
-            # Idle: for 3 s in a row each VMM used under a fifth of a core on average (their guests
-            # started `sleep`; an emulated guest kernel's timer ticks cost a little CPU even then).
-            quiet, clk = 0, os.sysconf("SC_CLK_TCK")
-            while time.monotonic() < deadline and quiet < 3:
-                before = sum(cpu_ticks(v) for v in vmms.values())
-                time.sleep(1)
-                used = sum(cpu_ticks(v) for v in vmms.values()) - before
-                quiet = quiet + 1 if used <= 0.2 * clk * max(1, len(vmms)) else 0
+            deadline = time.monotonic() + 600
+            ready = set()
+
+            def wait_ready(p):
+                if p.stdout.readline().strip() == b"idle":
+                    ready.add(p.pid)
+            waiters = [threading.Thread(target=wait_ready, args=(p,), daemon=True) for p in procs]
+            for w in waiters:
+                w.start()
+            for w in waiters:
+                w.join(max(0.0, deadline - time.monotonic()))
+            vmms = {p.pid: found[0] for p in procs if p.pid in ready and (found := vmm_pids_of(p.pid))}
+            time.sleep(3)  # the agents report the command's start, then wait for it: let them settle
+            quiet = 3 if len(ready) == len(procs) else 0
             samples = [restored_vm_memory(m) for m in (smaps_detail(v) for v in vmms.values()) if m]
             res["idle_vms"] = {"count": len(samples), "asked": a.snapshot_vms, "idle": quiet >= 3,
                                **{k: stats([s[k] for s in samples]) for k in (

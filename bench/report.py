@@ -481,7 +481,10 @@ def snapshot_md(sn):
         return err
     if not sn.get("available", True):
         return f"Not measured: {sn.get('reason')}.\n"
-    L = ["`airlock snapshot create --json --memory M` with the installed kernel and root filesystem, in a data",
+    L = []
+    if sn.get("separate_run"):
+        L += [f"This section was measured on its own (`make bench-snapshot`, {sn['measured_at']}), its figures side by side in that run.", ""]
+    L += ["`airlock snapshot create --json --memory M` with the installed kernel and root filesystem, in a data",
          "directory of the benchmark's own (jailed, as a user runs it): the VM boots to the agent's hello, is paused,",
          "and its state and every page it touched that is not all zeros go to the file (the rest are holes);",
          "the supervisor then checks the file whole (each part's SHA-256) before it enters the store.", "",
@@ -512,9 +515,9 @@ def snapshot_md(sn):
               "`restoreMs` line."]
     iv = sn.get("idle_vms") or {}
     if iv.get("count"):
-        L += ["", f"{iv['count']} `airlock run --memory {sn['memory_mib']} -- sleep 900` at once, all restored from the one snapshot, sampled",
-              "from each jailed VMM's `/proc/PID/smaps` once every guest was idle in `sleep`"
-              + ("" if iv.get("idle") else " (**they did not all go quiet within the wait; sampled anyway**)") + ".",
+        L += ["", f"{iv['count']} `airlock run --memory {sn['memory_mib']} -- sh -c 'echo idle; exec sleep 900'` at once, all restored from the one snapshot, sampled",
+              "from each jailed VMM's `/proc/PID/smaps` once every guest had started its command (it prints a line,",
+              "then sleeps) and 3 s more" + ("" if iv.get("idle") else " (**not every guest got there within the wait; sampled anyway**)") + ".",
               "The guest's RAM is the snapshot file mapped copy-on-write: pages it only reads are the page cache's,",
               "shared by every VM; the pages it wrote are its private dirty pages in that mapping.", "",
               "| MiB per VM, median (min to max) | |", "| --- | --- |",
