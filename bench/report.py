@@ -101,24 +101,25 @@ def summary(res):
         L.append(f"| guest context switch with XSAVE completed by the VMM / legacy-state switch | **{cx['ratio_of_medians']:.2f}x** "
                  f"(+{cx['added_us_per_switch']:.1f} us) | correctness first: no target | |")
     sn = res.get("snapshot") or {}
+    own = " (the snapshot section's own run)" if sn.get("separate_run") else ""
     if sn.get("restored"):
         r, c = sn["restored"], sn["cold"]
         hw = (res.get("host") or {}).get("vmx_or_svm")
-        L.append(f"| restore's own cost: VMM building the VM from the snapshot (`restoreMs`), {sn['memory_mib']} MiB "
+        L.append(f"| restore's own cost: VMM building the VM from the snapshot (`restoreMs`), {sn['memory_mib']} MiB{own} "
                  f"| **{mmm(r['restore_ms'], 1, 'ms')}**; checks before it (`checkMs`) {mmm(r['check_ms'], 1, 'ms')}; "
                  f"request to first KVM_RUN {mmm(r['vmmStartMs'], 1, 'ms')} | at most 10 ms of VMM work on hardware KVM"
                  + (f" | {verdict(r['restore_ms']['median'] <= 10)} |" if hw else " (this host: reported, not a target) | |"))
-        L.append(f"| `airlock run -- true` restored / cold (`--no-snapshot`), wall, alternating "
+        L.append(f"| `airlock run -- true` restored / cold (`--no-snapshot`), wall, alternating{own} "
                  f"| **{sn['ratio_of_median_walls']:.3f}** ({mmm(r['wall_ms'], 2, 's', 1e-3)} vs {mmm(c['wall_ms'], 2, 's', 1e-3)}; "
                  f"per round {mmm(sn['ratio_wall_per_round'], 3)}) | restore instead of boot | |")
     iv = sn.get("idle_vms") or {}
     if iv.get("count"):
-        L.append(f"| {iv['count']} VMs restored from one snapshot, idle: private memory per VM beyond the pages its guest wrote "
+        L.append(f"| {iv['count']} VMs restored from one snapshot, idle: private memory per VM beyond the pages its guest wrote{own} "
                  f"| **{mmm(iv['private_beyond_written_mib'], 2, 'MiB')}**; PSS {num(iv['pss_mib']['median'], 1)} MiB, "
                  f"Rss {num(iv['rss_mib']['median'], 1)} MiB, guest wrote {num(iv['guest_written_mib']['median'], 1)} MiB "
                  f"| under 5 MiB | {verdict(iv['private_beyond_written_mib']['median'] < 5)} |")
     for cr in sn.get("creates") or []:
-        L.append(f"| snapshot of a {cr['memory_mib']} MiB guest: on disk / write time | **{num(cr['allocated_mib'], 1)} MiB / "
+        L.append(f"| snapshot of a {cr['memory_mib']} MiB guest: on disk / write time{own} | **{num(cr['allocated_mib'], 1)} MiB / "
                  f"{num(cr['write_ms'], 0)} ms** (file {cr['file_mib']} MiB with its holes; {cr['data_pages']} data pages) "
                  f"| only pages the guest touched | |")
     q = res.get("qemu") or {}
