@@ -6,8 +6,10 @@ import Testing
 @testable import Airlock
 
 /// One cold boot, saved once, shared by the snapshot VM tests below: every
-/// other VM in them is a restore (tens of milliseconds of VMM work instead of
-/// a boot that takes tens of seconds on a PVM host).
+/// other VM in them is a restore (milliseconds of VMM work instead of a boot
+/// that takes tens of seconds on a PVM host). Their time limits include
+/// waiting for that boot, which beside the whole suite's other VMs on a
+/// two-core host can take several minutes.
 enum SharedSnapshot {
     static let config = SandboxConfig(memoryMiB: 128)
 
@@ -50,7 +52,7 @@ enum SharedSnapshot {
 /// guest in each restore is fresh (its own random numbers, the host's time).
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct SnapshotRestoreVMTests {
-    @Test(.timeLimit(.minutes(10)))
+    @Test(.timeLimit(.minutes(25)))
     func restoresRunCommandsWithTheirOutputAndStatusAndDifferentRandomNumbers() async throws {
         let made = try await SharedSnapshot.made.value
         #expect(made.originalOutput == "the original runs on\n")
@@ -84,7 +86,7 @@ struct SnapshotRestoreVMTests {
 
     /// A restore made "an hour after" the snapshot, with the host's clock faked
     /// an hour ahead: the guest's clock follows the host's, not the snapshot's.
-    @Test(.timeLimit(.minutes(5)))
+    @Test(.timeLimit(.minutes(20)))
     func theGuestClockFollowsTheHostsClockAfterARestore() async throws {
         let made = try await SharedSnapshot.made.value
         let sandbox = try await Sandbox.restore(from: made.path, config: SharedSnapshot.config)
@@ -101,7 +103,7 @@ struct SnapshotRestoreVMTests {
 
     /// A byte changed in each part of a copy of the snapshot: the restore is
     /// refused before any VM exists, naming the file and what to do.
-    @Test(.timeLimit(.minutes(5)), arguments: ["header", "manifest", "machine state", "guest memory image"])
+    @Test(.timeLimit(.minutes(20)), arguments: ["header", "manifest", "machine state", "guest memory image"])
     func aCorruptedByteInAnyPartIsRefusedBeforeAnyVM(part: String) async throws {
         let made = try await SharedSnapshot.made.value
         let copy = SharedSnapshot.directory.appendingPathComponent("corrupt-\(part.replacingOccurrences(of: " ", with: "-")).snap").path
@@ -134,7 +136,7 @@ struct SnapshotRestoreVMTests {
 
     /// 100 restores, each running a request and destroyed: no descriptor,
     /// KVM object, thread or mapping of the snapshot outlives them.
-    @Test(.timeLimit(.minutes(20)))
+    @Test(.timeLimit(.minutes(40)))
     func aHundredRestoreRunDestroyCyclesLeaveNothingBehind() async throws {
         let made = try await SharedSnapshot.made.value
         // A copy of its own: the other tests restore the shared file at the same time.
@@ -187,7 +189,7 @@ struct SnapshotCLIVMTests {
         return (home, ["AIRLOCK_HOME": home], ["--memory", "128", "--kernel", kernel, "--rootfs", rootfs], inputs.key)
     }
 
-    @Test(.timeLimit(.minutes(5)))
+    @Test(.timeLimit(.minutes(20)))
     func runRestoresTheStoresSnapshotAndSaysSoInItsReceipt() async throws {
         try JailProbe.requireRoot()
         let (home, env, images, key) = try await Self.home()
@@ -212,7 +214,7 @@ struct SnapshotCLIVMTests {
     /// The save inside the jail (its filters on: KVM's state requests, mincore,
     /// ftruncate): `airlock snapshot create` into an empty store, which the next
     /// `airlock run` restores; and a run with --no-snapshot neither restores nor saves.
-    @Test(.timeLimit(.minutes(8)))
+    @Test(.timeLimit(.minutes(25)))
     func aJailedCreateSavesWhatTheNextRunRestores() async throws {
         try JailProbe.requireRoot()
         let home = SharedSnapshot.directory.appendingPathComponent("home-\(UUID().uuidString)").path
@@ -241,7 +243,7 @@ struct SnapshotCLIVMTests {
 
     /// A restored VMM under the jail: every thread filtered and unprivileged,
     /// its root holding the snapshot beside the images; nothing left after it.
-    @Test(.timeLimit(.minutes(5)))
+    @Test(.timeLimit(.minutes(20)))
     func aRestoredJailedVMMHasSeccompOnEveryThread() async throws {
         try JailProbe.requireRoot()
         let (home, env, images, _) = try await Self.home()
