@@ -5,11 +5,11 @@ SHELL := /bin/bash
 
 SWIFT ?= swift
 SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libelf-dev libssl-dev \
-                   busybox-static e2fsprogs cpio gcc make xz-utils
+                   busybox-static e2fsprogs cpio gcc make xz-utils curl
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail bench-snapshot fuzz-virtio fuzz-snapshot probe-snapshot clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail bench-serve bench-snapshot fuzz-virtio fuzz-artifacts fuzz-snapshot probe-snapshot rootfs-build clean doctor
 
 all: build
 
@@ -40,6 +40,11 @@ images: kernel rootfs
 rootfs-debian: deps
 	rootfs/build-debian.sh
 
+## rootfs-build: optional toolchain image (Debian with build-essential, make, python3, git and the
+## agent) for `airlock run --image build`; debootstrap, needs root and the Debian mirror
+rootfs-build: deps agent
+	rootfs/build-debian.sh --name build --agent $(AGENT) --include build-essential,make,git
+
 build: deps
 	$(SWIFT) build
 
@@ -63,11 +68,11 @@ test: images build
 test-unit: deps
 	AIRLOCK_SKIP_VM_TESTS=1 $(SWIFT) test
 
-## bench: every benchmark in one run (builds what it needs, installs QEMU to compare);
+## bench: every benchmark in one run (builds what it needs, the toolchain image included, installs QEMU to compare);
 ## writes $(BENCH_RESULTS) and regenerates docs/benchmarks.md and docs/boot-timeline.svg.
 ## Takes several minutes on a PVM host (each guest boot is tens of seconds).
 BENCH_RESULTS ?= bench/results/latest.json
-BENCH_ONLY ?= exits,start,boot,run,ctxswitch,blk,qemu,fuzz,snapshot
+BENCH_ONLY ?= exits,start,boot,run,ctxswitch,blk,qemu,fuzz,workspace,build,serve,snapshot
 BENCH_QEMU ?= 1
 BENCH_MEMORY_MIB ?= 128
 BENCH_EXIT_ROUNDS ?= 7
@@ -79,21 +84,32 @@ BENCH_BLK_PASSES ?= 3
 BENCH_SNAPSHOT_ROUNDS ?= 3
 BENCH_SNAPSHOT_VMS ?= 10
 BENCH_SNAPSHOT_SIZES ?= 128,512
+# serve: rounds of 1, 2 and 4 requests per VM cell (each cold request and each refill is a boot),
+# requests per scripted (no VM) cell, and the soak's requests against each service.
+BENCH_SERVE_ROUNDS ?= 1
+BENCH_SERVE_SCRIPTED ?= 500
+BENCH_SERVE_SOAK ?= 1000
+BENCH_SERVE_SOAK_VM ?= 8
+BENCH_SERVE_ARGS = --serve-vm-rounds $(BENCH_SERVE_ROUNDS) --serve-scripted-requests $(BENCH_SERVE_SCRIPTED) \
+		--serve-soak-scripted $(BENCH_SERVE_SOAK) --serve-soak-vm $(BENCH_SERVE_SOAK_VM)
 BENCH_PY = python3 bench/bench.py --bin "$$($(SWIFT) build -c release --show-bin-path)" --tools $(BENCH_OUT)
-bench: images bench-tools
+bench: images rootfs-build bench-tools
 	$(if $(filter 1,$(BENCH_QEMU)),scripts/ensure-packages.sh qemu-system-x86)
 	$(BENCH_PY) --out $(BENCH_RESULTS) \
 		--only $(if $(filter 1,$(BENCH_QEMU)),$(BENCH_ONLY),$(subst qemu,,$(BENCH_ONLY))) \
 		--memory-mib $(BENCH_MEMORY_MIB) --exit-rounds $(BENCH_EXIT_ROUNDS) --start-runs $(BENCH_START_RUNS) \
 		--boot-runs $(BENCH_BOOT_RUNS) --run-runs $(BENCH_RUN_RUNS) --blk-mib $(BENCH_BLK_MIB) --blk-passes $(BENCH_BLK_PASSES) \
-		--snapshot-rounds $(BENCH_SNAPSHOT_ROUNDS) --snapshot-vms $(BENCH_SNAPSHOT_VMS) --snapshot-sizes $(BENCH_SNAPSHOT_SIZES)
+		--snapshot-rounds $(BENCH_SNAPSHOT_ROUNDS) --snapshot-vms $(BENCH_SNAPSHOT_VMS) --snapshot-sizes $(BENCH_SNAPSHOT_SIZES) \
+		$(BENCH_SERVE_ARGS)
 	python3 bench/report.py $(BENCH_RESULTS)
 
 ## bench-tools: the release binaries the benchmarks run, the C floor and the start-up probe
 bench-tools: deps bench-c
 	$(SWIFT) build -c release --product airlock
+	$(SWIFT) build -c release --product airlock-vmm
 	$(SWIFT) build -c release --product airlock-bench-exits
 	$(SWIFT) build -c release --product airlock-fuzz-virtio
+	$(SWIFT) build -c release --product airlock-bench-workspace
 
 bench-c: deps
 	scripts/ensure-packages.sh python3
@@ -107,6 +123,15 @@ bench-c: deps
 JAIL_ROUNDS ?= 3
 bench-jail: images build-release
 	python3 bench/jail_overhead.py $$($(SWIFT) build -c release --show-bin-path)/airlock $(JAIL_ROUNDS)
+
+## bench-serve: `airlock serve` alone (bench/serve_load.py): warm pool against none at concurrency 1, 2, 4,
+## the service's own latency, and the soaks; writes $(BENCH_OUT)/serve.json
+bench-serve: images deps
+	$(SWIFT) build -c release --product airlock
+	$(SWIFT) build -c release --product airlock-vmm
+	python3 bench/serve_load.py --airlock "$$($(SWIFT) build -c release --show-bin-path)/airlock" --out $(BENCH_OUT)/serve.json \
+		--memory-mib $(BENCH_MEMORY_MIB) --vm-rounds $(BENCH_SERVE_ROUNDS) --scripted-requests $(BENCH_SERVE_SCRIPTED) \
+		--soak-scripted $(BENCH_SERVE_SOAK) --soak-vm $(BENCH_SERVE_SOAK_VM)
 
 ## bench-exits: one port-I/O exit through Airlock's run loop vs the C floor (micro.c), same run
 bench-exits: bench-c
@@ -147,6 +172,12 @@ probe-snapshot:
 	gcc -O2 -Wall -o $(BENCH_OUT)/snapshot-probe scripts/snapshot-probe.c
 	$(BENCH_OUT)/snapshot-probe emulated
 	if [ -e /sys/module/kvm_pvm ]; then $(BENCH_OUT)/snapshot-probe pv 0; fi
+
+## fuzz-artifacts: seeded hostile workspace images against the artifact extractor and the ext4 tree reader
+FUZZ_ARTIFACT_ROUNDS ?= 5000
+fuzz-artifacts: deps
+	$(SWIFT) build -c release --product airlock-fuzz-artifacts
+	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-artifacts $(FUZZ_ARTIFACT_ROUNDS) $(FUZZ_SEED)
 
 clean:
 	rm -rf .build

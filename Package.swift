@@ -7,12 +7,21 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "airlock", targets: ["AirlockCLI"]),
+        .executable(name: "airlock-vmm", targets: ["airlock-vmm"]),
         .library(name: "Airlock", targets: ["Airlock"]),
         .library(name: "VMM", targets: ["VMM"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        // `airlock serve` only (the AirlockServe target): HTTP/1.1 on SwiftNIO, Prometheus text,
+        // signal-driven graceful shutdown. Hummingbird without its default traits: FoundationEssentials
+        // instead of all of Foundation, and no swift-configuration.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-nio-extras", from: "1.35.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // KVM ioctl numbers and structs; the variadic ioctl wrapped so Swift can call it.
@@ -42,12 +51,36 @@ let package = Package(
         .target(name: "CAgentShim"),
         // The guest agent's logic (PID 1): mounts, ports, running the command, reaping, reporting.
         .target(name: "AgentCore", dependencies: ["AgentProtocol", "CAgentShim"]),
+        // The supervisor-VMM session protocol: messages, their codec, and the framed socket
+        // (with descriptor passing) they travel on. No Foundation.
+        .target(name: "SessionProtocol", dependencies: ["AgentProtocol", "AirlockOS"]),
+        // One VM and its agent, served over a session: the engine inside airlock-vmm, and in
+        // the caller's process for the unjailed debug mode.
+        .target(
+            name: "SandboxEngine",
+            dependencies: [
+                "VMM", "KVM", "AirlockOS", "Virtio", "VirtioDevices", "AgentProtocol", "SessionProtocol", "Snapshot",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // The jailed VMM process: enters its jail, then serves one session (thin).
+        .executableTarget(
+            name: "airlock-vmm",
+            dependencies: [
+                "SandboxEngine", "SessionProtocol", "Jailer", "AirlockOS",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
         // The guest's PID 1: a thin static executable over AgentCore, installed into the rootfs.
         .executableTarget(
             name: "airlock-init", dependencies: ["AgentCore"],
             linkerSettings: [.unsafeFlags(["-static-executable"])]),
         // Read-only look-ups in an ext4 image (does the rootfs hold the agent?), without mounting it.
         .target(name: "RootFS", dependencies: ["AirlockOS"]),
+        // Workspace disks in, artifacts out: a host directory made into an ext4 image (mke2fs -d),
+        // and the files a guest left in it copied back as hostile input (RootFS reads the image).
+        .target(
+            name: "WorkspaceDisks", dependencies: ["RootFS", "COpenSSL"],
+            linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
         // libseccomp and libcap (Debian's -dev packages), through pkg-config.
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
@@ -66,20 +99,36 @@ let package = Package(
         // image), written from a paused machine and read back with every part checked.
         .target(name: "Snapshot", dependencies: ["VMM", "KVM", "GuestMemory", "Virtio", "VirtioDevices", "AirlockOS", "COpenSSL"],
                 linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
+        // Test-only: a VMM that enters its jail and then breaks the session protocol on purpose (AirlockTests).
+        .executableTarget(name: "airlock-fake-vmm", dependencies: ["Jailer", "SessionProtocol", "AgentProtocol", "AirlockOS"]),
         // The public library: image store, host report, the async Sandbox API.
         .target(
             name: "Airlock",
             dependencies: [
-                "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer", "Snapshot",
-                "COpenSSL",
+                "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
+                "SessionProtocol", "SandboxEngine", "Snapshot", "COpenSSL", "WorkspaceDisks",
                 .product(name: "Logging", package: "swift-log"),
             ],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
+        // `airlock serve`: runs commands from HTTP requests in fresh sandboxes, with a warm pool,
+        // limits, metrics and a graceful drain (docs/serve.md). Only the public Sandbox API below it.
+        .target(
+            name: "AirlockServe",
+            dependencies: [
+                "Airlock",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         // Thin CLI over the libraries.
         .executableTarget(
             name: "AirlockCLI",
             dependencies: [
-                "Airlock", "VMM", "AirlockOS",
+                "Airlock", "AirlockServe", "VMM", "AirlockOS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -93,15 +142,24 @@ let package = Package(
         // Seeded random driver against the virtio transport, chain parser and block device (make fuzz-virtio).
         .executableTarget(name: "airlock-fuzz-virtio", dependencies: ["Virtio", "VirtioDevices", "GuestMemory", "AirlockOS", "SeededRandom"]),
 
+        // The workspace benchmark's Airlock side: image building and artifact extraction, timed (make bench).
+        .executableTarget(name: "airlock-bench-workspace", dependencies: ["WorkspaceDisks"]),
+        // Seeded hostile images against the artifact extractor and the tree reader under it (make fuzz-artifacts).
+        .executableTarget(name: "airlock-fuzz-artifacts", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
+
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "AirlockOS"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "AirlockOS", "SeededRandom"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioDevices", "GuestMemory"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol", "SeededRandom"]),
+        .testTarget(name: "SessionProtocolTests", dependencies: ["SessionProtocol", "AgentProtocol", "AirlockOS", "SeededRandom"]),
         .testTarget(name: "AgentCoreTests", dependencies: ["AgentCore", "AgentProtocol"]),
         .testTarget(name: "RootFSTests", dependencies: ["RootFS", "SeededRandom"]),
+        .testTarget(name: "WorkspaceDisksTests", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
-        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "VMM", "VirtioDevices"]),
+        .testTarget(name: "SandboxEngineTests", dependencies: ["SandboxEngine", "AgentProtocol", "AirlockOS", "SessionProtocol", "VMM"]),
+        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices", "RootFS", "Snapshot"]),
+        .testTarget(name: "AirlockServeTests", dependencies: ["AirlockServe", "Airlock"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "VMM", "KVM", "GuestMemory", "Virtio", "VirtioDevices", "AirlockOS", "SeededRandom"]),
     ],
     swiftLanguageModes: [.v6]

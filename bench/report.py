@@ -96,6 +96,21 @@ def summary(res):
         L.append(f"| `airlock run -- true`, first KVM_RUN to the agent's hello (`kernelBootMs`) | {mmm(t['kernelBootMs'], 2, 's', 1e-3)} | | |")
     elif rn and not rn.get("available", True):
         L.append(f"| `airlock run -- true` | not measured: {rn.get('reason')} | | |")
+    ws = res.get("workspace") or {}
+    for step, what in (("prepare", "workspace image of a {mib} MB tree of {files} files (mke2fs -d)"),
+                       ("extract", "artifact extraction of the same {mib} MB, {files} files")):
+        w = ws.get(step)
+        if w:
+            L.append(f"| {what.format(mib=ws['bytes'] >> 20, files=ws['files'])}, Airlock / `cp -a` "
+                     f"| **{w['ratio_of_medians']:.2f}x** ({num(w['airlock_ms']['median'], 1)} ms vs {num(w['cp_ms']['median'], 1)} ms; "
+                     f"per round {mmm(w['ratio_per_round'], 2)}) | at most 3x | {verdict(w['ratio_of_medians'] <= 3)} |")
+    bd = res.get("build") or {}
+    if bd.get("vm_wall_ms"):
+        L.append(f"| C build and test with the toolchain image, `airlock run` wall / the same on the host "
+                 f"| **{bd['wall_ratio']:,.0f}x** ({num(bd['vm_wall_ms']['median'] / 1000, 1)} s vs {num(bd['host_ms']['median'], 0)} ms; "
+                 f"the command alone {bd['command_ratio']:,.0f}x) | no target on a PVM host | |")
+    elif bd and not bd.get("available", True):
+        L.append(f"| C build with the toolchain image | not measured: {bd.get('reason')} | | |")
     cx = res.get("ctxswitch") or {}
     if cx.get("ratio_of_medians"):
         L.append(f"| guest context switch with XSAVE completed by the VMM / legacy-state switch | **{cx['ratio_of_medians']:.2f}x** "
@@ -136,6 +151,17 @@ def summary(res):
                      f"{mmm(qs['cpu_ms'], 1, 'ms')} | | |")
     elif q:
         L.append(f"| QEMU | not measured: {q.get('reason')} | | |")
+    sv = res.get("serve") or {}
+    if sv.get("vm_overhead_p50_ms") is not None:
+        o = sv["vm_overhead_p50_ms"]
+        L.append(f"| `airlock serve`: latency the service adds over the sandbox, p50 (median over the VM cells) "
+                 f"| **{o:.2f} ms** (no VM behind it: {num(sv.get('scripted_overhead_p50_ms'), 2)} ms) | at most 2 ms | {verdict(o <= 2)} |")
+    for key, what in (("soak_scripted", "scripted service"), ("soak_vm", "real VMs")):
+        sk = sv.get(key)
+        if sk:
+            L.append(f"| `airlock serve` soak, {sk['requests']} requests ({what}): lost, crossed or duplicated answers; leaks "
+                     f"| {sk['problem_count']} problems; leaks: {', '.join(sk['leaks']) or 'none'}; exit {sk['exit_status']} "
+                     f"after SIGTERM | none, exit 0 | {verdict(sk.get('passed'))} |")
     return "\n".join(L) + "\n"
 
 
@@ -451,8 +477,11 @@ def ctxswitch_md(cx):
     for m, v in cx["modes"].items():
         L.append(f"| {v['what']} | {mmm(v['us_per_switch'], 1, 'us')} |")
     if cx.get("ratio_of_medians"):
-        L += ["", f"The VMM's XSAVE completion adds **{cx['added_us_per_switch']:.1f} us** per switch "
-                  f"({cx['ratio_of_medians']:.2f}x the legacy-state switch); the switch itself is emulated guest kernel work."]
+        L += ["", f"The VMM's XSAVE completion adds **{cx['added_us_per_switch']:.1f} us** per switch at the medians "
+                  f"({cx['ratio_of_medians']:.2f}x the legacy-state switch)"
+                  + (f", {cx['added_us_per_switch_at_minima']:.1f} us at the fastest rounds ({cx['ratio_of_minima']:.2f}x)"
+                     if cx.get("ratio_of_minima") else "")
+                  + "; the switch itself is emulated guest kernel work, and other load on the machine only adds to it."]
     for f_ in cx.get("failures", []):
         L.append(f"\nFailed: {f_['mode']} round {f_['round']}: {f_['problems']} {f_['stderr'][-200:]}")
     return "\n".join(L) + "\n"
@@ -476,6 +505,122 @@ Its output in this run ({'PASS' if fz.get('passed') else 'FAIL'}):
 """
 
 
+def workspace_md(ws):
+    err = section_error(ws, "workspace")
+    if err:
+        return err
+    rows = []
+    for step, label in (("prepare", "workspace image from the tree (`--workspace`)"), ("extract", "artifacts out of an image (`--output`)")):
+        w = ws[step]
+        rows.append(f"| {label}: Airlock (ms, in process) | {bold_cells(w['airlock_ms'])} | {w['airlock_ms']['n']} |")
+        rows.append(f"| the same, `airlock-bench-workspace` process wall (ms) | {cells(w['airlock_process_ms'])} | {w['airlock_process_ms']['n']} |")
+        rows.append(f"| `cp -a` of the same tree, process wall (ms) | {cells(w['cp_ms'])} | {w['cp_ms']['n']} |")
+        rows.append(f"| **ratio Airlock / `cp -a`** (per round) | {cells(w['ratio_per_round'], 2)} | target at most 3x; of the medians **{w['ratio_of_medians']:.2f}x** |")
+    table = "\n".join(rows)
+    return f"""A tree of {ws['files']} files of {ws['bytes'] // ws['files']:,} random bytes each ({ws['bytes'] >> 20} MB) in 20
+directories. Preparing a workspace is `WorkspaceImage.build`, what `airlock run
+--workspace` does before the boot: a walk of the tree for its size, then
+`mke2fs -d` into a sparse image with 1 GiB of free room (`timings.workspaceMs`
+in `--json`). Extraction is `ArtifactExtractor.extract` of the same tree from
+an image's /out into a new directory, every file checked, copied and hashed
+with SHA-256 (`timings.artifactsMs`). Each is compared with `cp -a` of the same
+tree into the same file system, in alternating rounds after a warm-up, with a
+`sync` before each side so that neither pays for the other's writeback.
+
+| | median | min | max | N |
+| --- | --- | --- | --- | --- |
+{table}
+"""
+
+
+def build_md(bd):
+    err = section_error(bd, "build")
+    if err:
+        return err
+    if not bd.get("available", True):
+        return f"Not measured: {bd['reason']}.\n"
+    if not bd.get("vm"):
+        return f"Every build in the VM failed in this run: `{(bd.get('failures') or [{}])[0]}`.\n"
+    files = ", ".join(f"`{f}`" for f in bd["files"])
+    v = bd["vm"][0]
+    phases = ", ".join(f"{k} {num(v['timings'][k] / 1000, 1)} s" for k in ("vmmStartMs", "kernelBootMs", "agentReadyMs", "commandMs", "shutdownMs"))
+    return f"""A small C project made up by the benchmark ({files}: four objects, a
+link, and a `make test` that runs the binary twice) built with
+
+```sh
+airlock run --image build --json --workspace calc --output built -- sh -c '{bd['script']}'
+```
+
+on the toolchain image (`make rootfs-build`), against `sh -c '{bd['script']}'`
+in a copy of the project on the host. The binary that comes out is run on the
+host and must print the right answer.
+
+| | median | min | max | N |
+| --- | --- | --- | --- | --- |
+| host: the build and its test (ms) | {cells(bd['host_ms'], 0)} | {bd['host_ms']['n']} |
+| VM: `airlock run` wall (s) | {bold_cells(bd['vm_wall_ms'], 1, 1e-3)} | {bd['vm_wall_ms']['n']} |
+| VM: the command alone, `commandMs` (s) | {cells(bd['vm_command_ms'], 1, 1e-3)} | {bd['vm_command_ms']['n']} |
+| VM: boot to the agent, `kernelBootMs` (s) | {cells(bd['vm_boot_ms'], 1, 1e-3)} | {bd['vm_boot_ms']['n']} |
+| workspace image / artifacts (ms) | {num(bd['vm_workspace_ms']['median'], 1)} / {num(bd['vm_artifacts_ms']['median'], 1)} | | | |
+| **ratio VM wall / host** | **{bd['wall_ratio']:,.0f}x** | | | the command alone {bd['command_ratio']:,.0f}x |
+
+Phases of the first run: {phases}. On this host the guest kernel is emulated,
+and a build is mostly kernel work for it (a fork and an exec for every compiler
+pass, page faults for every binary the compiler maps), so the compiler's own
+user-mode work, which runs natively, is a small part of the time. On a host
+with hardware virtualization the guest kernel runs natively; this benchmark
+measures the ratio there too.
+"""
+def serve_md(sv):
+    err = section_error(sv, "serve")
+    if err:
+        return err
+    p = sv.get("params", {})
+    L = ["`bench/serve_load.py` starts `airlock serve` on 127.0.0.1 with a bearer token and sends `POST /v1/runs` "
+         "over keep-alive connections, one per concurrent client. `true` is `{\"argv\": [\"true\"]}`; `stdin` is "
+         f"`cat` fed {serve_stdin_kib()} KiB of stdin, checked byte for byte in the answer. *pool*: `--pool 4`, each round of "
+         "`concurrency` requests finds warm sandboxes, and the refill between rounds is not counted (the warm path's "
+         "rate, which a sustained load keeps only while boots keep up); *no pool*: `--pool 0`, every request boots its "
+         "VM, requests back to back. The service's share is, per request, the client's latency minus the receipt's "
+         "`queueMs` (waiting for a sandbox, its boot included when none was ready) and `sandboxMs` (the command handed "
+         "to the sandbox until its VM ended). *scripted*: the same against `--test-provider scripted` (no VM): the "
+         "service's cost alone.",
+         "",
+         "| service | command | concurrency | requests (ok) | requests/s | latency p50 | p99 | sandbox p50 | queue p50 | service's share p50 | p99 | warm |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def ms(s, k):
+        return "-" if not s else (f"{s[k]:,.2f} ms" if s[k] < 100 else f"{s[k] / 1000:,.2f} s")
+
+    order = {"pool": 0, "no pool": 1}
+    for c in sorted(sv.get("cells", []), key=lambda c: (c["provider"] != "scripted", c["command"], c["concurrency"],
+                                                       order.get(c["mode"], 2))):
+        name = "scripted (no VM)" if c["provider"] == "scripted" else f"VMs, {c['mode']}"
+        L.append(f"| {name} | {c['command']} | {c['concurrency']} | {c['requests']} ({c['ok']}) | {num(c['rps'], 2)} "
+                 f"| {ms(c['latency_ms'], 'p50')} | {ms(c['latency_ms'], 'p99')} | {ms(c['sandbox_ms'], 'p50')} "
+                 f"| {ms(c['queue_ms'], 'p50')} | {ms(c['overhead_ms'], 'p50')} | {ms(c['overhead_ms'], 'p99')} "
+                 f"| {c['from_pool']}/{c['ok']} |")
+    L.append("")
+    for key, what in (("soak_scripted", "the scripted service"), ("soak_vm", "real VMs")):
+        sk = sv.get(key)
+        if not sk:
+            continue
+        answers = ", ".join(f"{v} {k}" for k, v in sk["answers"].items())
+        L.append(f"Soak against {what}: {sk['requests']} requests, {sk['concurrency']} at a time, in {sk['seconds']} s "
+                 f"({answers}); each answer checked against its own request's stdin tag and id. Problems: "
+                 f"{sk['problem_count']}{(' (' + '; '.join(sk['problems'][:3]) + ')') if sk['problems'] else ''}. "
+                 f"The service counted {sk['counted_runs']:.0f} runs. Afterwards, beside the refilled pool: descriptors "
+                 f"{sk['census_before']['fds']} before and {sk['census_after']['fds']} after, KVM descriptors "
+                 f"{sk['census_before']['kvm_fds']} and {sk['census_after']['kvm_fds']}, threads "
+                 f"{sk['census_before']['threads']} and {sk['census_after']['threads']}; SIGTERM drained it in "
+                 f"{sk['drain_seconds']} s to exit status {sk['exit_status']}; jail directories, cgroups and mounts on the "
+                 f"host {sk['host_before']} before and {sk['host_after']} after. Leaks: {', '.join(sk['leaks']) or 'none'}.")
+        L.append("")
+    return "\n".join(L)
+
+
+def serve_stdin_kib():
+    return 1
 def snapshot_md(sn):
     err = section_error(sn, "snapshot")
     if err:
@@ -620,6 +765,15 @@ the measurements took {res.get('seconds', 0):.0f} s. Parameters: guest memory {p
 ## virtio fuzzing
 
 {fuzz_md(res.get('fuzz'))}
+## Workspace in, artifacts out
+
+{workspace_md(res.get('workspace'))}
+## A C build step with the toolchain image
+
+{build_md(res.get('build'))}
+## `airlock serve` under load
+
+{serve_md(res.get('serve'))}
 ## Not measured in this run
 
 {not_measured(res)}"""

@@ -17,6 +17,7 @@ sys.path.insert(0, HERE)
 import bench  # noqa: E402
 import chart  # noqa: E402
 import report  # noqa: E402
+import serve_load  # noqa: E402
 
 FAKE = os.path.join(HERE, "testdata", "fake-airlock")
 TOOLS = os.environ.get("BENCH_OUT", os.path.join(os.path.dirname(HERE), ".build", "bench"))
@@ -163,6 +164,36 @@ class RunSectionAgainstTheFake(unittest.TestCase):
         self.assertIn("42", page)
         svg = chart.render(res)
         self.assertTrue(svg.startswith("<svg") and "airlock run -- true" in svg)
+
+
+class ServeLoad(unittest.TestCase):
+    def test_percentiles_are_nearest_rank(self):
+        xs = list(range(1, 101))
+        self.assertEqual(serve_load.percentile(xs, 50), 50)
+        self.assertEqual(serve_load.percentile(xs, 99), 99)
+        self.assertEqual(serve_load.percentile([7], 99), 7)
+        s = serve_load.summary([3.0, None, 1.0, 2.0])
+        self.assertEqual((s["n"], s["p50"], s["min"], s["max"]), (3, 2.0, 1.0, 3.0))
+        self.assertIsNone(serve_load.summary([None]))
+
+    def test_only_loopback_is_driven(self):
+        self.assertEqual(serve_load.LOOPBACK, "127.0.0.1")
+
+    def test_the_serve_section_renders(self):
+        cell = {"provider": "vm", "mode": "pool", "command": "true", "concurrency": 2, "requests": 2, "ok": 2, "rps": 0.5,
+                "latency_ms": serve_load.summary([900.0, 1100.0]), "overhead_ms": serve_load.summary([0.4, 0.6]),
+                "queue_ms": serve_load.summary([0.1, 0.1]), "sandbox_ms": serve_load.summary([899.0, 1099.0]),
+                "from_pool": 2, "errors": []}
+        census = {"fds": 20, "kvm_fds": 8, "threads": 30, "children": 0}
+        soak = {"requests": 10, "concurrency": 2, "seconds": 1.0, "answers": {"succeeds": 10}, "counted_runs": 10,
+                "problems": [], "problem_count": 0, "census_before": census, "census_after": census, "leaks": [],
+                "exit_status": 0, "drain_seconds": 0.1, "host_before": {}, "host_after": {}, "passed": True}
+        res = {"serve": {"cells": [cell, dict(cell, provider="scripted")], "vm_overhead_p50_ms": 0.5,
+                         "scripted_overhead_p50_ms": 0.3, "soak_scripted": soak}}
+        md = report.serve_md(res["serve"])
+        self.assertIn("| VMs, pool | true | 2 | 2 (2) |", md)
+        self.assertIn("Leaks: none", md)
+        self.assertIn("at most 2 ms | met", report.summary(res))
 
 
 if __name__ == "__main__":

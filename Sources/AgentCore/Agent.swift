@@ -20,6 +20,14 @@ public final class Agent {
     /// After the command exits, how long its leftover output may take to drain.
     static let drainMilliseconds = 5_000
 
+    /// Disks mounted at start (unmounted, after a sync, at power-off), and the
+    /// mounts that failed: while any did, every run is refused with the reason.
+    /// Set once by `main` before anything else runs; PID 1 is single-threaded.
+    nonisolated(unsafe) static var mountedDisks: [GuestMount] = []
+    nonisolated(unsafe) static var mountFailures: [String] = []
+    /// Mount target to the uid its tree was last given to (`DiskMounts.give`).
+    var givenTrees: [String: UInt32] = [:]
+
     let control: Int32
     let stdoutPort: Int32
     let stderrPort: Int32
@@ -53,6 +61,9 @@ public final class Agent {
         }
 
         Mounts.setUp()
+        let disks = DiskMounts.setUp()
+        mountedDisks = disks.mounted
+        mountFailures = disks.failures
         let agent: Agent
         switch Ports.open(waitMilliseconds: portWaitMilliseconds) {
         case let .success(p):
@@ -74,7 +85,16 @@ public final class Agent {
     /// VMM sees an i8042 reset, which is how an Airlock guest says it is done.
     static func powerOff() -> Never {
         kill(-1, SIGKILL)
+        // Let the killed exit (and close their files) before the disks are unmounted.
+        let deadline = Sys.monotonicMilliseconds() + 200
+        while Sys.monotonicMilliseconds() < deadline {
+            var status: Int32 = 0
+            let pid = waitpid(-1, &status, WNOHANG)
+            if pid < 0 && errno == ECHILD { break }
+            if pid <= 0 { Sys.sleep(milliseconds: 2) }
+        }
         sync()
+        DiskMounts.tearDown(mountedDisks)
         reboot(RB_AUTOBOOT)
         // reboot only returns on failure (no CAP_SYS_BOOT cannot happen for PID 1):
         // exiting PID 1 panics the kernel, and panic=-1 reboots it, which ends the VM too.
@@ -100,8 +120,8 @@ public final class Agent {
                 if request.shutdownAfter || stop { return }
             case .shutdown:
                 return
-            case .stdin, .stdinEOF:
-                continue  // for a run that has ended: its unread stdin is dropped here
+            case .stdin, .stdinEOF, .signal:
+                continue  // for a run that has ended: its unread stdin and late signals are dropped here
             }
         }
     }
@@ -161,12 +181,18 @@ public final class Agent {
 
     /// Resolves the user, environment and executable, makes the pipes and starts the command.
     func prepare(_ request: RunRequest) -> Result<RunningCommand, AgentError> {
+        if !Self.mountFailures.isEmpty {
+            return .failure(.setup("the disks the host attached could not all be mounted: \(Self.mountFailures.joined(separator: "; "))"))
+        }
         let passwd = Accounts.parsePasswd(Sys.readFile("/etc/passwd") ?? "")
         let groups = Accounts.parseGroup(Sys.readFile("/etc/group") ?? "")
         let creds: Credentials
         switch Accounts.resolve(request.user, passwd: passwd, groups: groups) {
         case let .success(c): creds = c
-        case let .failure(e): return .failure(e)
+        case let .failure(e): return .failure(.setup(e.description))
+        }
+        if creds.uid != 0, let problem = DiskMounts.give(Self.mountedDisks, to: creds, done: &givenTrees) {
+            return .failure(.setup("the workspace could not be given to --user '\(request.user)' (uid \(creds.uid)): \(problem)"))
         }
         let cwd = request.workingDirectory.isEmpty ? "/" : request.workingDirectory
         guard Sys.isDirectory(cwd) else {

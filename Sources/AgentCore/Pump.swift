@@ -51,11 +51,13 @@ extension Agent {
                     run.stderrFD = -1
                 }
             }
-            // Stdin frames for this run are applied; anything else waits for `serve`.
-            while let i = inbox.firstIndex(where: { $0.isStdin(for: run.runID) }) {
+            // Stdin frames and signals for this run are applied; anything else waits for `serve`.
+            while let i = inbox.firstIndex(where: { $0.isForRun(run.runID) }) {
                 switch inbox.remove(at: i) {
                 case let .stdin(_, data) where run.stdinFD >= 0: run.stdinBuffer += data
                 case .stdinEOF: run.stdinEOF = true
+                // The command leads its own process group (setsid): the signal reaches what it started too.
+                case let .signal(_, signo) where run.status == nil: _ = kill(-run.pid, signo)
                 default: break
                 }
             }
@@ -151,9 +153,10 @@ extension Agent {
 }
 
 extension HostMessage {
-    func isStdin(for runID: UInt32) -> Bool {
+    /// Stdin frames and signals belong to the run they name.
+    func isForRun(_ runID: UInt32) -> Bool {
         switch self {
-        case let .stdin(id, _), let .stdinEOF(id): return id == runID
+        case let .stdin(id, _), let .stdinEOF(id), let .signal(id, _): return id == runID
         default: return false
         }
     }

@@ -100,3 +100,102 @@ enum Ports {
         return found
     }
 }
+
+/// The disks the host attached, mounted where it said (`GuestMount`, from the
+/// kernel command line): the workspace read-write, `--disk` images read-only
+/// or read-write, and a tmpfs where their mount points need one. A failure is
+/// kept: the agent then refuses to run commands, since a command that finds
+/// an empty directory where its workspace should be would fail obscurely.
+enum DiskMounts {
+    /// How long a disk's device node may take to appear (the virtio-blk probe
+    /// runs before init; devtmpfs may lag it).
+    static let deviceWaitMilliseconds = 5_000
+
+    /// Mounts everything asked for, in order; returns what was mounted (for
+    /// unmounting at the end) and what failed.
+    static func setUp() -> (mounted: [GuestMount], failures: [String]) {
+        guard let raw = getenv(GuestMount.variable) else { return ([], []) }
+        let mounts: [GuestMount]
+        do { mounts = try GuestMount.decode(String(cString: raw)) } catch {
+            return ([], ["the host's \(GuestMount.variable) is unreadable: \(error)"])
+        }
+        var mounted: [GuestMount] = [], failures: [String] = []
+        for m in mounts {
+            if let problem = mount(m) {
+                failures.append(problem)
+                Agent.console(problem)
+            } else {
+                mounted.append(m)
+            }
+        }
+        return (mounted, failures)
+    }
+
+    /// Gives the trees of `ownedByRunUser` mounts to a run's user, once per user:
+    /// a workspace copied from the host carries the host's owners, which would leave
+    /// a command run as `--user` unable to write its own workspace. Links are changed
+    /// themselves (never followed); other mounts inside the tree are not entered.
+    /// nil on success, else the first failure.
+    static func give(_ mounts: [GuestMount], to creds: Credentials, done: inout [String: UInt32]) -> String? {
+        for m in mounts where m.ownedByRunUser && done[m.target] != creds.uid {
+            var device = stat()
+            guard lstat(m.target, &device) == 0 else { return "\(m.target): \(Sys.errorText(errno))" }
+            if let problem = chownTree(m.target, uid: creds.uid, gid: creds.gid, device: device.st_dev, depth: 0) { return problem }
+            done[m.target] = creds.uid
+        }
+        return nil
+    }
+
+    private static func chownTree(_ path: String, uid: UInt32, gid: UInt32, device: UInt, depth: Int) -> String? {
+        guard fchownat(AT_FDCWD, path, uid, gid, AT_SYMLINK_NOFOLLOW) == 0 else { return "chown \(path): \(Sys.errorText(errno))" }
+        var info = stat()
+        guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFDIR, info.st_dev == device, depth < 4096 else { return nil }
+        for name in Sys.listDirectory(path) where !(depth == 0 && name == "lost+found") {
+            if let problem = chownTree(path + "/" + name, uid: uid, gid: gid, device: device, depth: depth + 1) { return problem }
+        }
+        return nil
+    }
+
+    /// nil when mounted, else what went wrong.
+    static func mount(_ m: GuestMount) -> String? {
+        if !Sys.isDirectory(m.target), let problem = makeDirectories(m.target) {
+            return "cannot create mount point \(m.target): \(problem)"
+        }
+        var flags = UInt(MS_NOSUID | MS_NODEV)
+        if m.readOnly { flags |= UInt(MS_RDONLY) }
+        switch m.source {
+        case .tmpfs:
+            guard Glibc.mount("tmpfs", m.target, "tmpfs", flags, "mode=755") == 0 else {
+                return "mounting a tmpfs on \(m.target): \(Sys.errorText(errno))"
+            }
+        case let .disk(name):
+            let device = "/dev/" + name
+            let deadline = Sys.monotonicMilliseconds() + deviceWaitMilliseconds
+            while Sys.pathKind(device) == .missing && Sys.monotonicMilliseconds() < deadline { Sys.sleep(milliseconds: 5) }
+            // noinit_itable: the workspace's inode tables were never written (they are zero in
+            // a sparse file), and zeroing them in the background is emulated kernel work for nothing.
+            let rc = Glibc.mount(device, m.target, "ext4", flags, m.readOnly ? "noload" : "noinit_itable")
+            guard rc == 0 else {
+                return "mounting \(device) (ext4) on \(m.target)\(m.readOnly ? " read-only" : ""): \(Sys.errorText(errno))"
+            }
+        }
+        return nil
+    }
+
+    /// mkdir -p; nil on success.
+    static func makeDirectories(_ path: String) -> String? {
+        var prefix = ""
+        for component in path.split(separator: "/") {
+            prefix += "/" + component
+            if Sys.isDirectory(prefix) { continue }
+            if mkdir(prefix, 0o755) != 0 && errno != EEXIST { return "\(prefix): \(Sys.errorText(errno))" }
+        }
+        return nil
+    }
+
+    /// After `sync`: unmounts in reverse order, so disks the guest wrote are left
+    /// clean (a busy one stays mounted; sync has already written its data).
+    static func tearDown(_ mounted: [GuestMount]) {
+        for m in mounted.reversed() { _ = umount2(m.target, 0) }
+    }
+}

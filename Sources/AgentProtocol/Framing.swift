@@ -1,4 +1,5 @@
-/// What goes wrong with bytes that claim to be agent-protocol frames.
+/// What goes wrong with bytes that claim to be protocol frames (the agent protocol, and the
+/// session protocol that reuses its framing).
 public enum ProtocolError: Error, Equatable, CustomStringConvertible {
     /// A frame or body that does not follow the format; the channel cannot be trusted after it.
     case malformed(String)
@@ -7,7 +8,7 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case let .malformed(why): return "malformed agent-protocol frame: \(why)"
+        case let .malformed(why): return "malformed protocol frame: \(why)"
         case let .versionMismatch(theirs, ours):
             return "the guest agent speaks protocol version \(theirs), this Airlock speaks \(ours): rebuild the root filesystem with this Airlock's agent (make rootfs)"
         }

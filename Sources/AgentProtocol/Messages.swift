@@ -12,7 +12,8 @@
 /// `started`, then `exited` (or `runFailed` when the command could not be
 /// started) once the command has ended and its output has been written to the
 /// ports. `exited` carries the cumulative byte counts of both output ports so
-/// the host can wait until it has received all of it. With `shutdownAfter` the
+/// the host can wait until it has received all of it. `signal` during a run is
+/// delivered to the command's process group. With `shutdownAfter` the
 /// agent syncs and reboots after that run; otherwise it waits for the next
 /// `run` or a `shutdown`.
 public enum AgentProtocol {
@@ -125,8 +126,10 @@ public enum HostMessage: Equatable, Sendable {
     case stdin(runID: UInt32, data: [UInt8])
     case stdinEOF(runID: UInt32)
     case shutdown
+    /// Deliver `signal` to the run's command (its process group), if it is still running.
+    case signal(runID: UInt32, signal: Int32)
 
-    enum Tag: UInt8 { case run = 1, stdin = 2, stdinEOF = 3, shutdown = 4 }
+    enum Tag: UInt8 { case run = 1, stdin = 2, stdinEOF = 3, shutdown = 4, signal = 5 }
 
     public func encoded() -> [UInt8] {
         let (tag, body) = tagAndBody()
@@ -158,6 +161,10 @@ public enum HostMessage: Equatable, Sendable {
             w.u32(id)
         case .shutdown:
             tag = .shutdown
+        case let .signal(id, signo):
+            tag = .signal
+            w.u32(id)
+            w.i32(signo)
         }
         return (tag, w.bytes)
     }
@@ -191,6 +198,11 @@ public enum HostMessage: Equatable, Sendable {
             message = .stdinEOF(runID: try r.u32("run id"))
         case .shutdown:
             message = .shutdown
+        case .signal:
+            let id = try r.u32("run id")
+            let signo = try r.i32("signal")
+            guard (1...64).contains(signo) else { throw .malformed("signal \(signo) is not a Linux signal number") }
+            message = .signal(runID: id, signal: signo)
         case nil:
             throw .malformed("unknown host message type \(type)")
         }

@@ -17,6 +17,8 @@ public struct HostReport: Sendable {
     public let profile: HostProfile
     public let images: [ImageStore.Image]
     public let imagesDirectory: String
+    /// The toolchain image (`--image build`): where it is, or how to build it.
+    public var toolchainImage: String = ""
 
     public var allOK: Bool { checks.allSatisfy(\.ok) }
 
@@ -34,12 +36,22 @@ public struct HostReport: Sendable {
             checks.append(Check(name: kvmPath, ok: false, detail: error.description))
         }
         let images = store.installedImages()
-        let names = Set(images.map(\.name))
-        checks.append(Check(name: "guest kernel", ok: names.contains(ImageStore.kernelName),
-                            detail: names.contains(ImageStore.kernelName) ? store.kernelPath : "not installed: run 'make images'"))
-        var agentDetail = "not installed: run 'make images'"
+        // The same checks `airlock run` makes, so that a missing image and one this user may not
+        // read are told apart (owner, mode), and doctor and run agree.
+        func image(_ what: String, _ path: String, option: String) -> Check {
+            do {
+                _ = try ImageResolution.open(path, what: what, option: option, installed: true)
+                return Check(name: what, ok: true, detail: path)
+            } catch {
+                return Check(name: what, ok: false, detail: error.description)
+            }
+        }
+        checks.append(image("guest kernel", store.kernelPath, option: "--kernel"))
+        let rootfs = image("root filesystem", store.rootfsPath, option: "--rootfs")
+        checks.append(rootfs)
+        var agentDetail = "not checked: the root filesystem above cannot be read"
         var agentOK = false
-        if names.contains(ImageStore.rootfsName) {
+        if rootfs.ok {
             do {
                 try AgentCheck.verify(rootfs: store.rootfsPath, agentPath: SandboxConfig().agentPath)
                 agentOK = true
@@ -49,7 +61,19 @@ public struct HostReport: Sendable {
             }
         }
         checks.append(Check(name: "guest agent", ok: agentOK, detail: agentDetail))
-        return HostReport(checks: checks, profile: profile, images: images, imagesDirectory: store.imagesDirectory)
+        // Optional: its absence is information, not a failure.
+        let toolchain = store.rootfsPath(image: ImageStore.toolchainImage)
+        var toolchainDetail = "not installed (optional: 'make rootfs-build' for airlock run --image build)"
+        if ImageStore.exists(toolchain) {
+            do {
+                try AgentCheck.verify(rootfs: toolchain, agentPath: SandboxConfig().agentPath)
+                toolchainDetail = "\(toolchain) (airlock run --image build)"
+            } catch {
+                toolchainDetail = "\(toolchain) has no usable agent: rebuild it with 'make rootfs-build' (\(error))"
+            }
+        }
+        return HostReport(checks: checks, profile: profile, images: images, imagesDirectory: store.imagesDirectory,
+                          toolchainImage: toolchainDetail)
     }
 
     public var text: String {
@@ -57,13 +81,14 @@ public struct HostReport: Sendable {
         for c in checks { lines.append("\(c.ok ? "ok  " : "FAIL") \(c.name): \(c.detail)") }
         lines.append("     backend: \(profile.backend.rawValue)")
         if profile.backend == .pvm {
-            lines.append("     host profile: kernel command line += \(profile.commandLineParameters.joined(separator: " ")); int3/fwait emulation assists on")
+            lines.append("     host profile: kernel command line += \(profile.commandLineParameters.joined(separator: " ")); the VMM completes int3, fwait, xsave and xrstor for the emulated guest kernel")
         }
         lines.append("     images in \(imagesDirectory):")
         if images.isEmpty { lines.append("       (none: run 'make images')") }
         for i in images {
             lines.append("       \(i.name)  \(i.size) bytes  sha256 \(i.sha256)")
         }
+        if !toolchainImage.isEmpty { lines.append("     toolchain image: \(toolchainImage)") }
         return lines.joined(separator: "\n")
     }
 }

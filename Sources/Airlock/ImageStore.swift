@@ -32,6 +32,29 @@ public struct ImageStore: Sendable {
     public var rootfsPath: String { imagesDirectory + "/" + Self.rootfsName }
     public var initramfsPath: String { imagesDirectory + "/" + Self.initramfsName }
 
+    /// The toolchain image (`make rootfs-build`): `airlock run --image build`.
+    public static let toolchainImage = "build"
+
+    /// The root filesystem `--image NAME` selects: `rootfs-NAME.ext4` beside the
+    /// default `rootfs.ext4` (which `default` names).
+    public func rootfsPath(image name: String) -> String {
+        name == "default" ? rootfsPath : imagesDirectory + "/rootfs-\(name).ext4"
+    }
+
+    /// How to build the image `--image NAME` names.
+    public static func buildHint(image name: String) -> String {
+        switch name {
+        case "default": return "make images"
+        case toolchainImage: return "make rootfs-build"
+        default: return "rootfs/build-debian.sh --name \(name) --agent .build/agent/airlock-init (after make agent)"
+        }
+    }
+
+    /// Whether `name` can name an image (what build-debian.sh --name accepts).
+    public static func isImageName(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == UInt8(ascii: "-") }
+    }
+
     public struct Image: Sendable {
         public let name: String
         public let path: String
@@ -41,11 +64,23 @@ public struct ImageStore: Sendable {
 
     /// The known images that exist, with size and SHA-256.
     public func installedImages() -> [Image] {
-        [Self.kernelName, Self.rootfsName, Self.initramfsName].compactMap { name in
+        ([Self.kernelName, Self.rootfsName, Self.initramfsName] + otherRootFilesystems()).compactMap { name in
             let path = imagesDirectory + "/" + name
             guard let file = try? MappedFile(path: path, role: "image"), let digest = Self.sha256(file.bytes) else { return nil }
             return Image(name: name, path: path, size: file.size, sha256: digest)
         }
+    }
+
+    /// The optional root filesystems installed beside the default (rootfs-NAME.ext4), by name.
+    public func otherRootFilesystems() -> [String] {
+        guard let dir = opendir(imagesDirectory) else { return [] }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name.hasPrefix("rootfs-") && name.hasSuffix(".ext4") { names.append(name) }
+        }
+        return names.sorted()
     }
 
     /// Lower-case hex SHA-256 of `bytes` (OpenSSL), or nil if libcrypto fails.

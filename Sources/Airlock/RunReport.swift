@@ -3,8 +3,8 @@ import FoundationEssentials
 import Glibc
 #endif
 
-/// The `--json` document.
-struct RunReport: Encodable {
+/// The `--json` document (also the receipt `airlock serve` answers with).
+public struct RunReport: Encodable, Sendable {
     let stdout: String
     let stderr: String
     /// The exact bytes, base64, when they are not valid UTF-8 (the text above
@@ -15,13 +15,17 @@ struct RunReport: Encodable {
     let signal: Int32?
     let timedOut: Bool
     let outputTruncated: Bool
+    let stdoutDroppedBytes: UInt64
+    let stderrDroppedBytes: UInt64
     let failure: String?
     let systemEvent: String?
     let timings: RunTimings
+    let artifacts: ArtifactsReport?
+    let artifactsError: String?
     /// Whether the VM was restored from a snapshot (and how long that took) or saved one; null when neither.
     let snapshot: SnapshotUse?
 
-    init(_ r: RunResult) {
+    public init(_ r: RunResult) {
         stdout = r.stdoutText
         stderr = r.stderrText
         stdoutBase64 = Self.base64UnlessText(r.stdout)
@@ -30,9 +34,13 @@ struct RunReport: Encodable {
         signal = r.signal
         timedOut = r.timedOut
         outputTruncated = r.outputTruncated
+        stdoutDroppedBytes = r.stdoutDroppedBytes
+        stderrDroppedBytes = r.stderrDroppedBytes
         failure = r.failure
         systemEvent = r.systemEvent
         timings = r.timings
+        artifacts = r.artifacts.map(ArtifactsReport.init)
+        artifactsError = r.artifactsError
         snapshot = r.snapshot
     }
 
@@ -42,9 +50,11 @@ struct RunReport: Encodable {
 
     // Explicit so that a nil signal or failure is written as null: readers see every key.
     enum CodingKeys: String, CodingKey {
-        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, failure, systemEvent, timings, snapshot
+        case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, stdoutDroppedBytes,
+             stderrDroppedBytes, failure, systemEvent, timings
+        case artifacts, artifactsError, snapshot
     }
-    func encode(to encoder: Encoder) throws {
+    public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(stdout, forKey: .stdout)
         try c.encode(stderr, forKey: .stderr)
@@ -54,10 +64,44 @@ struct RunReport: Encodable {
         try c.encode(signal, forKey: .signal)
         try c.encode(timedOut, forKey: .timedOut)
         try c.encode(outputTruncated, forKey: .outputTruncated)
+        try c.encode(stdoutDroppedBytes, forKey: .stdoutDroppedBytes)
+        try c.encode(stderrDroppedBytes, forKey: .stderrDroppedBytes)
         try c.encode(failure, forKey: .failure)
         try c.encode(systemEvent, forKey: .systemEvent)
         try c.encode(timings, forKey: .timings)
+        try c.encode(artifacts, forKey: .artifacts)
+        try c.encode(artifactsError, forKey: .artifactsError)
         try c.encode(snapshot, forKey: .snapshot)
+    }
+}
+
+/// `artifacts` in the `--json` document: the output directory, every entry
+/// with its path, kind, size, SHA-256 (files), link target (links) and mode,
+/// the bytes written, and the notes about what was neutralised.
+struct ArtifactsReport: Encodable {
+    struct Entry: Encodable {
+        let artifact: Artifact
+        enum CodingKeys: String, CodingKey { case path, kind, size, sha256, linkTarget, mode }
+        func encode(to encoder: Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(artifact.path, forKey: .path)
+            try c.encode(artifact.kind.rawValue, forKey: .kind)
+            try c.encode(artifact.size, forKey: .size)
+            try c.encode(artifact.sha256, forKey: .sha256)
+            try c.encode(artifact.linkTarget, forKey: .linkTarget)
+            try c.encode(String(artifact.mode, radix: 8), forKey: .mode)
+        }
+    }
+    let directory: String
+    let files: [Entry]
+    let totalBytes: UInt64
+    let notes: [String]
+
+    init(_ r: ArtifactReport) {
+        directory = r.directory
+        files = r.artifacts.map(Entry.init)
+        totalBytes = r.totalBytes
+        notes = r.notes
     }
 }
 

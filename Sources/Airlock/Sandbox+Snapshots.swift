@@ -1,85 +1,87 @@
 import AirlockOS
 import Logging
+import SessionProtocol
 import Snapshot
 import VMM
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// What a session does with a snapshot (the engine under `Sandbox` and the jailed VMM).
-enum SessionSnapshot {
-    case none
-    /// Build the VM from this checked snapshot instead of booting it.
-    case restore(SnapshotFile)
-    /// Boot, then save the idle VM into `fd` (named `path`) before the first command.
-    case save(fd: Int32, path: String, kernelSHA256: String, rootfsSHA256: String)
-}
-
 extension Sandbox {
     /// Builds a sandbox from a snapshot file instead of booting one: the VM
     /// the snapshot saved, with this configuration's root filesystem
     /// (reopened read-only) and new console ports, ready to run commands; its
     /// clock and random pool are renewed before each command. The snapshot is
-    /// checked whole before any VM exists: a damaged one, or one made from
-    /// other images, another configuration or on another kind of host, throws
-    /// naming the file and what to do. Cancelling the task stops the VM.
+    /// checked whole here, before any VM exists: a damaged one, or one made
+    /// from other images, another configuration or on another kind of host,
+    /// throws naming the file and what to do. The VMM gets the file as a
+    /// descriptor and maps its RAM image copy-on-write; it is jailed like any
+    /// other (`config.isolation`). Cancelling the task stops the VM.
     public static func restore(from path: String, config: SandboxConfig, requestedAt: UInt64? = nil,
                                logger: Logger = Logger(label: "airlock.sandbox")) async throws(SandboxError) -> Sandbox {
         let start = requestedAt ?? monotonicNanoseconds()
-        let handle = SessionHandle()
-        return try await cancellable(handle) { () throws(SandboxError) -> Sandbox in
-            let images = try ImageResolution.resolve(config)
-            let profile = config.hostProfile ?? .detect()
+        let handle = StopHandle()
+        let client = try await cancellable(handle) { () throws(SandboxError) -> SessionClient in
             var c = config
-            c.hostProfile = profile
-            let store = SnapshotStore()
-            let requirements = try store.inputs(for: c, kernelPath: images.kernel, rootfsPath: images.rootfs, hostProfile: profile).requirements()
-            let snapshot: SnapshotFile
-            do throws(SnapshotError) { snapshot = try store.openChecked(path, requirements: requirements) } catch {
-                throw .invalidConfiguration(error.description)
-            }
-            let session = try VMSession(config: c, kernelPath: images.kernel, rootfsPath: images.rootfs, requestedAt: start,
-                                        logger: logger, snapshot: snapshot)
-            handle.set(session)
-            try session.start()
-            return Sandbox(session: session)
+            c.hostProfile = config.hostProfile ?? .detect()
+            let checked = try checkSnapshot(path, config: c, store: SnapshotStore())
+            try handle.check()
+            return try SessionClient.boot(c, requestedAt: start, logger: logger, stop: handle, snapshot: checked)
         }
+        return Sandbox(client: client)
+    }
+
+    /// Opens `path` and checks it whole against what `config` would boot from on this host.
+    static func checkSnapshot(_ path: String, config: SandboxConfig, store: SnapshotStore) throws(SandboxError) -> CheckedSnapshot {
+        let started = monotonicNanoseconds()
+        guard config.disks.isEmpty else {
+            throw .invalidConfiguration("a sandbox with disks (a workspace or --disk) cannot be restored from a snapshot: a snapshot holds no disks; boot it cold")
+        }
+        let paths = ImagePaths(config)
+        let inputs = try store.inputs(for: config, kernelPath: paths.kernel, rootfsPath: paths.rootfs, hostProfile: config.hostProfile ?? .detect())
+        let file: SnapshotFile
+        do throws(SnapshotError) { file = try store.openChecked(path, requirements: inputs.requirements(kvmPath: config.kvmPath)) } catch {
+            throw .invalidConfiguration(error.description)
+        }
+        var info = stat()
+        let allocated = fstat(file.file.rawValue, &info) == 0 ? UInt64(info.st_blocks) * 512 : 0
+        return CheckedSnapshot(file: file, checkMs: Double(monotonicNanoseconds() - started) / 1e6, allocatedBytes: allocated)
     }
 
     /// Saves this sandbox as a snapshot file at `path` (replacing what is
     /// there), for `restore(from:)`: only a sandbox that booted and has run no
-    /// command yet, so the snapshot holds nothing of any command. The VM is
-    /// paused while its memory is written, then goes on. The file is written
-    /// beside `path` and renamed into place once it checks out whole.
+    /// command yet, so the snapshot holds nothing of any command. The file is
+    /// made here, beside `path`, and its descriptor sent to the VMM, which
+    /// pauses the VM while it writes its state and touched pages into it;
+    /// the VM then goes on. What the VMM wrote is checked whole here before it
+    /// is renamed into place.
     public func saveSnapshot(to path: String) async throws(SandboxError) -> SnapshotUse {
-        let session = self.session
+        let client = self.client
         return try await Self.onThread { () throws(SandboxError) -> SnapshotUse in
             let started = monotonicNanoseconds()
             let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
             // The file is made beside `path`; the digest cache stays in the data directory.
             let store = SnapshotStore(directory: directory.isEmpty ? "/" : directory, cacheDirectory: SnapshotStore().directory)
-            let cache = store.digestCache
-            let inputs = try store.inputs(for: session.config, kernelPath: session.kernelPath, rootfsPath: session.rootfsPath,
-                                          hostProfile: session.machine.config.hostProfile)
+            let inputs = try client.snapshotInputs(store: store)
             let temporary = try store.temporaryFile(forKey: inputs.key)
+            let report: SnapshotSaveReport
             do throws(SandboxError) {
-                _ = try session.saveSnapshot(into: temporary.fd.rawValue, path: temporary.path,
-                                             kernelSHA256: inputs.kernelSHA256, rootfsSHA256: inputs.rootfsSHA256)
+                report = try client.saveSnapshot(inputs.save(name: temporary.path), into: temporary.fd.rawValue)
             } catch {
                 unlink(temporary.path)
                 throw error
             }
-            do {
-                let installed = try store.install(temporary.path, key: inputs.key, requirements: inputs.requirements())
-                guard rename(installed, path) == 0 || installed == path else {
-                    throw SandboxError.invalidConfiguration("cannot move the snapshot to \(path): \(String(cString: strerror(errno)))")
+            do throws(SnapshotError) {
+                let installed = try store.install(temporary.path, key: inputs.key, requirements: inputs.requirements(kvmPath: client.config.kvmPath))
+                guard installed == path || rename(installed, path) == 0 else {
+                    throw .io(path: path, SystemError("rename", subject: installed, errno: errno))
                 }
-                if let file = try? SnapshotFile.open(path) { cache.markVerified(snapshot: path, file: file.file) }
+                if let file = try? SnapshotFile.open(path) { store.digestCache.markVerified(snapshot: path, file: file.file) }
                 var info = stat()
-                let allocated = stat(path, &info) == 0 ? UInt64(info.st_blocks) * 512 : 0
-                return SnapshotUse(path: path, restored: false, saveMs: Double(monotonicNanoseconds() - started) / 1e6, allocatedBytes: allocated)
-            } catch let e as SandboxError {
-                throw e
+                let allocated = stat(path, &info) == 0 ? UInt64(info.st_blocks) * 512 : report.allocatedBytes
+                var use = SnapshotUse(path: path, restored: false, saveMs: Double(monotonicNanoseconds() - started) / 1e6, allocatedBytes: allocated)
+                use.writeMs = report.writeMs
+                return use
             } catch {
                 throw .vmm("the snapshot written for \(path) did not check out: \(error)")
             }
@@ -87,112 +89,126 @@ extension Sandbox {
     }
 
     /// Boots a VM, saves it into the snapshot store for its inputs (replacing
-    /// what is there) and shuts it down, in this process: `airlock snapshot
-    /// create --no-jail`. `JailedRun.createSnapshot` is the jailed way.
+    /// what is there) and shuts it down: `airlock snapshot create`. Jailed or
+    /// not as `config.isolation` says.
     public static func createSnapshotBlocking(config: SandboxConfig, requestedAt: UInt64, logger: Logger,
-                                              hooks: SessionHooks = SessionHooks()) throws(SandboxError) -> SnapshotUse {
-        let images = try ImageResolution.resolve(config)
+                                              stop: StopHandle = StopHandle()) throws(SandboxError) -> SnapshotUse {
+        guard config.disks.isEmpty else {
+            throw .invalidConfiguration("a snapshot holds no disks: give no --disk to 'airlock snapshot create'")
+        }
         var c = config
         c.hostProfile = config.hostProfile ?? .detect()
         c.snapshots = .none
         let store = SnapshotStore()
-        let inputs = try store.inputs(for: c, kernelPath: images.kernel, rootfsPath: images.rootfs, hostProfile: c.hostProfile!)
-        let plan = SnapshotPlan(action: .bootAndSave, inputs: inputs, requirements: inputs.requirements(), store: store)
-        let temporary = try store.temporaryFile(forKey: inputs.key)
-        let (_, report) = try runSession(nil, config: c, kernelPath: images.kernel, rootfsPath: images.rootfs, requestedAt: requestedAt,
-                                         logger: logger, hooks: hooks,
-                                         snapshot: .save(fd: temporary.fd.rawValue, path: temporary.path,
-                                                         kernelSHA256: inputs.kernelSHA256, rootfsSHA256: inputs.rootfsSHA256))
-        guard let use = plan.installWritten(temporary.path, report: report, logger: logger) else {
-            throw .vmm("the VM booted but no snapshot was saved (the warning above says why)")
-        }
+        let paths = ImagePaths(c)
+        _ = try ImageResolution.resolve(c)  // a missing image is named before anything is hashed
+        let inputs = try store.inputs(for: c, kernelPath: paths.kernel, rootfsPath: paths.rootfs, hostProfile: c.hostProfile!)
+        let plan = SnapshotPlan(action: .bootAndSave, inputs: inputs, requirements: inputs.requirements(kvmPath: c.kvmPath), store: store)
+        let client = try bootBlocking(c, requestedAt: requestedAt, logger: logger, stop: stop)
+        defer { client.terminate() }
+        let use = try plan.saveInto(client, logger: logger, warnOnly: false)
+        client.shutdown()
+        guard let use else { throw .vmm("the VM booted but no snapshot was saved") }
         return use
     }
 
     /// One command in a VM that is restored from, or saves into, the
-    /// snapshot store (`SnapshotPolicy.automatic`), in this process.
+    /// snapshot store (`SnapshotPolicy.automatic`): `airlock run`.
     static func runUsingSnapshotStore(_ command: Command, config: SandboxConfig, requestedAt: UInt64, logger: Logger,
-                                      hooks: SessionHooks) throws(SandboxError) -> RunResult {
-        let images = try ImageResolution.resolve(config)
+                                      stop: StopHandle) throws(SandboxError) -> RunResult {
         var c = config
         c.hostProfile = config.hostProfile ?? .detect()
-        let planned = monotonicNanoseconds()
-        guard let plan = try SnapshotPlan.make(c, kernelPath: images.kernel, rootfsPath: images.rootfs,
-                                               hostProfile: c.hostProfile!, logger: logger) else {
-            c.snapshots = .none
-            return try runBlocking(command, config: c, requestedAt: requestedAt, logger: logger, hooks: hooks)
-        }
         c.snapshots = .none
-        switch plan.action {
-        case let .restore(path):
-            let snapshot: SnapshotFile
-            do { snapshot = try SnapshotFile.open(path) } catch { throw .invalidConfiguration(error.description) }
-            let checkMs = Double(monotonicNanoseconds() - planned) / 1e6
-            var result = try runSession(command, config: c, kernelPath: images.kernel, rootfsPath: images.rootfs, requestedAt: requestedAt,
-                                        logger: logger, hooks: hooks, snapshot: .restore(snapshot)).result
-            result.snapshot?.checkMs = checkMs
-            return result
-        case .bootAndSave:
-            let temporary = try plan.store.temporaryFile(forKey: plan.inputs.key)
-            var (result, report) = try runSession(
-                command, config: c, kernelPath: images.kernel, rootfsPath: images.rootfs, requestedAt: requestedAt, logger: logger,
-                hooks: hooks, snapshot: .save(fd: temporary.fd.rawValue, path: temporary.path,
-                                              kernelSHA256: plan.inputs.kernelSHA256, rootfsSHA256: plan.inputs.rootfsSHA256))
-            result.snapshot = plan.installWritten(temporary.path, report: report, logger: logger)
-            return result
-        }
-    }
-
-    /// The session under every run: boot (saving a snapshot first when asked)
-    /// or restore, then the command, then the VM's end. Returns the result
-    /// and what the save wrote (nil when nothing was saved). A snapshot that
-    /// cannot be saved costs a warning, not the run.
-    static func runSession(_ command: Command?, config: SandboxConfig, kernelPath: String, rootfsPath: String, requestedAt: UInt64,
-                           logger: Logger, hooks: SessionHooks, snapshot: SessionSnapshot) throws(SandboxError) -> (result: RunResult, saved: SnapshotWriteReport?) {
-        var restoring: SnapshotFile?
-        if case let .restore(file) = snapshot { restoring = file }
-        let session = try VMSession(config: config, kernelPath: kernelPath, rootfsPath: rootfsPath, requestedAt: requestedAt,
-                                    logger: logger, hooks: hooks, snapshot: restoring)
-        var saved: SnapshotWriteReport?
-        if restoring != nil {
-            try session.start()
-        } else {
-            try session.boot()
-            if case let .save(fd, path, kernelSHA256, rootfsSHA256) = snapshot {
-                do {
-                    saved = try session.saveSnapshot(into: fd, path: path, kernelSHA256: kernelSHA256, rootfsSHA256: rootfsSHA256)
-                } catch {
-                    logger.warning("no snapshot was saved: \(error)")
-                }
+        let paths = ImagePaths(c)
+        _ = try ImageResolution.resolve(c)  // a missing image is named before anything is hashed
+        let planned = monotonicNanoseconds()
+        var plan = try SnapshotPlan.make(c, kernelPath: paths.kernel, rootfsPath: paths.rootfs, hostProfile: c.hostProfile!, logger: logger)
+        if let file = plan.checked {
+            var info = stat()
+            let allocated = fstat(file.file.rawValue, &info) == 0 ? UInt64(info.st_blocks) * 512 : 0
+            let checked = CheckedSnapshot(file: file, checkMs: Double(monotonicNanoseconds() - planned) / 1e6, allocatedBytes: allocated)
+            do throws(SandboxError) {
+                let client = try bootBlocking(c, requestedAt: requestedAt, logger: logger, stop: stop, snapshot: checked)
+                defer { client.terminate() }
+                return try client.run(command, shutdownAfter: true)
+            } catch let SandboxError.invalidConfiguration(why) where !stop.stopped {
+                // The VMM refused it before building a VM (a CPU or TSC check the supervisor
+                // cannot make): boot cold and replace it.
+                logger.warning("\(why); booting without it, and replacing it")
+                plan = plan.bootingCold()
             }
         }
-        guard let command else {
-            session.shutdown()
-            return (RunResult(), saved)
+        return try runSaving(command, config: c, plan: plan, requestedAt: requestedAt, logger: logger, stop: stop)
+    }
+
+    /// Boots cold, saves the idle VM into the store (a save that fails costs a warning, not
+    /// the run), then runs the command.
+    private static func runSaving(_ command: Command, config: SandboxConfig, plan: SnapshotPlan, requestedAt: UInt64, logger: Logger,
+                                  stop: StopHandle) throws(SandboxError) -> RunResult {
+        let client = try bootBlocking(config, requestedAt: requestedAt, logger: logger, stop: stop)
+        defer { client.terminate() }
+        let saved = try plan.saveInto(client, logger: logger, warnOnly: true)
+        var result = try client.run(command, shutdownAfter: true)
+        result.snapshot = saved
+        return result
+    }
+}
+
+/// The kernel and root filesystem paths a configuration boots from.
+struct ImagePaths {
+    let kernel: String, rootfs: String
+    init(_ config: SandboxConfig, store: ImageStore = ImageStore()) {
+        kernel = config.kernelPath ?? store.kernelPath
+        rootfs = config.rootfsPath ?? store.rootfsPath
+    }
+}
+
+extension SnapshotInputs {
+    /// The save request for a snapshot of these inputs, written into the file named `name`.
+    func save(name: String) -> SnapshotSave {
+        SnapshotSave(name: name, kernelSHA256: kernelSHA256, rootfsSHA256: rootfsSHA256, createdAt: UInt64(max(0, time(nil))))
+    }
+}
+
+extension SessionClient {
+    /// The inputs of the snapshot this sandbox would be saved as.
+    func snapshotInputs(store: SnapshotStore) throws(SandboxError) -> SnapshotInputs {
+        guard config.disks.isEmpty else {
+            throw .invalidConfiguration("a sandbox with disks (a workspace or --disk) cannot be saved as a snapshot: a snapshot holds no disks")
         }
-        return (try session.run(command, shutdownAfter: true), saved)
+        return try store.inputs(for: config, kernelPath: kernelPath, rootfsPath: rootfsPath, hostProfile: hostProfile)
     }
 }
 
 extension SnapshotPlan {
-    /// Checks the snapshot a run wrote into `temporaryPath` and puts it into
-    /// the store; returns what the receipt says of it (nil, with a warning,
-    /// when nothing usable was written).
-    func installWritten(_ temporaryPath: String, report: SnapshotWriteReport?, logger: Logger) -> SnapshotUse? {
-        guard let report else {
-            unlink(temporaryPath)
+    /// The same inputs, booting cold and saving anew.
+    func bootingCold() -> SnapshotPlan { SnapshotPlan(action: .bootAndSave, inputs: inputs, requirements: requirements, store: store) }
+
+    /// Saves the booted, idle VM of `client` into a new file in the store, checks what its
+    /// VMM wrote, and installs it; returns what the receipt says of it. With `warnOnly`, a
+    /// save that fails is a warning and nil (the run goes on without a snapshot).
+    func saveInto(_ client: SessionClient, logger: Logger, warnOnly: Bool) throws(SandboxError) -> SnapshotUse? {
+        let temporary = try store.temporaryFile(forKey: inputs.key)
+        defer { unlink(temporary.path) }
+        let report: SnapshotSaveReport
+        do throws(SandboxError) {
+            report = try client.saveSnapshot(inputs.save(name: temporary.path), into: temporary.fd.rawValue)
+        } catch {
+            guard warnOnly else { throw error }
+            logger.warning("no snapshot was saved: \(error)")
             return nil
         }
         let started = monotonicNanoseconds()
-        do {
-            let path = try store.install(temporaryPath, key: inputs.key, requirements: requirements)
+        do throws(SnapshotError) {
+            let path = try store.install(temporary.path, key: inputs.key, requirements: requirements)
             let checkMs = Double(monotonicNanoseconds() - started) / 1e6
             var info = stat()
             let allocated = stat(path, &info) == 0 ? UInt64(info.st_blocks) * 512 : report.allocatedBytes
-            var use = SnapshotUse(path: path, restored: false, saveMs: report.seconds * 1000 + checkMs, allocatedBytes: allocated)
-            use.writeMs = report.seconds * 1000
+            var use = SnapshotUse(path: path, restored: false, saveMs: report.pausedMs + checkMs, checkMs: checkMs, allocatedBytes: allocated)
+            use.writeMs = report.writeMs
             return use
         } catch {
+            guard warnOnly else { throw .vmm("the snapshot the VMM wrote was not kept: \(error)") }
             logger.warning("the snapshot this run wrote was not kept: \(error)")
             return nil
         }

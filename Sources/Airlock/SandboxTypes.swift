@@ -1,4 +1,6 @@
 import AgentProtocol
+import Logging
+import SandboxEngine
 import VMM
 
 /// The virtual machine a sandbox runs in.
@@ -16,13 +18,41 @@ public struct SandboxConfig: Sendable, Codable, Equatable {
     public var extraKernelCommandLine: String = ""
     /// Where the agent is in the root filesystem (passed as init=).
     public var agentPath: String = "/sbin/airlock-init"
-    /// Copy the guest kernel's console to this host fd as it is written (debugging); nil keeps it in memory.
+    /// Copy the guest kernel's console to this host fd as it is written (debugging); nil keeps it
+    /// in memory. A jailed VMM's own log lines go there too (its stderr is this fd, or 2).
     public var consoleFD: Int32?
-    /// The host's KVM backend quirks; nil detects them (a jailed VMM cannot: /sys is outside its jail).
+    /// The host's KVM backend quirks; nil detects them, here in the caller's process (a jailed
+    /// VMM could not: /sys is outside its jail).
     public var hostProfile: HostProfile?
     /// Whether `Sandbox.runBlocking` and `airlock run` restore from (and save
     /// into) the snapshot store; `Sandbox.restore` and `saveSnapshot` use files directly.
     public var snapshots: SnapshotPolicy = .none
+    /// The KVM device the caller can open; the VMM gets this descriptor, never a node of its own.
+    public var kvmPath: String = "/dev/kvm"
+    /// Where the VMM runs. `.jailed` (the default) needs root.
+    public var isolation: Isolation = .jailed
+    /// The `airlock-vmm` executable that becomes the jailed VMM; nil: `$AIRLOCK_VMM`, else the
+    /// `airlock-vmm` installed beside this program (`swift build` puts it beside `airlock`).
+    public var vmmExecutable: String?
+    /// The VMM's own log level (its lines go to its stderr).
+    public var vmmLogLevel: Logger.Level = .warning
+    /// The first part of the jail's name (vm-<pid>-<n>): tests tell their jails apart by it.
+    var jailTag = "vm"
+    /// Images attached after the root filesystem, as /dev/vdb, /dev/vdc, ... (BuildStepTypes.swift).
+    public var disks: [Disk] = []
+    #if DEBUG
+    /// Tests only: a forbidden system call the jailed VMM makes once its filters are on
+    /// ("main:execve"), to prove they hold. Not in release builds.
+    public var testViolation: String?
+    #endif
+
+    public enum Isolation: String, Sendable, Codable, Equatable {
+        /// A separate `airlock-vmm` process in its own namespaces, cgroup and seccomp filters,
+        /// as an unprivileged uid with no capabilities (docs/security.md).
+        case jailed
+        /// UNSAFE, for debugging: the same VMM on a thread of this process, unconfined.
+        case unjailed
+    }
 
     public init(kernelPath: String? = nil, rootfsPath: String? = nil, memoryMiB: Int = 256, cpus: Int = 1) {
         self.kernelPath = kernelPath
@@ -67,6 +97,10 @@ public struct Command: Sendable {
     /// Per stream: bytes beyond it are dropped and the result is flagged. nil: unlimited when
     /// streaming, `Command.captureLimit` when captured.
     public var maxOutputBytes: Int?
+    /// A host directory copied into the guest (and the default working directory); one-shot runs only.
+    public var workspace: Workspace?
+    /// Files to bring back from the workspace after the command (BuildStepTypes.swift).
+    public var artifacts: ArtifactRequest?
 
     /// The most a captured stream keeps when no `maxOutputBytes` is given.
     public static let captureLimit = 64 << 20
@@ -90,6 +124,11 @@ public struct RunResult: Sendable, Codable, Equatable {
     public var timedOut = false
     /// Some output went past `maxOutputBytes` and was dropped.
     public var outputTruncated = false
+    /// How many bytes of each stream were dropped past `maxOutputBytes`.
+    public var stdoutDroppedBytes: UInt64 = 0
+    public var stderrDroppedBytes: UInt64 = 0
+    /// The command's stderr ended without a newline (a notice printed after it needs one first).
+    public var stderrEndsMidLine = false
     /// Why the command did not run, when it did not.
     public var failure: String?
     /// How the VM ended ("reset on vCPU 0: ..."), nil while it still runs (sessions) or when the host stopped it.
@@ -98,6 +137,10 @@ public struct RunResult: Sendable, Codable, Equatable {
     /// and saved one before the command; nil when it used none.
     public var snapshot: SnapshotUse?
     public var timings = RunTimings()
+    /// What came back from the workspace (`Command.artifacts`); nil when nothing was asked or it was refused.
+    public var artifacts: ArtifactReport?
+    /// Why the artifacts were refused or not collected; nothing was kept in the output directory then.
+    public var artifactsError: String?
 
     public init() {}
 
@@ -126,8 +169,9 @@ public struct SnapshotUse: Sendable, Codable, Equatable {
     /// The bytes the snapshot takes on disk.
     public var allocatedBytes: UInt64 = 0
 
-    public init(path: String, restored: Bool, restoreMs: Double = 0, saveMs: Double = 0, allocatedBytes: UInt64 = 0) {
-        self.path = path; self.restored = restored; self.restoreMs = restoreMs; self.saveMs = saveMs; self.allocatedBytes = allocatedBytes
+    public init(path: String, restored: Bool, restoreMs: Double = 0, saveMs: Double = 0, checkMs: Double = 0, allocatedBytes: UInt64 = 0) {
+        self.path = path; self.restored = restored; self.restoreMs = restoreMs; self.saveMs = saveMs; self.checkMs = checkMs
+        self.allocatedBytes = allocatedBytes
     }
 }
 
@@ -146,26 +190,15 @@ public struct RunTimings: Sendable, Codable, Equatable {
     /// From the exit report to the VM's end: output drained, disks synced, reboot.
     public var shutdownMs: Double = 0
     public var totalMs: Double = 0
+    /// Building the workspace image from the host directory, before the VM (0 without a workspace).
+    public var workspaceMs: Double = 0
+    /// Copying the artifacts out of the workspace image, after the VM (0 without artifacts).
+    public var artifactsMs: Double = 0
     public init() {}
 }
 
-/// Exit statuses with a meaning of their own, shared with the CLI.
-public enum SandboxExitCode {
-    public static let timeout: Int32 = 124
-    public static let airlockFailed: Int32 = 125
-    public static let notExecutable: Int32 = 126
-    public static let commandNotFound: Int32 = 127
-}
-
-extension RunFailure {
-    var exitCode: Int32 {
-        switch self {
-        case .commandNotFound: return SandboxExitCode.commandNotFound
-        case .notExecutable: return SandboxExitCode.notExecutable
-        case .setup: return SandboxExitCode.airlockFailed
-        }
-    }
-}
+/// Exit statuses with a meaning of their own, shared with the CLI (the VMM's `RunExitCode`).
+public typealias SandboxExitCode = RunExitCode
 
 /// Everything that makes a sandbox fail (as opposed to the command failing).
 public enum SandboxError: Error, CustomStringConvertible, Sendable {

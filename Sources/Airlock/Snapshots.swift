@@ -2,6 +2,7 @@ import AirlockOS
 import FoundationEssentials
 import KVM
 import Logging
+import SandboxEngine
 import Snapshot
 import VMM
 #if canImport(Glibc)
@@ -99,7 +100,8 @@ public struct SnapshotStore: Sendable {
         let cache = digestCache
         return SnapshotInputs(kernelSHA256: try cache.sha256(of: kernelPath, role: "guest kernel"),
                               rootfsSHA256: try cache.sha256(of: rootfsPath, role: "root filesystem"),
-                              commandLine: VMSession.bootCommandLine(c, hostProfile: hostProfile),
+                              commandLine: SessionCommandLine.whole(hostProfile: hostProfile, diskCount: 0, agentPath: config.agentPath,
+                                                                    copyConsole: config.consoleFD != nil, extra: config.extraKernelCommandLine) ?? "",
                               memoryBytes: UInt64(config.memoryMiB) << 20, vcpuCount: config.cpus, hostProfile: hostProfile)
     }
 
@@ -289,18 +291,19 @@ struct SnapshotPlan: Sendable {
     let inputs: SnapshotInputs
     let requirements: SnapshotRequirements
     let store: SnapshotStore
+    /// The snapshot to restore, opened and checked whole (nil when booting).
+    var checked: SnapshotFile? = nil
 
-    /// The plan for `config` (nil when it uses no snapshots). A snapshot in
-    /// the store that cannot be used (damaged, or made on another host) is
-    /// refused here, before any VM: the run then boots cold and replaces it,
-    /// and the warning names the file and says why.
+    /// The plan for `config`. A snapshot in the store that cannot be used
+    /// (damaged, or made on another host) is refused here, before any VM: the
+    /// run then boots cold and replaces it, and the warning names the file and
+    /// says why.
     static func make(_ config: SandboxConfig, kernelPath: String, rootfsPath: String, hostProfile: HostProfile,
-                     store: SnapshotStore = SnapshotStore(), logger: Logger) throws(SandboxError) -> SnapshotPlan? {
-        guard config.snapshots == .automatic else { return nil }
+                     store: SnapshotStore = SnapshotStore(), logger: Logger) throws(SandboxError) -> SnapshotPlan {
         let t0 = monotonicNanoseconds()
         let inputs = try store.inputs(for: config, kernelPath: kernelPath, rootfsPath: rootfsPath, hostProfile: hostProfile)
         let t1 = monotonicNanoseconds()
-        let requirements = inputs.requirements()
+        let requirements = inputs.requirements(kvmPath: config.kvmPath)
         let t2 = monotonicNanoseconds()
         defer {
             func ms(_ a: UInt64, _ b: UInt64) -> String { "\(Double(b &- a) / 1e6) ms" }
@@ -311,8 +314,8 @@ struct SnapshotPlan: Sendable {
             return SnapshotPlan(action: .bootAndSave, inputs: inputs, requirements: requirements, store: store)
         }
         do {
-            _ = try store.openChecked(path, requirements: requirements)
-            return SnapshotPlan(action: .restore(path: path), inputs: inputs, requirements: requirements, store: store)
+            let file = try store.openChecked(path, requirements: requirements)
+            return SnapshotPlan(action: .restore(path: path), inputs: inputs, requirements: requirements, store: store, checked: file)
         } catch {
             logger.warning("\(error.description); booting without it, and replacing it")
             return SnapshotPlan(action: .bootAndSave, inputs: inputs, requirements: requirements, store: store)

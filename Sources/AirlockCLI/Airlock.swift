@@ -13,7 +13,7 @@ struct AirlockCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "airlock",
         abstract: "Run untrusted code in disposable KVM micro-VMs.",
-        subcommands: [Run.self, SnapshotCommand.self, Boot.self, Doctor.self, VMMProcess.self])
+        subcommands: [Run.self, Serve.self, SnapshotCommand.self, Boot.self, Doctor.self])
 
     /// ArgumentParser's main, except that bad usage exits 125 (as with `docker run`):
     /// 64 could be the command's own status, and scripts test for 125 as "Airlock failed".
@@ -34,11 +34,12 @@ struct AirlockCommand: ParsableCommand {
     }
 }
 
-/// Exit statuses shared by the subcommands.
+/// Exit statuses shared by the subcommands: the run's own (`SandboxExitCode`, one place for
+/// them), and `airlock boot`'s crash.
 enum ExitStatus {
     static let crash: Int32 = 2
-    static let timeout: Int32 = 124
-    static let airlockFailed: Int32 = 125
+    static let timeout = SandboxExitCode.timeout
+    static let airlockFailed = SandboxExitCode.airlockFailed
 }
 
 struct LoggingOptions: ParsableArguments {
@@ -109,7 +110,7 @@ struct Boot: ParsableCommand {
         var rootfsPath = rootfs
         if kernel == nil && initrd == nil && rootfs == nil { rootfsPath = store.rootfsPath }
         var extra = cmdline
-        if rootfsPath != nil { extra = "root=/dev/vda ro rootfstype=ext4 " + extra }
+        if rootfsPath != nil { extra = Machine.rootFilesystemCommandLine() + " " + extra }
 
         var config = MachineConfig()
         config.memoryBytes = UInt64(memory) << 20
@@ -130,17 +131,6 @@ struct Boot: ParsableCommand {
             printError("airlock: \(error)")
             throw ExitCode(ExitStatus.airlockFailed)
         }
-    }
-}
-
-/// The jailed VMM that `airlock run` starts (not for people to call).
-struct VMMProcess: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: JailedRun.subcommand, abstract: "The jailed VMM process of 'airlock run' (internal).",
-        shouldDisplay: false)
-
-    func run() throws {
-        throw ExitCode(JailedRun.vmmMain())
     }
 }
 

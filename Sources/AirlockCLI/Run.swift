@@ -6,6 +6,7 @@ import FoundationEssentials
 import Glibc
 #endif
 import Logging
+import Synchronization
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -27,11 +28,18 @@ struct Run: ParsableCommand {
             The VMM runs in a jail (its own namespaces, a pivot_root directory, a cgroup, no \
             capabilities, seccomp; see docs/security.md), which needs root; --no-jail is for debugging only.
 
+            Build steps (docs/build-steps.md): --workspace DIR copies DIR into the guest at /workspace \
+            (the command's working directory), --output OUT brings back what the command left in \
+            /workspace/out, checked as hostile input; a refused artifact exits 125 and keeps nothing. \
+            --image build boots the toolchain image (make rootfs-build). Example: \
+            airlock run --image build --workspace ./hello --output ./built -- sh -c 'make && mkdir -p out && cp hello out/'
+
             Snapshots: the first run with a given kernel, root filesystem, memory size and command line \
             boots the VM, saves it once the agent is ready (before the command runs) in Airlock's data \
             directory, and later runs restore it instead of booting; each restored guest gets the host's \
             time and fresh randomness before the command starts (see 'airlock snapshot --help' and \
-            docs/snapshots.md). --no-snapshot boots cold and saves nothing.
+            docs/snapshots.md). --no-snapshot boots cold and saves nothing; a run with --workspace or --disk \
+            always boots cold (a snapshot holds no disks).
             """)
 
     @Option(help: "The guest kernel (vmlinux or bzImage). Default: the installed image (make images).")
@@ -40,28 +48,30 @@ struct Run: ParsableCommand {
     @Option(help: "The root filesystem (ext4 holding Airlock's agent at /sbin/airlock-init), attached read-only. Default: the installed image.")
     var rootfs: String?
 
-    @Option(help: "Guest memory: MiB, or a size with an M or G suffix (256, 512M, 1G).")
+    // Numbers are parsed `.unconditional`: "--memory -5" must reach the validation below
+    // (which says what is wrong), not read as an unknown option "-5".
+    @Option(parsing: .unconditional, help: "Guest memory: MiB, or a size with an M or G suffix (256, 512M, 1G).")
     var memory: String = "256"
 
-    @Option(help: "Virtual CPUs (1 until SMP support lands).")
+    @Option(parsing: .unconditional, help: "Virtual CPUs (1 until SMP support lands).")
     var cpus: Int = 1
 
     @Option(name: .customLong("env"), help: "Set NAME=VALUE in the command's environment, or NAME to copy this process's value (repeatable).")
     var environment: [String] = []
 
-    @Option(help: "The command's working directory in the guest.")
-    var workdir: String = "/"
+    @Option(help: "The command's working directory in the guest (default: the workspace, else /).")
+    var workdir: String?
 
-    @Option(help: "Run as NAME, UID, NAME:GROUP or UID:GID (from the guest's /etc/passwd and /etc/group). Default: root.")
-    var user: String = ""
+    @Option(help: "Run as NAME, UID, NAME:GROUP or UID:GID (from the guest's /etc/passwd and /etc/group, checked before the boot). Default: root.")
+    var user: String?
 
-    @Option(help: "Destroy the VM when the command has run this many seconds (exit status 124).")
+    @Option(parsing: .unconditional, help: "Destroy the VM when the command has run this many seconds (exit status 124).")
     var timeout: Double?
 
-    @Option(help: "Seconds the guest may take to boot to its agent.")
+    @Option(parsing: .unconditional, help: "Seconds the guest may take to boot to its agent.")
     var bootTimeout: Double = 300
 
-    @Option(help: "Keep at most this many bytes of each of stdout and stderr (K, M, G suffixes allowed); the rest is dropped and flagged. Default: unlimited when streaming, 64M with --json.")
+    @Option(parsing: .unconditional, help: "Keep at most this many bytes of each of stdout and stderr (K, M, G suffixes allowed); the rest is dropped, and a notice on stderr says which stream and how much. Default: unlimited when streaming, 64M with --json.")
     var maxOutput: String?
 
     @Flag(help: "Print one JSON document (output, with its exact bytes in base64 where they are not UTF-8; exit code, signal, timeout, truncation, system event, timings, the snapshot restored or saved) instead of streaming.")
@@ -79,8 +89,13 @@ struct Run: ParsableCommand {
     @Option(help: "Extra kernel command-line parameters.")
     var cmdline: String = ""
 
+    #if DEBUG
+    // Tests only (debug builds): a forbidden system call the jailed VMM makes once its filters are on.
     @Option(help: .hidden)
     var testViolation: String?
+    #endif
+
+    @OptionGroup(title: "Build steps") var buildStep: BuildStepOptions
 
     @OptionGroup var logging: LoggingOptions
 
@@ -101,9 +116,14 @@ struct Run: ParsableCommand {
         }
         _ = try cli(SizeArgument.mebibytes(memory, option: "--memory"))
         if let maxOutput { _ = try cli(SizeArgument.bytes(maxOutput, option: "--max-output")) }
-        if let timeout, !(timeout > 0) { throw ValidationError("--timeout \(timeout) is not a positive number of seconds") }
-        guard bootTimeout > 0 else { throw ValidationError("--boot-timeout \(bootTimeout) is not a positive number of seconds") }
+        if let timeout, !(timeout.isFinite && timeout > 0) {
+            throw ValidationError("--timeout \(timeout) is not a positive, finite number of seconds")
+        }
+        guard bootTimeout.isFinite, bootTimeout > 0 else {
+            throw ValidationError("--boot-timeout \(bootTimeout) is not a positive, finite number of seconds")
+        }
         _ = try parsedEnvironment(ProcessInfo.processInfo.environment)
+        if let user, user.isEmpty { throw ValidationError("--user '' is empty: leave --user out to run as root, or give NAME, UID or NAME:GROUP") }
     }
 
     func parsedEnvironment(_ host: [String: String]) throws -> [(name: String, value: String)] {
@@ -128,16 +148,22 @@ struct Run: ParsableCommand {
                                    memoryMiB: try cli(SizeArgument.mebibytes(memory, option: "--memory")), cpus: cpus)
         config.bootTimeoutSeconds = bootTimeout
         config.extraKernelCommandLine = cmdline
+        config.vmmLogLevel = logging.level
         if console { config.consoleFD = 2 }
         config.snapshots = noSnapshot ? .none : .automatic
-        if !noJail && getuid() != 0 {
+        #if DEBUG
+        config.testViolation = testViolation
+        #endif
+        if noJail {
+            config.isolation = .unjailed
+        } else if getuid() != 0 {
             throw ValidationError("the jail around the VMM needs root (namespaces, cgroups, pivot_root): run as root, or pass --no-jail to debug without it (unsafe)")
         }
 
         var cmd = Command(argv)
         cmd.environment = try parsedEnvironment(ProcessInfo.processInfo.environment)
-        cmd.workingDirectory = workdir
-        cmd.user = user
+        cmd.workingDirectory = workdir ?? "/"
+        cmd.user = user ?? ""
         cmd.timeoutSeconds = timeout
         cmd.maxOutputBytes = try maxOutput.map { try cli(SizeArgument.bytes($0, option: "--max-output")) }
         cmd.stdin = isatty(0) == 1 ? .none : .fileDescriptor(0)
@@ -145,34 +171,87 @@ struct Run: ParsableCommand {
             cmd.stdout = .fileDescriptor(1)
             cmd.stderr = .fileDescriptor(2)
         }
+        try buildStep.apply(to: &cmd, config: &config)
 
         let result: RunResult
+        let stop = StopHandle()
+        let signals = SignalWatcher.start(stop)
         do {
-            let logger = Logger(label: "airlock.run")
             if noJail {
                 printError("airlock: --no-jail: the VMM runs unconfined in this process (no seccomp, namespaces, cgroup or dropped privileges); use it only to debug")
-                result = try Sandbox.runBlocking(cmd, config: config, requestedAt: requestedAt, logger: logger)
-            } else {
-                result = try JailedRun.run(cmd, config: config, stdinFromFD0: cmd.stdin != .none, streamOutput: !json,
-                                           requestedAt: requestedAt, logLevel: logging.level,
-                                           testViolation: testViolation, logger: logger)
             }
+            result = try Sandbox.runBlocking(cmd, config: config, requestedAt: requestedAt, logger: Logger(label: "airlock.run"), stop: stop)
         } catch {
+            signals.stop()
+            if let signal = signals.received {
+                printError("airlock: interrupted by signal \(signal); the VM was stopped")
+                throw ExitCode(128 + signal)
+            }
             printError("airlock: \(error)")
             throw ExitCode(SandboxExitCode.airlockFailed)
+        }
+        signals.stop()
+        if let signal = signals.received {
+            printError("airlock: interrupted by signal \(signal); the VM was stopped")
+            throw ExitCode(128 + signal)
         }
         if json {
             print(result.jsonDocument())
         } else {
-            if let failure = result.failure { printError("airlock: \(failure)") }
+            var notices: [String] = []
+            if let failure = result.failure { notices.append("airlock: \(failure)") }
             if result.timedOut {
-                printError("airlock: the command ran past --timeout \(timeout.map { "\($0)" } ?? "") s; the VM was destroyed")
+                notices.append("airlock: the command ran past --timeout \(timeout.map { "\($0)" } ?? "") s; the VM was destroyed")
             }
-            if result.outputTruncated, let maxOutput {
-                printError("airlock: output beyond --max-output \(maxOutput) bytes per stream was dropped")
+            if let maxOutput {
+                for (stream, dropped) in [("stdout", result.stdoutDroppedBytes), ("stderr", result.stderrDroppedBytes)] where dropped > 0 {
+                    notices.append("airlock: \(stream) was cut at --max-output \(maxOutput): \(dropped) more bytes were dropped")
+                }
+            }
+            notices += buildStep.artifactNotices(result)
+            // A notice goes on a line of its own, even after output that did not end one.
+            if !notices.isEmpty && result.stderrEndsMidLine { writeToStandardError("\n") }
+            for n in notices { printError(n) }
+        }
+        // Artifacts that were refused (or never collected) fail the step, whatever the command said.
+        if result.artifactsError != nil && !result.timedOut { throw ExitCode(SandboxExitCode.airlockFailed) }
+        throw ExitCode(result.exitCode)
+    }
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP into a clean stop of the sandbox (its VM and jail go),
+/// for the CLI only: the library installs no process-wide handlers.
+final class SignalWatcher: @unchecked Sendable {
+    // @unchecked: `previous` is set before the thread starts and read after `stop`.
+    private let got = Atomic<Int32>(0)
+    private var previous = sigset_t()
+
+    var received: Int32? {
+        let s = got.load(ordering: .relaxed)
+        return s == 0 ? nil : s
+    }
+
+    static func start(_ stop: StopHandle) -> SignalWatcher {
+        let w = SignalWatcher()
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        pthread_sigmask(SIG_BLOCK, &set, &w.previous)
+        let waitOn = set
+        try? startDetachedThread {
+            var signal: Int32 = 0
+            var waitSet = waitOn
+            while sigwait(&waitSet, &signal) == 0 {
+                w.got.store(signal, ordering: .relaxed)
+                stop.stop()
             }
         }
-        throw ExitCode(result.exitCode)
+        return w
+    }
+
+    /// The signals go back to what they were (a late one, still blocked for the waiter, ends the process).
+    func stop() {
+        pthread_sigmask(SIG_SETMASK, &previous, nil)
     }
 }
 

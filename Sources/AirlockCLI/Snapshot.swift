@@ -63,14 +63,15 @@ struct SnapshotCommand: ParsableCommand {
                                        memoryMiB: try cli(SizeArgument.mebibytes(memory, option: "--memory")))
             config.bootTimeoutSeconds = bootTimeout
             config.extraKernelCommandLine = cmdline
-            if !noJail && getuid() != 0 {
+            config.vmmLogLevel = logging.level
+            if noJail {
+                config.isolation = .unjailed
+            } else if getuid() != 0 {
                 throw ValidationError("the jail around the VMM needs root: run as root, or pass --no-jail to debug without it (unsafe)")
             }
             do {
                 let logger = Logger(label: "airlock.snapshot")
-                let saved = noJail
-                    ? try Sandbox.createSnapshotBlocking(config: config, requestedAt: requestedAt, logger: logger)
-                    : try JailedRun.createSnapshot(config: config, requestedAt: requestedAt, logLevel: logging.level, logger: logger)
+                let saved = try Sandbox.createSnapshotBlocking(config: config, requestedAt: requestedAt, logger: logger)
                 if json {
                     let encoder = JSONEncoder()
                     encoder.outputFormatting = [.sortedKeys, .prettyPrinted]

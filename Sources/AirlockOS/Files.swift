@@ -36,9 +36,18 @@ public final class MappedFile: @unchecked Sendable {
     private let mapping: MemoryMapping?  // nil for an empty file: mmap refuses length 0
     public let size: Int
 
-    public init(path: String, role: String) throws(FileAccessError) {
+    public convenience init(path: String, role: String) throws(FileAccessError) {
+        let fd: OwnedFileDescriptor
+        do { fd = try OwnedFileDescriptor.open(path, flags: O_RDONLY) } catch {
+            throw FileAccessError(path: path, role: role, underlying: error)
+        }
+        try self.init(descriptor: fd, path: path, role: role)
+    }
+
+    /// Maps a file the caller opened (a supervisor opens images for a jailed VMM, which has
+    /// no path to them); `path` names it in messages.
+    public init(descriptor fd: OwnedFileDescriptor, path: String, role: String) throws(FileAccessError) {
         do throws(SystemError) {
-            let fd = try OwnedFileDescriptor.open(path, flags: O_RDONLY)
             var info = stat()
             _ = try retryingSyscall("fstat", subject: path) { fstat(fd.rawValue, &info) }
             switch info.st_mode & S_IFMT {

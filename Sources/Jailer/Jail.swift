@@ -4,37 +4,33 @@ import CJailShim
 import Glibc
 #endif
 
-/// What Jail.enter hands the VMM: it is inside the jail, unprivileged, and
-/// holds the files it asked to have opened for it.
-public final class JailedProcess {
+/// What Jail.enter hands the VMM: it is inside the jail, unprivileged, with
+/// only the descriptors its spec kept.
+public struct JailedProcess: Sendable {
     public let spec: JailSpec
-    private var files: [String: OwnedFileDescriptor]
-
-    init(spec: JailSpec, files: [String: OwnedFileDescriptor]) {
-        self.spec = spec
-        self.files = files
-    }
-
-    /// The descriptor Jail.enter opened for a `preopen` file (or, in a user
-    /// namespace, a device), by its path in the jail; each can be taken once.
-    public func take(_ jailPath: String) -> OwnedFileDescriptor? {
-        files.removeValue(forKey: jailPath)
-    }
-
-    /// Jail paths whose descriptors have not been taken yet.
-    public var openFiles: [String] { files.keys.sorted() }
 }
 
 /// The jailed side: turns the freshly spawned, single-threaded child into
 /// the VMM's sandbox. See docs/security.md for what each step stops.
 public enum Jail {
-    /// `enter(_:)` with the spec the supervisor put in the environment
-    /// (`JailSpec.environmentVariable`, set by `PreparedJail.spawn`).
+    /// `enter(_:)` with the spec the supervisor wrote on the descriptor that
+    /// `JailSpec.descriptorVariable` names (`PreparedJail.spawn` does both).
+    /// The descriptor is read to its end and closed before anything else.
     public static func enter() throws(JailError) -> JailedProcess {
-        guard let text = getenv(JailSpec.environmentVariable) else {
-            throw .invalid("\(JailSpec.environmentVariable) is not set: this process must be started by PreparedJail.spawn")
+        guard let raw = getenv(JailSpec.descriptorVariable), let fd = Int32(String(cString: raw)), fd > 2 else {
+            throw .invalid("\(JailSpec.descriptorVariable) does not name a descriptor: this process must be started by PreparedJail.spawn")
         }
-        return try enter(try JailSpec(decoding: String(cString: text)))
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n > 0 { bytes += chunk[0..<n]; if bytes.count > 1 << 20 { break }; continue }
+            if n < 0 && errno == EINTR { continue }
+            break
+        }
+        close(fd)
+        guard bytes.count <= 1 << 20 else { throw .invalid("the jail spec on descriptor \(fd) is over 1 MiB: it is not one PreparedJail.spawn wrote") }
+        return try enter(try JailSpec(decoding: String(decoding: bytes, as: UTF8.self)))
     }
 
     /// Enters the jail. Call it first thing in the child, before any thread
@@ -43,8 +39,7 @@ public enum Jail {
     /// 1. closes every descriptor but `keepFds` (and the lifeline), clears the
     ///    environment, sets RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_CORE = 0 and
     ///    RLIMIT_NPROC (when given);
-    /// 2. joins the VM's cgroups, and opens the `preopen` files (and, in a
-    ///    user namespace, the devices) from their host paths;
+    /// 2. joins the VM's cgroups;
     /// 3. unshares the mount, PID, IPC, UTS, network and cgroup namespaces
     ///    (and the user namespace first, when asked) and forks: the parent
     ///    (stage 1) never returns from here; it waits for the child and exits
@@ -52,10 +47,10 @@ public enum Jail {
     ///    SIGKILL of the VMM and the supervisor's disappearance (lifeline EOF)
     ///    too;
     /// 4. the child (stage 2, PID 1 of the new PID namespace) makes every
-    ///    mount private, mounts a small tmpfs on the jail directory, bind-mounts
-    ///    the files (read-only unless writable; nosuid, nodev, noexec), makes
-    ///    /dev with the device nodes, pivots into it and detaches the old root,
-    ///    and remounts the new root read-only;
+    ///    mount private, mounts a small empty tmpfs on the jail directory,
+    ///    pivots into it and detaches the old root, and remounts the new root
+    ///    read-only: the jail holds nothing (no files, no /dev), because the
+    ///    VMM gets everything it uses as descriptors;
     /// 5. drops to the jail's uid and gid with no
     ///    supplementary groups, empties every capability set (bounding and
     ///    ambient included), locks the secure bits, sets no_new_privs, and
@@ -87,18 +82,6 @@ public enum Jail {
 
         // Step 2: the cgroups, while still root in the host's namespaces.
         try Cgroups.join(spec.cgroups)
-
-        // Files the VMM gets as descriptors are opened now, as the host's
-        // root: later, even as root of a user namespace, the process may not
-        // pass the host files' permissions. They are the same inodes the
-        // jail's bind mounts show.
-        var files: [String: OwnedFileDescriptor] = [:]
-        for f in spec.files where f.preopen {
-            files[f.jailPath] = try openPrivileged(f.hostPath, writable: f.writable)
-        }
-        if spec.userNamespace {
-            for d in spec.devices { files[d.path] = try openPrivileged(d.path, writable: d == .kvm) }
-        }
 
         // Step 3: namespaces, then the fork into stages 1 and 2.
         if spec.userNamespace { try enterUserNamespace(spec) }
@@ -137,7 +120,7 @@ public enum Jail {
             _exit(JailExitCode.setupFailed)
         }
         close(deathPipe[0])
-        return JailedProcess(spec: spec, files: files)
+        return JailedProcess(spec: spec)
     }
 
     // MARK: Steps
@@ -202,50 +185,9 @@ public enum Jail {
         _ = try jailCall("mount", "/ (making every mount private)") {
             airlock_jail_mount(nil, "/", nil, AIRLOCK_MS_REC | AIRLOCK_MS_PRIVATE, nil)
         }
-        // A tmpfs, so the jail's contents live and die with its mount namespace.
+        // An empty tmpfs, so the jail's root lives and dies with its mount namespace.
         _ = try jailCall("mount tmpfs on", root, hint: "JailSupervisor.prepare creates this directory; was it removed?") {
-            airlock_jail_mount("airlock-jail", root, "tmpfs", AIRLOCK_MS_NOSUID | AIRLOCK_MS_NOEXEC, "mode=0755,size=1m,nr_inodes=256")
-        }
-        for f in spec.files {
-            var info = stat()
-            _ = try jailCall("stat", f.hostPath, hint: "the jail can only hold files that exist") { stat(f.hostPath, &info) }
-            guard (info.st_mode & S_IFMT) == S_IFREG else {
-                throw .invalid("'\(f.hostPath)' is not a regular file: the jail bind-mounts image files only")
-            }
-            try bindFile(source: f.hostPath, target: Cgroups.join(root, f.jailPath), writable: f.writable)
-        }
-        let dev = Cgroups.join(root, "dev")
-        _ = try jailCall("mkdir", dev) { mkdir(dev, 0o755) }
-        for d in spec.devices {
-            let node = Cgroups.join(root, d.path)
-            if spec.userNamespace {
-                // mknod needs CAP_MKNOD in the host's namespace; the node is
-                // bound from the host and opened now (Jail.enter, step 5).
-                try bindFile(source: d.path, target: node, writable: true, allowDevices: true)
-            } else {
-                _ = try jailCall("mknod", node) { airlock_jail_mknod_char(node, d.mode, d.major, d.minor) }
-                _ = try jailCall("chown", node) { chown(node, spec.uid, spec.gid) }
-                _ = try jailCall("chmod", node) { chmod(node, mode_t(d.mode)) }
-            }
-        }
-    }
-
-    static func bindFile(source: String, target: String, writable: Bool, allowDevices: Bool = false) throws(JailError) {
-        if let slash = target.lastIndex(of: "/"), slash != target.startIndex {
-            try FileIO.makeDirectories(String(target[..<slash]), mode: 0o755)
-        }
-        let fd = try jailCall("create", target) { open(target, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o600) }
-        close(fd)
-        _ = try jailCall("bind-mount \(source) on", target) { airlock_jail_mount(source, target, nil, AIRLOCK_MS_BIND, nil) }
-        // A bind takes the source mount's flags; the remount sets ours. Flags
-        // the source mount has (atime, nosuid...) are repeated: inside a user
-        // namespace the kernel refuses a remount that would clear them.
-        let inherited = try jailCall("statvfs", target) { airlock_jail_mount_flags_of(target) }
-        var flags = AIRLOCK_MS_BIND | AIRLOCK_MS_REMOUNT | AIRLOCK_MS_NOSUID | AIRLOCK_MS_NOEXEC | UInt(inherited)
-        if !allowDevices { flags |= AIRLOCK_MS_NODEV }
-        if !writable { flags |= AIRLOCK_MS_RDONLY }
-        _ = try jailCall("remount", target, hint: "mount flags \(String(flags, radix: 16))") {
-            airlock_jail_mount(nil, target, nil, flags, nil)
+            airlock_jail_mount("airlock-jail", root, "tmpfs", AIRLOCK_MS_NOSUID | AIRLOCK_MS_NOEXEC | AIRLOCK_MS_NODEV, "mode=0755,size=64k,nr_inodes=16")
         }
     }
 
@@ -260,13 +202,6 @@ public enum Jail {
         _ = try jailCall("remount", "the jail root read-only") {
             airlock_jail_mount(nil, "/", nil, AIRLOCK_MS_BIND | AIRLOCK_MS_REMOUNT | AIRLOCK_MS_RDONLY | AIRLOCK_MS_NOSUID | AIRLOCK_MS_NOEXEC | inherited, nil)
         }
-    }
-
-    static func openPrivileged(_ path: String, writable: Bool) throws(JailError) -> OwnedFileDescriptor {
-        let fd = try jailCall("open", path, hint: "a file the jail is to hand the VMM must exist") {
-            Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
-        }
-        return OwnedFileDescriptor(adopting: fd)
     }
 
     static func dropPrivileges(_ spec: JailSpec) throws(JailError) {

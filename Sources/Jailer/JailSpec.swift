@@ -1,46 +1,12 @@
-/// A host file the VMM needs, bind-mounted into the jail.
-public struct JailFile: Sendable, Equatable {
-    /// Absolute path on the host.
-    public var hostPath: String
-    /// Absolute path inside the jail ("/vmlinux", "/disks/rootfs.ext4").
-    public var jailPath: String
-    /// Mounted read-write when true, read-only (MS_RDONLY on the bind) otherwise.
-    public var writable: Bool
-    /// Opened by Jail.enter before privileges are dropped, and handed to the
-    /// VMM in `JailedProcess.files`: use it when the jail's uid may not open
-    /// the host file itself (a root-owned disk the VMM must write).
-    public var preopen: Bool
-
-    public init(hostPath: String, jailPath: String, writable: Bool = false, preopen: Bool = false) {
-        self.hostPath = hostPath
-        self.jailPath = jailPath
-        self.writable = writable
-        self.preopen = preopen
-    }
-}
-
-/// A device node the jail's /dev holds.
-public enum JailDevice: String, Sendable, Equatable, CaseIterable {
-    /// /dev/kvm (10:232), owned by the jail's uid, mode 0600.
-    case kvm
-    /// /dev/urandom (1:9), mode 0444. The VMM does not need it (Swift seeds
-    /// from getrandom(2)); it is here for a VMM that would.
-    case urandom
-
-    var path: String { "/dev/\(rawValue)" }
-    var major: UInt32 { self == .kvm ? 10 : 1 }
-    var minor: UInt32 { self == .kvm ? 232 : 9 }
-    var mode: UInt32 { self == .kvm ? 0o600 : 0o444 }
-}
-
 /// Per-process limits set with setrlimit(2) by Jail.enter.
 public struct JailRlimits: Sendable, Equatable {
     /// RLIMIT_NOFILE: the VMM's fds (kvm, VM, vCPUs, images, console pipes).
     public var openFiles: UInt64
     /// RLIMIT_FSIZE: no write may reach past this offset in a regular file.
-    /// It must cover the largest writable disk image (the supervisor computes
-    /// that). `UInt64.max` is no limit (`PreparedJail.spawn` lifts it when a
-    /// descriptor it passes is a regular file, such as redirected output).
+    /// It must cover the largest writable disk image the supervisor passes.
+    /// `UInt64.max` is no limit (`PreparedJail.spawn` lifts it when a
+    /// descriptor it passes at the start is a regular file, such as stderr
+    /// redirected to a log).
     public var fileSize: UInt64
     /// RLIMIT_NPROC, counted per real uid across the host: set it only when
     /// the jail's uid is this VM's alone; nil leaves it as inherited.
@@ -55,11 +21,17 @@ public struct JailRlimits: Sendable, Equatable {
 
 /// Everything the jailed child needs to build its jail: made by the
 /// supervisor (`JailSupervisor.prepare`), carried to the child as text
-/// (`encoded()`, in the AIRLOCK_JAIL_SPEC environment variable when the
-/// supervisor spawns it), consumed by `Jail.enter`.
+/// (`encoded()`) on a pipe that `PreparedJail.spawn` fills and the child
+/// closes once it has read it (so nothing of it stays visible, in
+/// /proc/<pid>/environ or anywhere else), consumed by `Jail.enter`.
+///
+/// The jail holds no files and no device nodes: everything the VMM uses
+/// (/dev/kvm, the images) is opened by the supervisor and handed over as
+/// descriptors, so the VMM cannot name a host path and never uses a device
+/// node the caller could not open itself.
 public struct JailSpec: Sendable, Equatable {
-    /// The environment variable `PreparedJail.spawn` puts the spec in.
-    public static let environmentVariable = "AIRLOCK_JAIL_SPEC"
+    /// The environment variable that names the descriptor the spec is on (a number only).
+    public static let descriptorVariable = "AIRLOCK_JAIL_SPEC_FD"
 
     public var id: String
     /// The empty directory the jail's root filesystem is mounted on.
@@ -69,14 +41,11 @@ public struct JailSpec: Sendable, Equatable {
     public var gid: UInt32
     /// Descriptors that stay open (at the same numbers); every other one is closed.
     public var keepFds: [Int32]
-    public var files: [JailFile]
-    public var devices: [JailDevice]
     /// cgroup directories (one per v1 hierarchy, or one v2 group) to join.
     public var cgroups: [String]
     public var rlimits: JailRlimits
     /// Also unshare a user namespace (uid and gid 0 inside are the jail's
-    /// uid and gid outside). Off by default: it needs the device nodes
-    /// bind-mounted and pre-opened instead of made with mknod.
+    /// uid and gid outside).
     public var userNamespace: Bool
     /// Read end of a pipe whose write end only the supervisor holds: when it
     /// reads EOF the supervisor is gone and stage 1 ends the VMM. Not kept in stage 2.
@@ -84,16 +53,13 @@ public struct JailSpec: Sendable, Equatable {
     public var hostname: String
 
     public init(id: String, rootDirectory: String, uid: UInt32, gid: UInt32, keepFds: [Int32] = [0, 1, 2],
-                files: [JailFile] = [], devices: [JailDevice] = [.kvm], cgroups: [String] = [],
-                rlimits: JailRlimits = JailRlimits(), userNamespace: Bool = false, lifelineFd: Int32? = nil,
-                hostname: String = "airlock") {
+                cgroups: [String] = [], rlimits: JailRlimits = JailRlimits(), userNamespace: Bool = false,
+                lifelineFd: Int32? = nil, hostname: String = "airlock") {
         self.id = id
         self.rootDirectory = rootDirectory
         self.uid = uid
         self.gid = gid
         self.keepFds = keepFds
-        self.files = files
-        self.devices = devices
         self.cgroups = cgroups
         self.rlimits = rlimits
         self.userNamespace = userNamespace
@@ -112,22 +78,6 @@ public struct JailSpec: Sendable, Equatable {
         }
         for fd in keepFds where fd < 0 {
             throw .invalid("kept fd \(fd) is negative: list the descriptor numbers the VMM uses")
-        }
-        var seen: Set<String> = []
-        for f in files {
-            guard f.hostPath.hasPrefix("/") else {
-                throw .invalid("jail file '\(f.hostPath)' is not an absolute path: resolve it before building the spec")
-            }
-            let parts = f.jailPath.split(separator: "/", omittingEmptySubsequences: false)
-            guard f.jailPath.hasPrefix("/"), f.jailPath.count > 1, !parts.dropFirst().contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }) else {
-                throw .invalid("jail path '\(f.jailPath)' must be absolute and plain (no '.', '..' or '//'): e.g. /vmlinux")
-            }
-            guard f.jailPath != "/dev", !f.jailPath.hasPrefix("/dev/") else {
-                throw .invalid("jail path '\(f.jailPath)' is under /dev, which the jail builds itself: put files elsewhere")
-            }
-            guard seen.insert(f.jailPath).inserted else {
-                throw .invalid("jail path '\(f.jailPath)' is used twice: give each file its own path")
-            }
         }
         guard !hostname.isEmpty, hostname.utf8.count <= 64 else {
             throw .invalid("hostname '\(hostname)' must be 1 to 64 bytes")
@@ -156,10 +106,6 @@ public struct JailSpec: Sendable, Equatable {
         add("uid", String(uid))
         add("gid", String(gid))
         for fd in keepFds { add("keep-fd", String(fd)) }
-        for f in files {
-            add("file", f.writable ? "rw" : "ro", f.preopen ? "preopen" : "path", f.hostPath, f.jailPath)
-        }
-        for d in devices { add("device", d.rawValue) }
         for c in cgroups { add("cgroup", c) }
         add("nofile", String(rlimits.openFiles))
         add("fsize", String(rlimits.fileSize))
@@ -178,7 +124,7 @@ public struct JailSpec: Sendable, Equatable {
             throw .invalid("not a jail spec (first line '\(lines.first ?? "")', expected '\(Self.magic)'): pass JailSpec.encoded()")
         }
         lines.removeFirst()
-        var spec = JailSpec(id: "", rootDirectory: "", uid: 0, gid: 0, keepFds: [], devices: [])
+        var spec = JailSpec(id: "", rootDirectory: "", uid: 0, gid: 0, keepFds: [])
         func number<T: FixedWidthInteger>(_ s: String, _ key: String) throws(JailError) -> T {
             guard let v = T(s) else { throw .invalid("jail spec: '\(key)' has a bad number '\(s)'") }
             return v
@@ -197,17 +143,6 @@ public struct JailSpec: Sendable, Equatable {
             case "uid": try expect(1); spec.uid = try number(values[0], key)
             case "gid": try expect(1); spec.gid = try number(values[0], key)
             case "keep-fd": try expect(1); spec.keepFds.append(try number(values[0], key))
-            case "file":
-                try expect(4)
-                guard ["ro", "rw"].contains(values[0]), ["preopen", "path"].contains(values[1]) else {
-                    throw .invalid("jail spec: bad file mode '\(values[0]) \(values[1])'")
-                }
-                spec.files.append(JailFile(hostPath: values[2], jailPath: values[3], writable: values[0] == "rw",
-                                           preopen: values[1] == "preopen"))
-            case "device":
-                try expect(1)
-                guard let d = JailDevice(rawValue: values[0]) else { throw .invalid("jail spec: unknown device '\(values[0])'") }
-                spec.devices.append(d)
             case "cgroup": try expect(1); spec.cgroups.append(values[0])
             case "nofile": try expect(1); spec.rlimits.openFiles = try number(values[0], key)
             case "fsize": try expect(1); spec.rlimits.fileSize = try number(values[0], key)

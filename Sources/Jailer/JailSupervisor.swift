@@ -20,23 +20,19 @@ public struct JailSupervisorConfig: Sendable, Equatable {
     public init() {}
 }
 
-/// What one VM's jail holds and how much it may use.
+/// How much one VM's jail may use.
 public struct JailRequest: Sendable, Equatable {
-    public var files: [JailFile]
-    public var devices: [JailDevice]
     public var limits: CgroupLimits
     /// RLIMIT_NOFILE for the VMM.
     public var openFiles: UInt64
-    /// RLIMIT_FSIZE; nil makes it the size of the largest writable file (0 without one).
-    public var fileSizeLimit: UInt64?
+    /// RLIMIT_FSIZE: the size of the largest writable disk the supervisor will pass (0: none).
+    public var fileSizeLimit: UInt64
     /// RLIMIT_NPROC; see `JailRlimits.processes` before setting it.
     public var processLimit: UInt64?
     public var userNamespace: Bool
 
-    public init(files: [JailFile], devices: [JailDevice] = [.kvm], limits: CgroupLimits, openFiles: UInt64 = 256,
-                fileSizeLimit: UInt64? = nil, processLimit: UInt64? = nil, userNamespace: Bool = false) {
-        self.files = files
-        self.devices = devices
+    public init(limits: CgroupLimits, openFiles: UInt64 = 256, fileSizeLimit: UInt64 = 0, processLimit: UInt64? = nil,
+                userNamespace: Bool = false) {
         self.limits = limits
         self.openFiles = openFiles
         self.fileSizeLimit = fileSizeLimit
@@ -123,18 +119,9 @@ public final class JailSupervisor: Sendable {
             _ = try jailCall("mkdir", root) { mkdir(root, 0o755) }
             undo.directories.insert(root, at: 0)
 
-            var fileSize = request.fileSizeLimit ?? 0
-            if request.fileSizeLimit == nil {
-                for f in request.files where f.writable {
-                    guard let size = FileIO.size(f.hostPath) else {
-                        throw .invalid("writable jail file '\(f.hostPath)' does not exist: create the disk image first")
-                    }
-                    fileSize = max(fileSize, size)
-                }
-            }
             let spec = JailSpec(id: id, rootDirectory: root, uid: config.uid, gid: config.gid, keepFds: [0, 1, 2],
-                                files: request.files, devices: request.devices, cgroups: made,
-                                rlimits: JailRlimits(openFiles: request.openFiles, fileSize: fileSize, processes: request.processLimit),
+                                cgroups: made,
+                                rlimits: JailRlimits(openFiles: request.openFiles, fileSize: request.fileSizeLimit, processes: request.processLimit),
                                 userNamespace: request.userNamespace)
             try spec.validate()
             undo.disarm()
@@ -281,10 +268,11 @@ public final class PreparedJail: Sendable {
 
     /// Starts `executable` with `arguments` as the jailed child: descriptors
     /// `fds` (child number: supervisor's descriptor) and nothing else, the
-    /// spec in the environment (for `Jail.enter()`), Swift's crash
-    /// backtracer off (it would exec, which seccomp forbids, and turn a crash
-    /// into a sandbox violation), default signal handling, and a lifeline:
-    /// when the returned `JailedChild` goes away, or this process dies, the VM ends.
+    /// spec on a pipe of its own (for `Jail.enter()`, which reads and closes
+    /// it), Swift's crash backtracer off (it would exec, which seccomp
+    /// forbids, and turn a crash into a sandbox violation), default signal
+    /// handling, and a lifeline: when the returned `JailedChild` goes away,
+    /// or this process dies, the VM ends.
     public func spawn(executable: String, arguments: [String], fds: [Int32: Int32] = [0: 0, 1: 1, 2: 2],
                       environment: [String] = []) throws(JailError) -> JailedChild {
         guard ownerLock.withLock({ $0 != nil }) else {
@@ -295,6 +283,7 @@ public final class PreparedJail: Sendable {
         let lifelineRead = OwnedFileDescriptor(adopting: lifelinePipe[0])
         let lifelineWrite = OwnedFileDescriptor(adopting: lifelinePipe[1])
         let lifelineChildFd = max(2, fds.keys.max() ?? 2) + 1
+        let specChildFd = lifelineChildFd + 1
 
         var spec = self.spec
         spec.keepFds = fds.keys.sorted()
@@ -309,9 +298,21 @@ public final class PreparedJail: Sendable {
         }
         try spec.validate()
 
-        let env = ["\(JailSpec.environmentVariable)=\(spec.encoded())", "SWIFT_BACKTRACE=enable=no"] + environment
-        var childFds = spec.keepFds + [lifelineChildFd]
-        var parentFds = spec.keepFds.map { fds[$0]! } + [lifelineRead.rawValue]
+        // The spec fits a pipe's buffer (a few hundred bytes; the pipe holds 64 KiB), so it is
+        // written whole now and the child reads it to EOF.
+        let text = Array(spec.encoded().utf8)
+        guard text.count < 60 << 10 else { throw .invalid("the jail spec is \(text.count) bytes, more than a pipe holds") }
+        var specPipe: [Int32] = [-1, -1]
+        _ = try jailCall("pipe2", "the jail spec") { airlock_jail_pipe(&specPipe) }
+        let specRead = OwnedFileDescriptor(adopting: specPipe[0])
+        do {
+            let specWrite = OwnedFileDescriptor(adopting: specPipe[1])
+            _ = try jailCall("write", "the jail spec") { text.withUnsafeBytes { Glibc.write(specWrite.rawValue, $0.baseAddress, $0.count) } }
+        }
+
+        let env = ["\(JailSpec.descriptorVariable)=\(specChildFd)", "SWIFT_BACKTRACE=enable=no"] + environment
+        var childFds = spec.keepFds + [lifelineChildFd, specChildFd]
+        var parentFds = spec.keepFds.map { fds[$0]! } + [lifelineRead.rawValue, specRead.rawValue]
         var pid: pid_t = 0
         let argv = [executable] + arguments
         let rc = withCStrings(argv) { argvPointers in

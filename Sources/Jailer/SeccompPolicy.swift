@@ -100,7 +100,9 @@ public enum SeccompPolicy {
         SyscallRule("exit_group", "the process ending, including the SIGSYS report's exit"),
         SyscallRule("clock_gettime", "timeouts and timings; the vDSO falls back to the syscall when the clocksource cannot be read from user space"),
         SyscallRule("seccomp", "each vCPU thread adds its own (narrower) filter; only SET_MODE_FILTER without flags", .seccompFilterOnly),
-        SyscallRule("poll", "airlock run's stdin feeder waits for input on fd 0 with a timeout, so that it sees the run end"),
+        SyscallRule("poll", "the stdin feeder waits for input with a timeout, so that it sees the run end; the session socket's reader"),
+        SyscallRule("recvmsg", "the supervisor's session requests, and the descriptors a run comes with (its stdin, stdout, stderr)"),
+        SyscallRule("sendmsg", "replies to the supervisor on the session socket (never with descriptors)"),
     ] + snapshotRules
 
     static let vcpu: [SyscallRule] = [

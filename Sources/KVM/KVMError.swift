@@ -7,6 +7,8 @@ import Glibc
 public enum KVMError: Error, CustomStringConvertible, Sendable {
     case deviceMissing(path: String)
     case deviceNotAccessible(path: String, errno: Int32)
+    /// The file opens but is not KVM (KVM_GET_API_VERSION fails with ENOTTY).
+    case notKVM(path: String)
     case unsupportedAPIVersion(Int32)
     case missingCapability(String)
     case ioctl(SystemError)
@@ -19,6 +21,8 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
             return "\(path) does not exist: this host has no KVM. Load the kvm module (kvm_intel, kvm_amd or kvm_pvm) or run on a host with virtualization"
         case let .deviceNotAccessible(path, errno):
             return "\(path) is not accessible (\(String(cString: strerror(errno)))): run as root or add your user to the group that owns \(path) (often 'kvm')"
+        case let .notKVM(path):
+            return "\(path) is not the KVM device (it does not answer KVM_GET_API_VERSION): something else is mounted or linked there; give this process the real /dev/kvm (character device 10:232)"
         case let .unsupportedAPIVersion(v):
             return "KVM API version \(v) is not 12: this kernel's KVM is not supported"
         case let .missingCapability(name):

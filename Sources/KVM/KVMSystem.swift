@@ -15,6 +15,9 @@ public final class KVMSystem: Sendable {
     /// Size of each vCPU's kvm_run mapping.
     public let vcpuMapSize: Int
 
+    /// The open /dev/kvm, to hand to a VMM process (valid while this object lives).
+    public var fileDescriptor: Int32 { fd.rawValue }
+
     public init(path: String = KVMSystem.defaultPath) throws(KVMError) {
         self.path = path
         do {
@@ -23,9 +26,27 @@ public final class KVMSystem: Sendable {
             if error.errno == ENOENT { throw .deviceMissing(path: path) }
             throw .deviceNotAccessible(path: path, errno: error.errno)
         }
-        apiVersion = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_API_VERSION, "KVM_GET_API_VERSION", value: 0)
-        guard apiVersion == Self.expectedAPIVersion else { throw .unsupportedAPIVersion(apiVersion) }
-        vcpuMapSize = Int(try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE", value: 0))
+        (apiVersion, vcpuMapSize) = try Self.check(fd, path: path)
+    }
+
+    /// Adopts a /dev/kvm the caller opened (a supervisor hands the jailed VMM its descriptor);
+    /// `path` names it in messages. Checked the same way: a descriptor that is not KVM (a
+    /// /dev/null bound over /dev/kvm) is refused here, before any VM exists.
+    public init(descriptor: OwnedFileDescriptor, path: String = KVMSystem.defaultPath) throws(KVMError) {
+        self.path = path
+        fd = descriptor
+        (apiVersion, vcpuMapSize) = try Self.check(descriptor, path: path)
+    }
+
+    private static func check(_ fd: OwnedFileDescriptor, path: String) throws(KVMError) -> (Int32, Int) {
+        let version = airlockIoctlVal(fd.rawValue, AIRLOCK_KVM_GET_API_VERSION, 0)
+        if version < 0 {
+            if errno == ENOTTY || errno == EINVAL { throw .notKVM(path: path) }
+            throw .ioctl(SystemError("KVM_GET_API_VERSION", subject: path, errno: errno))
+        }
+        guard version == Self.expectedAPIVersion else { throw .unsupportedAPIVersion(version) }
+        let mapSize = Int(try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE", value: 0))
+        return (version, mapSize)
     }
 
     /// KVM_CHECK_EXTENSION: 0 when absent, otherwise a capability-specific value.

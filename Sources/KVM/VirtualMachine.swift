@@ -65,24 +65,6 @@ public final class VirtualMachine: Sendable {
         _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_IRQ_LINE, "KVM_IRQ_LINE", &level)
     }
 
-    /// KVM_IRQFD: writing to `eventFD` injects interrupt `gsi` without a VMM round trip.
-    public func registerIRQFD(eventFD: Int32, gsi: UInt32) throws(KVMError) {
-        var irqfd = kvm_irqfd()
-        irqfd.fd = UInt32(bitPattern: eventFD)
-        irqfd.gsi = gsi
-        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_IRQFD, "KVM_IRQFD", &irqfd)
-    }
-
-    /// KVM_IOEVENTFD: a guest write to `address` signals `eventFD` instead of exiting.
-    public func registerIOEventFD(eventFD: Int32, address: UInt64, length: UInt32, isPIO: Bool) throws(KVMError) {
-        var e = kvm_ioeventfd()
-        e.addr = address
-        e.len = length
-        e.fd = eventFD
-        e.flags = isPIO ? UInt32(1 << kvm_ioeventfd_flag_nr_pio) : 0
-        _ = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_IOEVENTFD, "KVM_IOEVENTFD", &e)
-    }
-
     public func createVCPU(id: UInt32) throws(KVMError) -> VCPU {
         let vcpufd = try kvmIoctl(fd.rawValue, AIRLOCK_KVM_CREATE_VCPU, "KVM_CREATE_VCPU", value: UInt(id))
         let owned = OwnedFileDescriptor(adopting: vcpufd)

@@ -6,38 +6,50 @@ extension Ext4Image {
     /// reader ("..", and whole-block entries with inode 0), which is how ext2
     /// stayed able to read ext3 directories.
     func findEntry(named name: [UInt8], in dir: Inode, budget: Budget) throws(RootFSError) -> UInt32? {
-        if dir.has(InodeFlag.encrypted) {
-            throw .unsupported(image: path, what: "an encrypted directory (inode \(dir.number)); its names cannot be read without the key")
-        }
         let foldCase = dir.has(InodeFlag.casefold) && geometry.has(incompat: Feature.incompatCasefold)
-        if dir.has(InodeFlag.inlineData) {
-            try checkInlineFeature(dir)
-            // i_block starts with the parent's inode number; entries follow it,
-            // then continue in the system.data attribute.
-            if let hit = try scanEntries(Array(dir.blockArea[4...]), for: name, foldCase: foldCase, dir: dir, budget: budget) {
-                return hit
-            }
-            guard let tail = try inlineDataTail(of: dir), !tail.isEmpty else { return nil }
-            return try scanEntries(tail, for: name, foldCase: foldCase, dir: dir, budget: budget)
-        }
         var found: UInt32?
-        try forEachRun(of: dir, blocks: 0..<blockCount(forSize: dir.size), budget: budget) { (run) throws(RootFSError) -> Bool in
-            if run.unwritten { return true }
-            for k in 0..<run.count {
-                let block = try readBlock(run.physical + k, what: "directory inode \(dir.number)'s block", budget: budget)
-                if let hit = try scanEntries(block, for: name, foldCase: foldCase, dir: dir, budget: budget) {
-                    found = hit
-                    return false
-                }
+        try forEachEntry(in: dir, budget: budget) { number, bytes, start, length in
+            if length == name.count, Self.namesMatch(bytes, at: start, name, foldCase: foldCase) {
+                found = number
+                return false
             }
             return true
         }
         return found
     }
 
-    /// Scans one block (or inline region) of ext4_dir_entry_2 records.
-    private func scanEntries(_ bytes: [UInt8], for name: [UInt8], foldCase: Bool, dir: Inode,
-                             budget: Budget) throws(RootFSError) -> UInt32? {
+    /// Calls `body` with every entry in use (inode number not 0) of directory
+    /// `dir`, in on-disk order: the inode number and the name as
+    /// `bytes[start..<start+length]`. `body` returns false to stop. Inline
+    /// directories imply "." and ".." rather than storing them; block
+    /// directories store both, and they are passed on like any other name.
+    func forEachEntry(in dir: Inode, budget: Budget,
+                      _ body: (UInt32, [UInt8], Int, Int) throws(RootFSError) -> Bool) throws(RootFSError) {
+        if dir.has(InodeFlag.encrypted) {
+            throw .unsupported(image: path, what: "an encrypted directory (inode \(dir.number)); its names cannot be read without the key")
+        }
+        if dir.has(InodeFlag.inlineData) {
+            try checkInlineFeature(dir)
+            // i_block starts with the parent's inode number; entries follow it,
+            // then continue in the system.data attribute.
+            guard try scanEntries(Array(dir.blockArea[4...]), dir: dir, budget: budget, body) else { return }
+            guard let tail = try inlineDataTail(of: dir), !tail.isEmpty else { return }
+            _ = try scanEntries(tail, dir: dir, budget: budget, body)
+            return
+        }
+        try forEachRun(of: dir, blocks: 0..<blockCount(forSize: dir.size), budget: budget) { (run) throws(RootFSError) -> Bool in
+            if run.unwritten { return true }
+            for k in 0..<run.count {
+                let block = try readBlock(run.physical + k, what: "directory inode \(dir.number)'s block", budget: budget)
+                guard try scanEntries(block, dir: dir, budget: budget, body) else { return false }
+            }
+            return true
+        }
+    }
+
+    /// Scans one block (or inline region) of ext4_dir_entry_2 records; false once `body` said stop.
+    private func scanEntries(_ bytes: [UInt8], dir: Inode, budget: Budget,
+                             _ body: (UInt32, [UInt8], Int, Int) throws(RootFSError) -> Bool) throws(RootFSError) -> Bool {
         var offset = 0
         while offset < bytes.count {
             try budget.chargeEntry()
@@ -58,12 +70,10 @@ extension Ext4Image {
             guard UInt64(number) <= geometry.inodesCount else {
                 throw corrupt("directory inode \(dir.number) has an entry for inode \(number), past the last inode \(geometry.inodesCount)")
             }
-            if number != 0, nameLength == name.count, namesMatch(bytes, at: offset + 8, name, foldCase: foldCase) {
-                return number
-            }
+            if number != 0, try !body(number, bytes, offset + 8, nameLength) { return false }
             offset += recordLength
         }
-        return nil
+        return true
     }
 
     /// rec_len is 16 bits; 64 KiB blocks encode their one full-block entry
@@ -76,7 +86,7 @@ extension Ext4Image {
 
     /// Casefolded directories compare names case-insensitively. Only ASCII is
     /// folded here (the kernel folds full Unicode); paths Airlock checks are ASCII.
-    private func namesMatch(_ bytes: [UInt8], at start: Int, _ name: [UInt8], foldCase: Bool) -> Bool {
+    private static func namesMatch(_ bytes: [UInt8], at start: Int, _ name: [UInt8], foldCase: Bool) -> Bool {
         for i in 0..<name.count {
             var a = bytes[start + i]
             var b = name[i]

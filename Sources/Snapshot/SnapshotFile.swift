@@ -37,6 +37,12 @@ public enum SnapshotFormat {
             }
         }
     }
+    /// The longest file a snapshot of `memoryBytes` of guest RAM can be: the header, the
+    /// largest records, the alignment, the RAM image (a jailed writer's RLIMIT_FSIZE).
+    public static func maximumFileSize(memoryBytes: UInt64) -> UInt64 {
+        let records = UInt64(headerSize) + 2 * UInt64(maxRecordBytes)
+        return (records + memoryAlignment - 1) / memoryAlignment * memoryAlignment + memoryBytes
+    }
     static let sectionEntrySize = 56
     static var tableEnd: Int { 24 + sectionEntrySize * Section.allCases.count }
 }
@@ -55,6 +61,10 @@ public struct SnapshotWriteReport: Sendable, Equatable, Codable {
 }
 
 public enum SnapshotWriter {
+    /// Sets libcrypto up (its first digest may read its configuration files): a process that
+    /// will save under seccomp, which forbids opening files, calls this before its filters.
+    public static func prepare() { _ = SHA256.digest([]) }
+
     /// Writes a snapshot of a paused machine into `fd`, an empty regular file
     /// opened for writing (named `path` in messages): `state` from
     /// `Machine.captureState`, and the guest RAM read in place (only touched,

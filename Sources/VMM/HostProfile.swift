@@ -48,6 +48,23 @@ public struct HostProfile: Equatable, Sendable, Codable {
 
     public init(backend: Backend) { self.backend = backend }
 
+    /// The name the session protocol carries (the supervisor detects the profile; the jailed
+    /// VMM, which has no /sys, uses what it is told).
+    public var wireName: String {
+        switch backend {
+        case .hardware: return "hardware"
+        case .pvm: return "pvm"
+        }
+    }
+
+    public init?(wireName: String) {
+        switch wireName {
+        case "hardware": self.init(backend: .hardware)
+        case "pvm": self.init(backend: .pvm)
+        default: return nil
+        }
+    }
+
     /// Detects the backend from the loaded kernel modules.
     public static func detect(sysModule: String = "/sys/module") -> HostProfile {
         var info = stat()

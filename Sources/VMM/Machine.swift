@@ -57,6 +57,8 @@ public struct MachineConfig: Sendable {
     public var hostProfile: HostProfile = .detect()
     public var console: any ConsoleOutput = FileDescriptorSink(fd: 1)
     public var kvmPath: String = KVMSystem.defaultPath
+    /// An open /dev/kvm to use instead of opening `kvmPath` (a jailed VMM has no /dev).
+    public var kvm: KVMSystem?
     public var logger = Logger(label: "airlock.vmm")
     /// Runs first on each vCPU thread, before its first KVM_RUN (the jailer
     /// installs the vCPU seccomp filter here); an error fails that vCPU.
@@ -138,8 +140,8 @@ public final class Machine: @unchecked Sendable {
         guard config.memoryBytes % (2 << 20) == 0 else {
             throw .invalidConfiguration("memory must be a whole number of 2 MiB pages")
         }
-        do {
-            kvm = try KVMSystem(path: config.kvmPath)
+        do throws(KVMError) {
+            if let given = config.kvm { kvm = given } else { kvm = try KVMSystem(path: config.kvmPath) }
             try kvm.checkRequiredCapabilities()
             vm = try kvm.createVM()
             // The XSAVE assist queues page faults with their CR2 (see ExtendedStateAssist).
@@ -255,15 +257,33 @@ public final class Machine: @unchecked Sendable {
         return try? kernelCommandLine(hostProfile: hostProfile, virtioDevices: devices, extra: extra).string
     }
 
+    /// What boots a root filesystem on /dev/vda (the first disk), read-only, with `init` as
+    /// PID 1 when given: one place for the rule, for `airlock boot` and the agent's sessions.
+    public static func rootFilesystemCommandLine(init: String? = nil) -> String {
+        "root=/dev/vda ro rootfstype=ext4" + (`init`.map { " init=\($0)" } ?? "")
+    }
+
     /// Loads a vmlinux or bzImage, an optional initrd and the command line, and points vCPU 0 at the entry.
     public func loadLinux(kernelPath: String, initrdPath: String?, extraCommandLine: String) throws(VMMError) {
-        guard config.memoryImage == nil else {
-            throw .invalidConfiguration("a machine built from a snapshot's memory image is restored, not booted: use restore")
-        }
         let image: MappedFile
         do { image = try MappedFile(path: kernelPath, role: "kernel") } catch {
             throw .invalidConfiguration(error.description)
         }
+        var initrd: MappedFile?
+        if let initrdPath {
+            do { initrd = try MappedFile(path: initrdPath, role: "initrd") } catch {
+                throw VMMError.invalidConfiguration(error.description)
+            }
+        }
+        try loadLinux(kernel: image, initrd: initrd, extraCommandLine: extraCommandLine)
+    }
+
+    /// `loadLinux` with the kernel (and initrd) already open: messages name their `path`s.
+    public func loadLinux(kernel image: MappedFile, initrd: MappedFile?, extraCommandLine: String) throws(VMMError) {
+        guard config.memoryImage == nil else {
+            throw .invalidConfiguration("a machine built from a snapshot's memory image is restored, not booted: use restore")
+        }
+        let kernelPath = image.path
         do {
             let kernel = try KernelLoader.load(image, into: memory)
             let cmdline = try Self.kernelCommandLine(hostProfile: config.hostProfile, virtioDevices: virtioDevices, extra: extraCommandLine)
@@ -282,12 +302,8 @@ public final class Machine: @unchecked Sendable {
             let cmdBytes = cmdline.bytesWithNUL
             do { try memory.write(cmdBytes, at: Layout.commandLineAddress) } catch { throw VMMError.memory(error) }
             params.setCommandLine(address: Layout.commandLineAddress, size: UInt32(cmdBytes.count - 1))
-            if let initrdPath {
-                let initrd: MappedFile
-                do { initrd = try MappedFile(path: initrdPath, role: "initrd") } catch {
-                    throw VMMError.invalidConfiguration(error.description)
-                }
-                let at = try InitrdPlacer.place(size: UInt64(initrd.size), kernel: kernel, memory: memory, path: initrdPath)
+            if let initrd {
+                let at = try InitrdPlacer.place(size: UInt64(initrd.size), kernel: kernel, memory: memory, path: initrd.path)
                 // Copied straight from the file's pages: no intermediate buffer.
                 do { try withExtendedLifetime(initrd) { () throws(GuestMemoryError) in try memory.write(at: at, from: initrd.bytes) } } catch {
                     throw VMMError.memory(error)
@@ -344,9 +360,14 @@ public final class Machine: @unchecked Sendable {
         do { device = try BlockDevice(path: path, readOnly: readOnly) } catch {
             throw .invalidConfiguration(error.description)
         }
+        try addBlockDevice(device)
+        return device
+    }
+
+    /// Adds an already opened virtio-blk disk (before `loadLinux`), the next /dev/vdX.
+    public func addBlockDevice(_ device: BlockDevice) throws(VMMError) {
         try addVirtioDevice(device)
         blockDevices.append(device)
-        return device
     }
 
     /// Adds a multiport virtio-console (before `loadLinux`). Port n of the k-th

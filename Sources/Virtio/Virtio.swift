@@ -5,7 +5,6 @@ import GuestMemory
 public enum VirtioFeature {
     public static let version1: UInt64 = 1 << 32
     public static let ringIndirectDescriptors: UInt64 = 1 << 28
-    public static let ringEventIndex: UInt64 = 1 << 29
 }
 
 public enum VirtioDeviceID {

@@ -47,12 +47,26 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     private let serial: [UInt8]
     private let counters = Mutex((requests: 0, errors: 0))
 
-    public init(path: String, readOnly: Bool, serial: String = "airlock") throws(FileAccessError) {
+    public convenience init(path: String, readOnly: Bool, serial: String = "airlock") throws(FileAccessError) {
+        let file: OwnedFileDescriptor
+        do { file = try OwnedFileDescriptor.open(path, flags: readOnly ? O_RDONLY : O_RDWR) } catch {
+            throw FileAccessError(path: path, role: "disk image", underlying: error)
+        }
+        try self.init(descriptor: file, path: path, readOnly: readOnly, serial: serial)
+    }
+
+    /// A disk on a descriptor the caller opened (the supervisor, for a jailed VMM); `path`
+    /// names it in messages. A read-only disk's descriptor should be O_RDONLY: then no
+    /// request can change the file, whatever this device does.
+    public init(descriptor file: OwnedFileDescriptor, path: String, readOnly: Bool, serial: String = "airlock") throws(FileAccessError) {
         self.path = path
         self.readOnly = readOnly
-        do {
-            file = try OwnedFileDescriptor.open(path, flags: readOnly ? O_RDONLY : O_RDWR)
-            sectors = UInt64(try file.size(path: path)) / Self.sectorSize
+        self.file = file
+        do throws(SystemError) {
+            var info = stat()
+            _ = try retryingSyscall("fstat", subject: path) { fstat(file.rawValue, &info) }
+            guard (info.st_mode & S_IFMT) == S_IFREG else { throw SystemError("open", subject: path, errno: ENODEV) }
+            sectors = UInt64(info.st_size) / Self.sectorSize
         } catch {
             throw FileAccessError(path: path, role: "disk image", underlying: error)
         }

@@ -2,6 +2,7 @@ import Glibc
 import Testing
 import AgentProtocol
 @testable import AgentCore
+import AgentProtocol
 
 /// The agent's decisions that need no VM: who a command runs as, its
 /// environment, and which file exec gets.
@@ -46,6 +47,8 @@ struct AccountsTests {
         guard case let .failure(g) = Accounts.resolve("airlock:nosuch", passwd: passwd, groups: groups) else { Issue.record("resolved"); return }
         #expect(g.description.contains("nosuch"))
         guard case .failure = Accounts.resolve(":10", passwd: passwd, groups: groups) else { Issue.record("resolved"); return }
+        guard case let .failure(empty) = Accounts.resolve("root:", passwd: passwd, groups: groups) else { Issue.record("resolved"); return }
+        #expect(empty.description.contains("empty group"))
     }
 }
 

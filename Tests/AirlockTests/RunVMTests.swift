@@ -1,5 +1,7 @@
 import Foundation
+import Synchronization
 import Testing
+import VMM
 @testable import Airlock
 
 /// VM tests run wherever /dev/kvm is, and fail (never skip) where it is not,
@@ -54,18 +56,33 @@ struct TestFailure: Error, CustomStringConvertible {
 
 /// `airlock run` end to end, as a user runs it (jailed, the default): one VM
 /// boot covers the command's stdout and stderr kept apart on the real
-/// descriptors, its exit status, --env, --workdir, stdin piped through, and a
-/// jail that is gone afterwards.
+/// descriptors, its exit status, --env, --workdir, stdin piped through,
+/// --max-output's notice on a line of its own, images that only root may read
+/// (mode 0600, as `umask 077` makes them: the supervisor opens them for the
+/// unprivileged VMM), and a jail that is gone afterwards.
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct RunCLIVMTests {
-    @Test(.timeLimit(.minutes(5)))
+    @Test(.timeLimit(.minutes(8)))
     func streamsAreKeptApartAndStatusEnvironmentWorkdirAndStdinArrive() throws {
-        let script = #"echo out; echo err >&2; echo "$GREETING"; pwd; cat; exit 7"#
-        let r = try VMTests.airlock(["run", "--env", "GREETING=hello there", "--workdir", "/tmp", "--", "sh", "-c", script],
+        let store = ImageStore()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("airlock-0600-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let kernel = dir.appendingPathComponent("vmlinux").path, rootfs = dir.appendingPathComponent("rootfs.ext4").path
+        try FileManager.default.copyItem(atPath: store.kernelPath, toPath: kernel)
+        try FileManager.default.copyItem(atPath: store.rootfsPath, toPath: rootfs)
+        chmod(kernel, 0o600)
+        chmod(rootfs, 0o600)
+
+        let script = #"echo out; printf err >&2; echo "$GREETING"; pwd; cat; head -c 3000 /dev/zero | tr '\0' x >&2; exit 7"#
+        let r = try VMTests.airlock(["run", "--kernel", kernel, "--rootfs", rootfs, "--max-output", "1000",
+                                     "--env", "GREETING=hello there", "--workdir", "/tmp", "--", "sh", "-c", script],
                                     stdin: Data("piped input\n".utf8))
         #expect(r.status == 7, "stderr: \(r.stderr)")
         #expect(r.stdout == "out\nhello there\n/tmp\npiped input\n")
-        #expect(r.stderr == "err\n")
+        // stderr: "err", then x's up to the limit, then the notice on a line of its own.
+        let kept = "err" + String(repeating: "x", count: 997)
+        #expect(r.stderr == kept + "\nairlock: stderr was cut at --max-output 1000: 2003 more bytes were dropped\n", "\(r.stderr.suffix(200))")
         // It ran jailed (the default), and its jail and cgroups are gone.
         #expect(JailProbe.leftovers(of: r.pid).isEmpty)
     }
@@ -76,13 +93,41 @@ struct RunCLIVMTests {
 /// last because it destroys the VM.
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct SandboxSessionVMTests {
-    @Test(.timeLimit(.minutes(8)))
+    @Test(.timeLimit(.minutes(12)))
     func statusesSignalsFailuresLimitsUsersStdinAndTimeoutInOneVM() async throws {
         let sandbox = try await Sandbox.boot(SandboxConfig(memoryMiB: 128))
 
+        // The embedding program's sandbox is jailed like the CLI's (issue 14): its VMM is an
+        // airlock-vmm child of this process, PID 1 of its own namespace, every thread filtered,
+        // no capability, not root.
+        let vmm = try #require(JailProbe.vmm(of: getpid()), "no jailed airlock-vmm below this test process")
+        for tid in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(vmm)/task") {
+            let status = try String(contentsOfFile: "/proc/\(vmm)/task/\(tid)/status", encoding: .utf8)
+            #expect(JailProbe.field("Seccomp", in: status) == "2" && JailProbe.field("NoNewPrivs", in: status) == "1", "thread \(tid)")
+            #expect(JailProbe.field("CapEff", in: status) == "0000000000000000", "thread \(tid)")
+            #expect(JailProbe.field("Uid", in: status)?.hasPrefix("0") == false, "thread \(tid)")
+        }
+        for ns in ["mnt", "pid", "net"] {
+            #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(vmm)/ns/\(ns)")
+                    != FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/\(ns)"), "\(ns) namespace")
+        }
+
+        // A signal reaches the command running in the guest (its process group), once it says it
+        // is ready (its trap is set by then).
+        let seen = Mutex<[UInt8]>([])
+        var trap = Command(["sh", "-c", "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 1; done"])
+        trap.stdout = .handler { [sandbox] chunk in
+            let text = seen.withLock { $0 += chunk; return String(decoding: $0, as: UTF8.self) }
+            if text == "ready\n" { sandbox.signal(SIGTERM) }
+        }
+        let trapped = try await sandbox.run(trap)
+        #expect(trapped.exitCode == 42, "status \(trapped.exitCode)")
+        #expect(trapped.timings.kernelBootMs > 0 && trapped.timings.vmmStartMs > 0, "the first run carries the boot's timings")
+        #expect(String(decoding: seen.withLock { $0 }, as: UTF8.self) == "ready\ngot-term\n")
+
         let ok = try await sandbox.run(Command(["true"]))
         #expect(ok.exitCode == 0 && ok.signal == nil && ok.failure == nil && !ok.timedOut)
-        #expect(ok.timings.kernelBootMs > 0 && ok.timings.vmmStartMs > 0)
+        #expect(ok.timings.kernelBootMs == 0 && ok.timings.agentReadyMs > 0, "later runs: no boot, their own set-up")
 
         let killed = try await sandbox.run(Command(["sh", "-c", "echo before; kill -9 $$"]))
         #expect(killed.signal == 9 && killed.exitCode == 137)
@@ -140,11 +185,25 @@ struct RunCLIInputTests {
         (["run", "--memory", "lots", "--", "true"], "--memory 'lots' is not a size"),
         (["run", "--memory", "8", "--", "true"], "--memory 8 MiB is too small"),
         (["run", "--cpus", "2", "--", "true"], "until SMP support lands"),
-        (["run", "--kernel", "/no/such/vmlinux", "--", "true"], "/no/such/vmlinux cannot be opened"),
-        (["run", "--rootfs", "/no/such/rootfs.ext4", "--", "true"], "/no/such/rootfs.ext4 cannot be opened"),
-        (["run", "--timeout", "-1", "--", "true"], "--timeout"),
+        (["run", "--kernel", "/no/such/vmlinux", "--", "true"], "guest kernel /no/such/vmlinux does not exist: check the path given to --kernel"),
+        (["run", "--rootfs", "/no/such/rootfs.ext4", "--", "true"], "root filesystem /no/such/rootfs.ext4 does not exist"),
+        (["run", "--timeout", "-1", "--", "true"], "--timeout -1.0 is not a positive, finite number"),
         (["run", "--env", "=x", "--", "true"], "--env '=x' has no name"),
         (["run", "--max-output", "many", "--", "true"], "--max-output 'many' is not a size"),
+        // A newcomer's survey (issue 13): each refused before any boot, naming what is wrong.
+        (["run", "--memory", "-5", "--", "true"], "--memory -5 is not a positive size"),
+        (["run", "--timeout", "inf", "--", "true"], "--timeout inf is not a positive, finite number"),
+        (["run", "--boot-timeout", "inf", "--", "true"], "--boot-timeout inf is not a positive, finite number"),
+        (["run", "--boot-timeout", "nan", "--", "true"], "--boot-timeout nan is not a positive, finite number"),
+        (["run", "--memory", "64G", "--", "true"], "is more than this host can give"),
+        (["run", "--user", "", "--", "true"], "--user '' is empty"),
+        (["run", "--user", "root:", "--", "true"], "has an empty group"),
+        (["run", "--user", "nosuchuser", "--", "true"], "'nosuchuser' is not in the guest's /etc/passwd"),
+        (["run", "--user", "airlock:nosuchgroup", "--", "true"], "group 'nosuchgroup' is not in the guest's /etc/group"),
+        (["run", "--workdir", "", "--", "true"], "--workdir '' is not an absolute path"),
+        (["run", "--workdir", "tmp", "--", "true"], "--workdir 'tmp' is not an absolute path"),
+        (["run", "--env", "A B=1", "--", "true"], "'A B' is not a usable variable name"),
+        (["run", "--kernel", "/etc/hostname", "--", "true"], "/etc/hostname"),
     ])
     func badInputIsRefusedWithWhatToDo(arguments: [String], message: String) throws {
         let r = try VMTests.airlock(arguments)
@@ -175,5 +234,42 @@ struct RunCLIInputTests {
 
         let notExt4 = try VMTests.airlock(["run", "--rootfs", "/etc/passwd", "--", "true"])
         #expect(notExt4.status == 125 && notExt4.stderr.contains("is not an ext2/3/4 image"), "\(notExt4.stderr)")
+    }
+}
+
+/// The jail never makes a KVM device of its own: a caller who cannot open /dev/kvm gets the
+/// same clear error from `run` as from `doctor` (issue 13). Each case runs in a private mount
+/// namespace where /dev/kvm is hidden; no VM boots.
+struct KVMDeviceVisibilityTests {
+    func inPrivateMountNamespace(_ setup: String) throws -> (status: Int32, output: String) {
+        try JailProbe.requireRoot()
+        let airlock = try VMTests.airlockExecutable()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
+        p.arguments = ["-m", "--propagation", "private", "sh", "-c",
+                       "\(setup) || exit 99; \(airlock) run -- true; echo run-status=$?; \(airlock) doctor; echo doctor-status=$?"]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return (p.terminationStatus, text)
+    }
+
+    @Test func devNullOverDevKVMIsRefusedByRunAndDoctorAlike() throws {
+        let r = try inPrivateMountNamespace("mount --bind /dev/null /dev/kvm")
+        #expect(r.output.contains("run-status=125"), "\(r.output)")
+        #expect(r.output.contains("airlock: /dev/kvm is not the KVM device"), "\(r.output)")
+        #expect(r.output.contains("FAIL /dev/kvm: /dev/kvm is not the KVM device"), "doctor says the same: \(r.output)")
+        #expect(r.output.contains("doctor-status=1"), "\(r.output)")
+    }
+
+    @Test func anEmptyDevIsRefusedByRunAndDoctorAlike() throws {
+        let r = try inPrivateMountNamespace("mount -t tmpfs none /dev")
+        #expect(r.output.contains("run-status=125"), "\(r.output)")
+        #expect(r.output.contains("airlock: /dev/kvm does not exist"), "\(r.output)")
+        #expect(r.output.contains("FAIL /dev/kvm: /dev/kvm does not exist"), "\(r.output)")
     }
 }

@@ -90,9 +90,9 @@ struct SnapshotRestoreVMTests {
     func theGuestClockFollowsTheHostsClockAfterARestore() async throws {
         let made = try await SharedSnapshot.made.value
         let sandbox = try await Sandbox.restore(from: made.path, config: SharedSnapshot.config)
-        let hourAhead = VMSession.realtimeNanoseconds() + 3600 * 1_000_000_000
-        let offset = hourAhead &- VMSession.realtimeNanoseconds()
-        sandbox.session.hostTime = { VMSession.realtimeNanoseconds() &+ offset }
+        let hourAhead = SessionClient.realtimeNanoseconds() + 3600 * 1_000_000_000
+        let offset = hourAhead &- SessionClient.realtimeNanoseconds()
+        sandbox.client.hostTime = { SessionClient.realtimeNanoseconds() &+ offset }
         let r = try await sandbox.run(Command(["date", "+%s"]))
         let guest = Int(r.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
         // Between the (faked) host time the request carried and that time plus the run's own length.
@@ -126,8 +126,8 @@ struct SnapshotRestoreVMTests {
             offset = file.memoryOffset + (16 << 20) + 123
         }
         try flip(copy, at: offset)
-        // Refused by the snapshot's own checks, which come before the session (the first thing
-        // to make a VM) is built: the message is theirs, not a VMM's.
+        // Refused by the supervisor's checks of the file, which come before any VMM is started:
+        // the message is theirs, not a VMM's.
         await #expect { try await Sandbox.restore(from: copy, config: SharedSnapshot.config) } throws: { e in
             let text = "\(e)"
             return text.contains("snapshot \(copy) is corrupted: its \(part)") && text.contains("airlock snapshot rm")
@@ -241,8 +241,9 @@ struct SnapshotCLIVMTests {
         #expect(((coldReceipt?["timings"] as? [String: Any])?["kernelBootMs"] as? Double ?? 0) > 0)
     }
 
-    /// A restored VMM under the jail: every thread filtered and unprivileged,
-    /// its root holding the snapshot beside the images; nothing left after it.
+    /// A restored VMM under the jail: every thread filtered and unprivileged, its
+    /// root empty (the snapshot came as a descriptor, like the images, and its RAM
+    /// image is mapped from it); nothing left after it.
     @Test(.timeLimit(.minutes(20)))
     func aRestoredJailedVMMHasSeccompOnEveryThread() async throws {
         try JailProbe.requireRoot()
@@ -269,7 +270,13 @@ struct SnapshotCLIVMTests {
             #expect(JailProbe.field("CapEff", in: status) == "0000000000000000", "thread \(tid)")
         }
         let root = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(vmm)/root").sorted()
-        #expect(root == ["dev", "rootfs.ext4", "snapshot.snap", "vmlinux"], "\(root)")
+        #expect(root == [], "the VMM's root holds \(root): it should be empty (it gets descriptors, not files)")
+        let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(vmm)/fd").compactMap {
+            try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(vmm)/fd/\($0)")
+        }
+        #expect(fds.contains { $0.hasSuffix(".snap") }, "the snapshot came as a descriptor: \(fds)")
+        let maps = (try? String(contentsOfFile: "/proc/\(vmm)/maps", encoding: .utf8)) ?? ""
+        #expect(maps.split(separator: "\n").contains { $0.hasSuffix(".snap") && $0.contains(" rw-p ") }, "guest RAM mapped private from the snapshot")
         p.terminate()
         p.waitUntilExit()
         #expect(JailProbe.leftovers(of: p.processIdentifier).isEmpty)

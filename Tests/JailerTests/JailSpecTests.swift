@@ -5,9 +5,7 @@ struct JailSpecTests {
     static let sample = JailSpec(
         id: "vm-1", rootDirectory: "/run/airlock/jail/vm-1/root", uid: 2_000_000_000, gid: 2_000_000_001,
         keepFds: [0, 1, 2, 7],
-        files: [JailFile(hostPath: "/images/with space/%odd\nname", jailPath: "/vmlinux"),
-                JailFile(hostPath: "/scratch/disk.img", jailPath: "/disks/scratch", writable: true, preopen: true)],
-        devices: [.kvm, .urandom], cgroups: ["/sys/fs/cgroup/memory/airlock/vm-1", "/sys/fs/cgroup/pids/airlock/vm-1"],
+        cgroups: ["/sys/fs/cgroup/memory/airlock/vm-1", "/sys/fs/cgroup/with space/%odd\nname"],
         rlimits: JailRlimits(openFiles: 128, fileSize: 1 << 30, processes: 64),
         userNamespace: true, lifelineFd: 9, hostname: "")
 
@@ -32,8 +30,8 @@ struct JailSpecTests {
         let text = JailSpec(id: "a", rootDirectory: "/r", uid: 1, gid: 1).encoded()
         for (broken, mentions) in [(text + "\nfrobnicate 1", "unknown key 'frobnicate'"),
                                    (text + "\nuid x", "bad number"),
-                                   (text + "\nfile rx path /a /b", "bad file mode"),
-                                   (text + "\ndevice floppy", "unknown device"),
+                                   (text + "\nfile ro path /a /b", "unknown key 'file'"),
+                                   (text + "\ndevice kvm", "unknown key 'device'"),
                                    (text.replacingFirst("uid 1", with: "uid 0"), "must not run as root")] {
             do {
                 _ = try JailSpec(decoding: broken)
@@ -53,10 +51,8 @@ struct JailSpecTests {
         }
         #expect(problem { _ in } == "")
         #expect(problem { $0.id = "../x" }.contains("VM id '../x'"))
-        #expect(problem { $0.files[0].jailPath = "/a/../b" }.contains("'/a/../b'"))
-        #expect(problem { $0.files[0].jailPath = "/dev/sda" }.contains("under /dev"))
-        #expect(problem { $0.files[1].jailPath = "/vmlinux" }.contains("used twice"))
-        #expect(problem { $0.files[0].hostPath = "relative" }.contains("not an absolute path"))
+        #expect(problem { $0.rootDirectory = "relative" }.contains("not an absolute path"))
+        #expect(problem { $0.keepFds = [-1] }.contains("negative"))
         #expect(problem { $0.lifelineFd = 7 }.contains("lifeline"))
         #expect(problem { $0.uid = 0 }.contains("root"))
     }

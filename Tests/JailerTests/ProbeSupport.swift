@@ -39,27 +39,14 @@ enum TestJails {
         return dir + "/airlock-jail-probe"
     }()
 
-    /// Small host files for the jail to hold: a read-only "kernel" and a writable "disk".
-    static let files: (kernel: String, disk: String) = {
-        let dir = "/run/airlock-test/images"
-        try! FileIO.makeDirectories(dir, mode: 0o755)
-        let kernel = dir + "/kernel", disk = dir + "/disk.img"
-        for (path, size) in [(kernel, 4096), (disk, 1 << 20)] {
-            let fd = open(path, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0o644)
-            precondition(fd >= 0)
-            ftruncate(fd, off_t(size))
-            close(fd)
-        }
-        return (kernel, disk)
-    }()
-
     static func request(memory: UInt64 = 96 << 20, tasks: UInt64 = 16, cpus: Double? = 0.5,
-                        userNamespace: Bool = false, extraFiles: [JailFile] = []) -> JailRequest {
-        JailRequest(files: [JailFile(hostPath: files.kernel, jailPath: "/kernel"),
-                            JailFile(hostPath: files.disk, jailPath: "/disk.img", writable: true, preopen: true)] + extraFiles,
-                    devices: [.kvm], limits: CgroupLimits(memoryBytes: memory, tasks: tasks, cpus: cpus),
+                        userNamespace: Bool = false, fileSizeLimit: UInt64 = 1 << 20) -> JailRequest {
+        JailRequest(limits: CgroupLimits(memoryBytes: memory, tasks: tasks, cpus: cpus), fileSizeLimit: fileSizeLimit,
                     userNamespace: userNamespace)
     }
+
+    /// The host's /dev/kvm, opened by the test as Airlock's supervisor opens it, for the probe's fd 3.
+    static let kvm: OwnedFileDescriptor = OwnedFileDescriptor(adopting: open("/dev/kvm", O_RDWR | O_CLOEXEC))
 
     static let supervisor: JailSupervisor = try! JailSupervisor(config: config)
 
@@ -116,14 +103,15 @@ final class ProbeRun {
     let stderr = PipeReader()
     var stdinWrite: OwnedFileDescriptor?
 
-    init(id: String, arguments: [String], request: JailRequest = TestJails.request()) throws {
+    init(id: String, arguments: [String], request: JailRequest = TestJails.request(), passKVM: Bool = false) throws {
         jail = try TestJails.supervisor.prepare(id: id, request)
         var stdinFds: [Int32] = [-1, -1]
         precondition(airlock_jail_pipe(&stdinFds) == 0)
         let stdinRead = OwnedFileDescriptor(adopting: stdinFds[0])
         stdinWrite = OwnedFileDescriptor(adopting: stdinFds[1])
-        child = try jail.spawn(executable: TestJails.probePath, arguments: arguments,
-                               fds: [0: stdinRead.rawValue, 1: stdout.write!.rawValue, 2: stderr.write!.rawValue])
+        var fds: [Int32: Int32] = [0: stdinRead.rawValue, 1: stdout.write!.rawValue, 2: stderr.write!.rawValue]
+        if passKVM { fds[3] = TestJails.kvm.rawValue }
+        child = try jail.spawn(executable: TestJails.probePath, arguments: arguments, fds: fds)
         // The child has its copies; the test keeps only its ends.
         withExtendedLifetime(stdinRead) {}
         stdout.write = nil

@@ -237,19 +237,26 @@ final class ImageCache: @unchecked Sendable {
         atexit { try? FileManager.default.removeItem(atPath: imageCacheRoot) }
     }
 
+    /// The staged tree every image was built from (read it only).
+    func stageDirectory() throws -> String {
+        lock.lock()
+        defer { lock.unlock() }
+        return try stagedLocked()
+    }
+
+    private func stagedLocked() throws -> String {
+        if let existing = stage { return existing }
+        let built = try Stage(imageCacheRoot + "/stage")
+        try Tree.build(in: built)
+        stage = built.root
+        return built.root
+    }
+
     func image(_ layout: Layout) throws -> String {
         lock.lock()
         defer { lock.unlock() }
         if let path = images[layout] { return path }
-        let stage: String
-        if let existing = self.stage {
-            stage = existing
-        } else {
-            let built = try Stage(imageCacheRoot + "/stage")
-            try Tree.build(in: built)
-            stage = built.root
-            self.stage = stage
-        }
+        let stage = try stagedLocked()
         let path = imageCacheRoot + "/\(layout).img"
         try mke2fs(layout.arguments, stage: stage, image: path, size: layout.size)
         try indexDirectories(image: path)

@@ -1,11 +1,18 @@
 /// Who a run's command runs as, resolved from the guest's /etc/passwd and
 /// /etc/group. Parsed here rather than with getpwnam: a static binary cannot
 /// load glibc's NSS modules, and the files are all a minimal guest has.
+///
+/// One rule for both sides: the agent resolves `--user` with it at run time, and the host
+/// checks the same value against the image's files before it boots anything.
 public struct Credentials: Equatable, Sendable {
     public var uid: UInt32
     public var gid: UInt32
     public var groups: [UInt32]
     public var home: String
+
+    public init(uid: UInt32, gid: UInt32, groups: [UInt32], home: String) {
+        self.uid = uid; self.gid = gid; self.groups = groups; self.home = home
+    }
 
     public static let root = Credentials(uid: 0, gid: 0, groups: [0], home: "/root")
 }
@@ -45,11 +52,14 @@ public enum Accounts {
     /// Resolves "", "name", "uid", "name:group", "uid:gid" (either side a name or a number).
     /// A numeric uid need not exist in /etc/passwd (as with `docker run --user`);
     /// a name must. The error names the value and what exists.
-    public static func resolve(_ spec: String, passwd: [PasswdEntry], groups: [GroupEntry]) -> Result<Credentials, AgentError> {
+    public static func resolve(_ spec: String, passwd: [PasswdEntry], groups: [GroupEntry]) -> Result<Credentials, AccountsProblem> {
         if spec.isEmpty || spec == "root" || spec == "0" { return .success(.root) }
         let parts = spec.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
         let userPart = parts[0]
-        guard !userPart.isEmpty else { return .failure(.setup("--user '\(spec)' has an empty user name: give NAME, UID, or NAME:GROUP")) }
+        guard !userPart.isEmpty else { return .failure(AccountsProblem("--user '\(spec)' has an empty user name: give NAME, UID, or NAME:GROUP")) }
+        if parts.count == 2 && parts[1].isEmpty {
+            return .failure(AccountsProblem("--user '\(spec)' has an empty group after ':': give NAME:GROUP, or just NAME for its own groups"))
+        }
 
         var creds: Credentials
         let entry: PasswdEntry?
@@ -59,7 +69,7 @@ public enum Accounts {
         } else {
             guard let e = passwd.first(where: { $0.name == userPart }) else {
                 let known = passwd.map(\.name).joined(separator: ", ")
-                return .failure(.setup("--user '\(userPart)' is not in the guest's /etc/passwd (it has: \(known)): give a listed name or a numeric uid"))
+                return .failure(AccountsProblem("--user '\(userPart)' is not in the guest's /etc/passwd (it has: \(known)): give a listed name or a numeric uid"))
             }
             entry = e
             creds = Credentials(uid: e.uid, gid: e.gid, groups: [], home: e.home)
@@ -71,7 +81,7 @@ public enum Accounts {
             } else if let e = groups.first(where: { $0.name == g }) {
                 creds.gid = e.gid
             } else {
-                return .failure(.setup("--user '\(spec)': group '\(g)' is not in the guest's /etc/group: give a listed group or a numeric gid"))
+                return .failure(AccountsProblem("--user '\(spec)': group '\(g)' is not in the guest's /etc/group: give a listed group or a numeric gid"))
             }
             creds.groups = [creds.gid]
         } else {
@@ -81,4 +91,10 @@ public enum Accounts {
         }
         return .success(creds)
     }
+}
+
+/// Why a `--user` value does not resolve, in words for the person who gave it.
+public struct AccountsProblem: Error, Equatable, Sendable, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }

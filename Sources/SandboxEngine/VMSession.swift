@@ -1,7 +1,9 @@
 import AgentProtocol
 import AirlockOS
 import Dispatch
+import KVM
 import Logging
+import SessionProtocol
 import Snapshot
 import Synchronization
 import Virtio
@@ -61,24 +63,62 @@ final class ConsoleLog: ConsoleOutput, @unchecked Sendable {
     }
 }
 
-extension RunRequest {
-    /// The agent's view of `command`.
-    init(_ command: Command, runID: UInt32, shutdownAfter: Bool, hostTimeNanoseconds: UInt64 = 0, entropy: [UInt8] = []) {
-        self.init(runID: runID, arguments: command.arguments,
-                  environment: command.environment.map { "\($0.name)=\($0.value)" },
-                  workingDirectory: command.workingDirectory, user: command.user,
-                  hasStdin: command.stdin != .none, shutdownAfter: shutdownAfter,
-                  hostTimeNanoseconds: hostTimeNanoseconds, entropy: entropy)
+/// Points where a jailed VMM tightens its own sandbox.
+public struct EngineHooks: Sendable {
+    /// After the machine is built, before any thread that touches guest data starts.
+    public var beforeThreads: (@Sendable () throws -> Void)?
+    /// On each vCPU thread before its first KVM_RUN.
+    public var vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)?
+    public init(beforeThreads: (@Sendable () throws -> Void)? = nil, vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)? = nil) {
+        self.beforeThreads = beforeThreads
+        self.vcpuThreadSetup = vcpuThreadSetup
     }
 }
 
-/// One booted VM with its agent: the engine behind `Sandbox`. Its methods
-/// block (they wait on the guest) and are called from a dedicated thread.
+/// The descriptors `boot` came with, owned: /dev/kvm, the kernel, the root filesystem, the
+/// disks, and the snapshot to restore (nil: boot the kernel).
+struct BootFiles {
+    let kvm: OwnedFileDescriptor
+    let kernel: OwnedFileDescriptor
+    let rootfs: OwnedFileDescriptor
+    let disks: [OwnedFileDescriptor]
+    var snapshot: OwnedFileDescriptor? = nil
+}
+
+/// The kernel command line of a session's guest: one rule, for the VMM that boots it and
+/// for the supervisor that keys and checks snapshots by it before any VM exists.
+public enum SessionCommandLine {
+    /// What a session adds: the root filesystem, the agent as init, where its ports are
+    /// (port n of virtio device k is /dev/vport{k}p{n} in the guest: the agent opens these
+    /// directly instead of scanning sysfs for the names), quiet unless the console is
+    /// shown (the kernel's own messages cost emulated UART work per character; errors still
+    /// show), and the caller's own parameters.
+    public static func sessionPart(agentPath: String, consoleIndex: Int, copyConsole: Bool, extra: String) -> String {
+        let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
+        var cmdline = Machine.rootFilesystemCommandLine(init: agentPath) + " AIRLOCK_PORTS=\(ports)"
+        if !copyConsole { cmdline += " quiet" }
+        if !extra.isEmpty { cmdline += " " + extra }
+        return cmdline
+    }
+
+    /// The whole command line the kernel of a session with `diskCount` disks beside the
+    /// root filesystem boots with (the devices come first, then the console), computed
+    /// without building anything; nil when it would not fit.
+    public static func whole(hostProfile: HostProfile, diskCount: Int, agentPath: String, copyConsole: Bool, extra: String) -> String? {
+        let consoleIndex = 1 + diskCount
+        return Machine.kernelCommandLine(hostProfile: hostProfile, virtioDeviceCount: consoleIndex + 1,
+                                         extra: sessionPart(agentPath: agentPath, consoleIndex: consoleIndex, copyConsole: copyConsole, extra: extra))
+    }
+}
+
+/// One booted VM with its agent: the engine behind a session. Its methods
+/// block (they wait on the guest) and are called from one controller thread.
 ///
 /// Threads: the vCPU thread runs the machine and decodes guest frames; one
 /// writer thread per output port delivers output; a feeder thread pushes a
-/// run's stdin; the caller's thread is the controller, which waits on
-/// `events` and makes every decision (timeouts included).
+/// run's stdin; the controller (the session server's main thread) waits on
+/// `events` and makes every decision (timeouts included). `signal` may come
+/// from any thread.
 final class VMSession: @unchecked Sendable {
     // @unchecked: mutable state below is touched only by the controller (the
     // caller of boot/run/shutdown, serialised by `busy`), or is in Mutexes.
@@ -94,8 +134,9 @@ final class VMSession: @unchecked Sendable {
     /// How long output may take to arrive after the exit report, and the guest to reboot after it.
     static let drainSeconds = 30.0
     static let shutdownSeconds = 60.0
+    static let controlPort = 0, stdoutPort = 1, stderrPort = 2
 
-    let config: SandboxConfig
+    let request: BootRequest
     let logger: Logger
     let machine: Machine
     let console: ConsoleDevice
@@ -103,9 +144,6 @@ final class VMSession: @unchecked Sendable {
     let stdoutPump = OutputPump(name: AgentProtocol.stdoutPortName)
     let stderrPump = OutputPump(name: AgentProtocol.stderrPortName)
     let consoleLog: ConsoleLog
-    let rootfsPath: String
-    let kernelPath: String
-    let hooks: SessionHooks
 
     private let events = EventQueue()
     private let inputSpace = DispatchSemaphore(value: 0)
@@ -115,57 +153,63 @@ final class VMSession: @unchecked Sendable {
     /// Set by the machine's thread when `Machine.run` has returned (before the event is posted).
     private let vmFinished = OneWayFlag()
 
-    private let requestedAt: UInt64
     private var helloAt: UInt64 = 0
-    private var nextRunID: UInt32 = 1
-    private(set) var exit: MachineExit?
-    private(set) var endError: String?
     private var firstRunDone = false
-
     /// Where the machine thread waits while the VM is paused for a snapshot.
     private let pauseGate = PauseGate()
-    /// The snapshot this VM was restored from (nil: it booted), and when the restore was done (monotonic ns).
+    /// The snapshot this VM was restored from (nil: it booted), and what building it took (ms).
     private(set) var restoredFrom: String?
-    private var restoredAt: UInt64 = 0
-    private var restoreStartedAt: UInt64 = 0
-    private var restoredAllocatedBytes: UInt64 = 0
-    /// The host's wall clock for each run request (the agent sets the guest's clock to it); tests fake it.
-    var hostTime: @Sendable () -> UInt64 = VMSession.realtimeNanoseconds
+    private var restoreMs = 0.0
+    private(set) var exit: MachineExit?
+    private(set) var endError: String?
 
-    static let controlPort = 0, stdoutPort = 1, stderrPort = 2
-
-    /// Builds the machine (KVM objects, memory, devices, kernel) without starting it.
-    /// With `snapshot`, the machine is built from the snapshot instead of
-    /// booted: guest RAM mapped from its memory image, the same devices bound
-    /// to this session's root filesystem (reopened read-only) and console
-    /// ports, the saved state restored; `start` then runs it.
-    init(config: SandboxConfig, kernelPath: String, rootfsPath: String, requestedAt: UInt64, logger: Logger,
-         hooks: SessionHooks = SessionHooks(), snapshot: SnapshotFile? = nil) throws(SandboxError) {
-        let initStarted = monotonicNanoseconds()
-        self.config = config
-        self.hooks = hooks
+    /// Builds the machine (KVM objects, memory, devices, kernel) without starting it. With a
+    /// snapshot among `files`, the machine is built from it instead: guest RAM mapped
+    /// copy-on-write from its memory image, the same devices bound to this session's root
+    /// filesystem and console ports, the saved state restored (all before any filter).
+    init(_ request: BootRequest, files: BootFiles, hostProfile: HostProfile, logger: Logger,
+         vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)?) throws(SessionFailure) {
+        self.request = request
         self.logger = logger
-        self.requestedAt = requestedAt
-        self.rootfsPath = rootfsPath
-        self.kernelPath = kernelPath
-        consoleLog = ConsoleLog(copyTo: config.consoleFD)
+        consoleLog = ConsoleLog(copyTo: request.copyConsoleToStderr ? 2 : nil)
+        let initStarted = monotonicNanoseconds()
+        // The supervisor checked the file whole; this process trusts no file all the same, and
+        // reads the header, manifest and state again (not the RAM image: the supervisor
+        // verified its digest, and the mapping is private, so nothing here can change it).
+        var snapshot: SnapshotFile?
+        if let fd = files.snapshot {
+            let name = request.snapshotName ?? "the snapshot"
+            do throws(SnapshotError) { snapshot = try SnapshotFile(file: fd, path: name) } catch {
+                throw SessionFailure(kind: .invalidConfiguration, message: error.description, vmEnded: true)
+            }
+        }
 
         var mc = MachineConfig()
-        mc.memoryBytes = UInt64(config.memoryMiB) << 20
-        mc.vcpuCount = config.cpus
+        mc.memoryBytes = UInt64(request.memoryMiB) << 20
+        mc.vcpuCount = Int(request.cpus)
         mc.console = consoleLog
         mc.logger = logger
-        mc.vcpuThreadSetup = hooks.vcpuThreadSetup
-        if let profile = config.hostProfile { mc.hostProfile = profile }
+        mc.vcpuThreadSetup = vcpuThreadSetup
+        mc.hostProfile = hostProfile
         mc.memoryImage = snapshot?.memoryImage
 
         let inputSpace = self.inputSpace
         let events = self.events
         let post: @Sendable (Event) -> Void = { events.post($0) }
         let control = ControlChannel(post: post)
-        do {
+        do throws(VMMError) {
+            do { mc.kvm = try KVMSystem(descriptor: files.kvm) } catch { throw .kvm(error) }
             machine = try Machine(mc)
-            try machine.addBlockDevice(path: rootfsPath, readOnly: true)
+            let kernel: MappedFile
+            var disks: [BlockDevice] = []
+            do throws(FileAccessError) {
+                kernel = try MappedFile(descriptor: files.kernel, path: request.kernelName, role: "guest kernel")
+                disks.append(try BlockDevice(descriptor: files.rootfs, path: request.rootfsName, readOnly: true))
+                for (disk, fd) in zip(request.disks, files.disks) {
+                    disks.append(try BlockDevice(descriptor: fd, path: disk.name, readOnly: disk.readOnly))
+                }
+            } catch { throw .invalidConfiguration(error.description) }
+            for disk in disks { try machine.addBlockDevice(disk) }
             let consoleIndex = machine.virtioDeviceCount
             let added = try machine.addConsoleDevice(ports: [
                 .init(name: AgentProtocol.controlPortName, output: control, inputConsumed: { inputSpace.signal() }),
@@ -174,37 +218,34 @@ final class VMSession: @unchecked Sendable {
             ])
             console = added.console
             transport = added.transport
-            let cmdline = Self.sessionCommandLine(config, consoleIndex: consoleIndex)
+            let cmdline = SessionCommandLine.sessionPart(agentPath: request.agentPath, consoleIndex: consoleIndex,
+                                                         copyConsole: request.copyConsoleToStderr, extra: request.kernelCommandLine)
             if let snapshot {
                 // The snapshot's guest booted with the command line this session would have
                 // given it, or its devices and agent ports are not where this session puts them.
                 let expected = Machine.kernelCommandLine(hostProfile: mc.hostProfile, virtioDeviceCount: machine.virtioDeviceCount, extra: cmdline)
                 guard snapshot.manifest.commandLine == expected else {
-                    throw SandboxError.invalidConfiguration(SnapshotError.foreign(
+                    throw VMMError.invalidConfiguration(SnapshotError.foreign(
                         path: snapshot.path, detail: "its guest booted with '\(snapshot.manifest.commandLine)', this sandbox's would boot with '\(expected ?? "")'").description)
                 }
                 try machine.restore(snapshot.state)
             } else {
-                try machine.loadLinux(kernelPath: kernelPath, initrdPath: nil, extraCommandLine: cmdline)
+                try machine.loadLinux(kernel: kernel, initrd: nil, extraCommandLine: cmdline)
             }
-        } catch let e as SandboxError {
-            throw e
-        } catch let e as VMMError {
-            if let snapshot { throw .invalidConfiguration("snapshot \(snapshot.path) cannot be restored here: \(e.description)") }
-            throw .vmm(e.description)
         } catch {
-            throw .vmm("\(error)")
+            if let snapshot {
+                throw SessionFailure(kind: .invalidConfiguration, message: "snapshot \(snapshot.path) cannot be restored here: \(error.description)", vmEnded: true)
+            }
+            throw SessionFailure(kind: .vmm, message: error.description, vmEnded: true)
         }
         if let snapshot {
             restoredFrom = snapshot.path
-            restoredAt = monotonicNanoseconds()
-            restoreStartedAt = initStarted
-            var info = stat()
-            if fstat(snapshot.file.rawValue, &info) == 0 { restoredAllocatedBytes = UInt64(info.st_blocks) * 512 }
+            restoreMs = Double(monotonicNanoseconds() &- initStarted) / 1e6
         }
+        // Weak: the transport reaches the pumps through the console's ports, so a strong capture
+        // would be a cycle that keeps the machine (its guest RAM, the VM and /dev/kvm descriptors)
+        // alive after the session is gone: a long-lived program with in-process VMMs leaked one per VM.
         let transport = self.transport
-        // Weak: the transport's console holds the pumps as its ports' outputs, so a strong
-        // reference here would be a cycle that keeps the whole VM (its fd, its RAM) after the session.
         stdoutPump.resume = { [weak transport] in transport?.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stdoutPort)) }
         stderrPump.resume = { [weak transport] in transport?.serviceQueue(ConsoleDevice.transmitQueue(port: Self.stderrPort)) }
         stdoutPump.progress = { post(.progress) }
@@ -226,7 +267,10 @@ final class VMSession: @unchecked Sendable {
         }
     }
 
-    private var ended: Bool { exit != nil || endError != nil }
+    var ended: Bool { exit != nil || endError != nil }
+
+    /// How the VM ended, once it has ("reset on vCPU 0: i8042 reset ...").
+    var systemEvent: String? { exit?.event?.description }
 
     private var endDescription: String {
         if let endError { return "the VMM failed: \(endError)" }
@@ -234,52 +278,59 @@ final class VMSession: @unchecked Sendable {
         return "the VM was stopped"
     }
 
+    private func failure(_ kind: SessionFailure.Kind, _ message: String, console: Bool = false) -> SessionFailure {
+        SessionFailure(kind: kind, message: message, console: console ? consoleLog.capture.text : "", vmEnded: ended)
+    }
+
     // MARK: - Boot
 
-    /// Starts the vCPUs and waits for the agent's hello.
-    func boot() throws(SandboxError) {
+    /// Starts the vCPUs and waits for the agent's hello. The caller has locked the process
+    /// down (seccomp) by now: every thread started here touches guest data.
+    /// A VM restored from a snapshot is started and reported at once: its agent said hello
+    /// before the snapshot was taken and waits for a run request.
+    func boot() throws(SessionFailure) -> BootReport {
         busy.wait()
         defer { busy.signal() }
-        do {
-            // The machine is built; from here on threads touch guest data (the jail's seccomp goes on now,
-            // and every thread started below inherits it).
-            try hooks.beforeThreads?()
-        } catch {
-            throw .vmm("the sandbox could not lock the VMM down before starting it: \(error)")
+        func ms(_ from: UInt64, _ to: UInt64) -> Double { to > from ? Double(to - from) / 1e6 : 0 }
+        if let restoredFrom {
+            helloAt = monotonicNanoseconds()
+            try startThreads()
+            return BootReport(vmmStartMs: ms(request.requestedAt, monotonicNanoseconds()), kernelBootMs: 0, agent: restoredFrom,
+                              restored: true, restoreMs: restoreMs)
         }
         try startThreads()
-        let deadline = Self.deadline(after: config.bootTimeoutSeconds)
+        let rootfs = request.rootfsName, agentPath = request.agentPath
+        let deadline = Self.deadline(after: request.bootTimeoutSeconds)
         while true {
             guard let event = nextEvent(until: deadline) else {
                 destroy()
-                throw .agentDidNotStart("the agent did not say hello within the \(Int(config.bootTimeoutSeconds)) s boot timeout: check that \(rootfsPath) has Airlock's agent at \(config.agentPath) (make rootfs), or raise --boot-timeout on a slow host",
-                                        console: consoleLog.capture.text)
+                throw failure(.agentDidNotStart, "the agent did not say hello within the \(Int(request.bootTimeoutSeconds)) s boot timeout: check that \(rootfs) has Airlock's agent at \(agentPath) (make rootfs), or raise --boot-timeout on a slow host", console: true)
             }
             switch event {
             case let .guest(.hello(version, agent)):
                 helloAt = monotonicNanoseconds()
                 logger.debug("agent ready: \(agent), protocol \(version)")
-                return
+                let firstKVMRun = machine.firstRunNanoseconds
+                return BootReport(vmmStartMs: ms(request.requestedAt, firstKVMRun), kernelBootMs: ms(firstKVMRun, helloAt), agent: agent)
             case let .guest(other):
                 destroy()
-                throw .protocolViolation("the agent sent \(other) before its hello: the guest is not running Airlock's agent")
+                throw failure(.protocolViolation, "the agent sent \(other) before its hello: the guest is not running Airlock's agent")
             case let .protocolError(e):
                 destroy()
-                throw .protocolViolation("the agent in \(rootfsPath): \(e)")
+                throw failure(.protocolViolation, "the agent in \(rootfs): \(e)")
             case let .vmEnded(result):
                 record(result)
-                throw .agentDidNotStart("\(endDescription) before the agent said hello: check that \(rootfsPath) has Airlock's agent at \(config.agentPath) (rebuild it with make rootfs)",
-                                        console: consoleLog.capture.text)
+                throw failure(.agentDidNotStart, "\(endDescription) before the agent said hello: check that \(rootfs) has Airlock's agent at \(agentPath) (rebuild it with make rootfs)", console: true)
             case .progress:
                 continue
             }
         }
     }
 
-    /// Starts the output pumps and the machine's thread. The machine thread
-    /// runs the vCPUs until the VM ends; while a snapshot is taken it waits,
-    /// paused, at the gate, and then runs them on.
-    private func startThreads() throws(SandboxError) {
+    /// Starts the output pumps and the machine's thread. The machine thread runs the vCPUs
+    /// until the VM ends; while a snapshot is taken it waits, paused, at the gate, and then
+    /// runs them on.
+    private func startThreads() throws(SessionFailure) {
         do {
             try stdoutPump.start()
             try stderrPump.start()
@@ -300,85 +351,52 @@ final class VMSession: @unchecked Sendable {
                 }
             }
         } catch {
-            throw .vmm("cannot start the VM's threads: \(error)")
+            throw SessionFailure(kind: .vmm, message: "cannot start the VM's threads: \(error)", vmEnded: true)
         }
-    }
-
-    /// The part of the kernel command line a session adds: the root
-    /// filesystem, the agent as init, where its ports are (port n of virtio
-    /// device k is /dev/vport{k}p{n} in the guest: the agent opens these
-    /// directly instead of scanning sysfs for the names), quiet unless the
-    /// console is shown, and the caller's own parameters.
-    static func sessionCommandLine(_ config: SandboxConfig, consoleIndex: Int) -> String {
-        let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
-        var cmdline = "root=/dev/vda ro rootfstype=ext4 init=\(config.agentPath) AIRLOCK_PORTS=\(ports)"
-        // The kernel's own messages cost emulated UART work per character; errors still show.
-        if config.consoleFD == nil { cmdline += " quiet" }
-        if !config.extraKernelCommandLine.isEmpty { cmdline += " " + config.extraKernelCommandLine }
-        return cmdline
-    }
-
-    /// The whole command line a session with `config` boots its kernel with
-    /// (a root filesystem, then the console: two virtio devices), without
-    /// building anything: what a snapshot for this configuration must record.
-    static func bootCommandLine(_ config: SandboxConfig, hostProfile: HostProfile) -> String {
-        Machine.kernelCommandLine(hostProfile: hostProfile, virtioDeviceCount: 2,
-                                  extra: sessionCommandLine(config, consoleIndex: 1)) ?? ""
-    }
-
-    static func realtimeNanoseconds() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return UInt64(max(0, ts.tv_sec)) * 1_000_000_000 + UInt64(max(0, ts.tv_nsec))
     }
 
     // MARK: - Snapshots
 
-    /// Starts a VM restored from a snapshot (instead of `boot`): its agent
-    /// said hello before the snapshot was taken and waits for a run request.
-    func start() throws(SandboxError) {
+    /// Pauses this VM, writes a snapshot of it into `file` (an empty file opened for
+    /// writing by the supervisor), and lets it run on. Only a VM that has booted to its
+    /// agent's hello and run nothing yet is saved: its guest holds nothing of any command,
+    /// and its agent waits for the first request, which is where every restore takes over.
+    func saveSnapshot(_ save: SnapshotSave, into file: OwnedFileDescriptor) throws(SessionFailure) -> SnapshotSaveReport {
         busy.wait()
         defer { busy.signal() }
-        guard restoredFrom != nil else { throw .invalidConfiguration("start() is for a restored sandbox; boot() starts a fresh one") }
-        do { try hooks.beforeThreads?() } catch {
-            throw .vmm("the sandbox could not lock the VMM down before starting it: \(error)")
-        }
-        try startThreads()
-        helloAt = monotonicNanoseconds()
-    }
-
-    /// Pauses this VM, writes a snapshot of it into `fd` (an empty file opened
-    /// for writing, named `path` in messages), and lets it run on. Only a VM
-    /// that has booted to its agent's hello and run nothing yet is saved: its
-    /// guest holds nothing of any command, and its agent waits for the first
-    /// request, which is where every restore takes over.
-    func saveSnapshot(into fd: Int32, path: String, kernelSHA256: String, rootfsSHA256: String) throws(SandboxError) -> SnapshotWriteReport {
-        busy.wait()
-        defer { busy.signal() }
-        guard !ended else { throw .ended("the sandbox has ended: \(endDescription)") }
+        guard !ended else { throw failure(.ended, "the sandbox has ended: \(endDescription)") }
         guard helloAt != 0, !firstRunDone, restoredFrom == nil else {
-            throw .invalidConfiguration("only a sandbox that booted and has run no command can be saved as a snapshot")
+            throw failure(.invalidConfiguration, "only a sandbox that booted and has run no command can be saved as a snapshot")
         }
+        let pausedAt = monotonicNanoseconds()
         machine.pause()
         guard pauseGate.waitUntilPaused(seconds: 30) else {
             destroy()
-            throw .vmm("the VM did not pause within 30 s to be saved; it was stopped")
+            throw failure(.vmm, "the VM did not pause within 30 s to be saved; it was stopped")
         }
         defer { pauseGate.resume() }
-        do {
-            let state = try machine.captureState()
-            guard let vcpu = state.vcpus.first else { throw SandboxError.vmm("the VM has no vCPU to save") }
+        do throws(SnapshotError) {
+            let state: MachineState
+            do { state = try machine.captureState() } catch { throw SnapshotError.cannotSave(error.description) }
+            guard let vcpu = state.vcpus.first else { throw SnapshotError.cannotSave("the VM has no vCPU to save") }
             let profile = machine.config.hostProfile
             let manifest = SnapshotManifest(
-                createdAt: UInt64(max(0, time(nil))), kernelSHA256: kernelSHA256, rootfsSHA256: rootfsSHA256,
+                createdAt: save.createdAt, kernelSHA256: save.kernelSHA256, rootfsSHA256: save.rootfsSHA256,
                 commandLine: machine.commandLine, hostBackend: profile.snapshotBackendName,
                 guestMode: profile.guestMode(savedMSRs: vcpu.msrs), memoryBytes: state.memoryBytes, vcpuCount: state.vcpus.count,
                 tscKHz: vcpu.tscKHz, xsaveSize: machine.xsaveSize, cpuid: vcpu.cpuid, dataPages: 0)
-            return try SnapshotWriter.write(fd: fd, path: path, manifest: manifest, state: state, memory: machine.memory)
-        } catch let e as SandboxError {
-            throw e
+            let written = try SnapshotWriter.write(fd: file.rawValue, path: save.name, manifest: manifest, state: state, memory: machine.memory)
+            var report = SnapshotSaveReport()
+            report.fileSize = written.fileSize
+            report.allocatedBytes = written.allocatedBytes
+            report.dataPages = UInt64(written.dataPages)
+            report.residentPages = UInt64(written.residentPages)
+            report.totalPages = UInt64(written.totalPages)
+            report.writeMs = written.seconds * 1000
+            report.pausedMs = Double(monotonicNanoseconds() &- pausedAt) / 1e6
+            return report
         } catch {
-            throw .vmm("the VM could not be saved to \(path): \(error)")
+            throw failure(.vmm, "the VM could not be saved to \(save.name): \(error)")
         }
     }
 
@@ -401,12 +419,21 @@ final class VMSession: @unchecked Sendable {
         return true
     }
 
-    /// Feeds a run's stdin on its own thread; the returned flag stops it.
-    private func startStdinFeeder(_ source: StdinSource, runID: UInt32) -> OneWayFlag? {
-        if case .none = source { return nil }
+    /// Delivers `signal` to run `runID`'s command (the agent ignores it once the command has
+    /// ended). Safe from any thread; it waits at most a few seconds for the guest to take it.
+    func signal(runID: UInt32, signal: Int32) {
+        let finished = vmFinished
+        let by = Self.deadline(after: 5)
+        if !pushFrame(HostMessage.signal(runID: runID, signal: signal).encoded(), cancelled: { finished.isSet || monotonicNanoseconds() >= by }) {
+            logger.warning("signal \(signal) for run \(runID) was not taken by the guest")
+        }
+    }
+
+    /// Feeds a run's stdin from `descriptor` on its own thread; the returned flag stops it.
+    private func startStdinFeeder(_ descriptor: OwnedFileDescriptor, runID: UInt32) -> OneWayFlag? {
         let flag = OneWayFlag()
         do {
-            try startDetachedThread { [self] in feedStdin(source, runID: runID, flag: flag) }
+            try startDetachedThread { [self] in feedStdin(descriptor, runID: runID, flag: flag) }
         } catch {
             logger.error("cannot start the stdin thread: \(error); the command gets no input")
             return nil
@@ -414,29 +441,16 @@ final class VMSession: @unchecked Sendable {
         return flag
     }
 
-    private func feedStdin(_ source: StdinSource, runID: UInt32, flag: OneWayFlag) {
+    private func feedStdin(_ descriptor: OwnedFileDescriptor, runID: UInt32, flag: OneWayFlag) {
         let cancelled = { flag.isSet }
-        let chunk = AgentProtocol.Limits.stdinChunk
-        switch source {
-        case .none:
-            return
-        case let .bytes(bytes):
-            var offset = 0
-            while offset < bytes.count {
-                let end = min(bytes.count, offset + chunk)
-                guard pushFrame(HostMessage.stdin(runID: runID, data: Array(bytes[offset..<end])).encoded(), cancelled: cancelled) else { return }
-                offset = end
-            }
-        case let .fileDescriptor(fd):
-            reading: while true {
-                switch Self.readChunk(fd: fd, max: chunk, flag: flag) {
-                case let .data(d):
-                    guard pushFrame(HostMessage.stdin(runID: runID, data: d).encoded(), cancelled: cancelled) else { return }
-                case .endOfFile:
-                    break reading
-                case .cancelled:
-                    return
-                }
+        reading: while true {
+            switch Self.readChunk(fd: descriptor.rawValue, max: AgentProtocol.Limits.stdinChunk, flag: flag) {
+            case let .data(d):
+                guard pushFrame(HostMessage.stdin(runID: runID, data: d).encoded(), cancelled: cancelled) else { return }
+            case .endOfFile:
+                break reading
+            case .cancelled:
+                return
             }
         }
         _ = pushFrame(HostMessage.stdinEOF(runID: runID).encoded(), cancelled: cancelled)
@@ -460,18 +474,6 @@ final class VMSession: @unchecked Sendable {
             return .endOfFile  // a read error ends the input as EOF would; the command decides what that means
         }
         return .cancelled
-    }
-}
-
-/// Points where a jailed VMM tightens its own sandbox.
-public struct SessionHooks: Sendable {
-    /// After the machine is built, before any thread that touches guest data starts.
-    public var beforeThreads: (@Sendable () throws -> Void)?
-    /// On each vCPU thread before its first KVM_RUN.
-    public var vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)?
-    public init(beforeThreads: (@Sendable () throws -> Void)? = nil, vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)? = nil) {
-        self.beforeThreads = beforeThreads
-        self.vcpuThreadSetup = vcpuThreadSetup
     }
 }
 
@@ -569,55 +571,76 @@ final class OneWayFlag: Sendable {
     func set() { flag.store(true, ordering: .relaxed) }
 }
 
+/// The exit statuses a run reports for its own failures (shared with every caller through
+/// `SandboxExitCode`, which repeats these values).
+public enum RunExitCode {
+    public static let timeout: Int32 = 124
+    public static let airlockFailed: Int32 = 125
+    public static let notExecutable: Int32 = 126
+    public static let commandNotFound: Int32 = 127
+}
+
+extension RunFailure {
+    var exitCode: Int32 {
+        switch self {
+        case .commandNotFound: return RunExitCode.commandNotFound
+        case .notExecutable: return RunExitCode.notExecutable
+        case .setup: return RunExitCode.airlockFailed
+        }
+    }
+}
+
 extension VMSession {
-    /// Runs one command and waits for its end. With `shutdownAfter` the agent
-    /// syncs and reboots after reporting, and this waits for the VM to end.
-    func run(_ command: Command, shutdownAfter: Bool) throws(SandboxError) -> RunResult {
+    /// Runs one command and waits for its end, writing its output to `stdout` and `stderr`
+    /// (and feeding `stdin`, when given). With `shutdownAfter` the agent syncs and reboots
+    /// after reporting, and this waits for the VM to end. `onStarted` runs when the command
+    /// has started in the guest.
+    func run(_ spec: RunSpec, stdin: OwnedFileDescriptor?, stdout: OwnedFileDescriptor, stderr: OwnedFileDescriptor,
+             onStarted: (UInt32) -> Void = { _ in }) throws(SessionFailure) -> RunOutcome {
         busy.wait()
         defer { busy.signal() }
-        guard !ended else { throw .ended("the sandbox has ended: \(endDescription)") }
-        // Sandbox.validate checked the command (its limits too); the run ID is the session's.
-        // The host's time and fresh randomness go with every request: a restored guest wakes with the
-        // snapshot's clock and random pool (and a fresh one with no wall clock at all).
-        let request = RunRequest(command, runID: nextRunID, shutdownAfter: shutdownAfter,
-                                 hostTimeNanoseconds: hostTime(), entropy: (try? Machine.hostRandomBytes(32)) ?? [])
-        if let problem = request.limitProblem { throw .invalidConfiguration("\(problem): pass large inputs on stdin or in a file instead") }
-        let runID = nextRunID
-        nextRunID &+= 1
+        guard !ended else { throw failure(.ended, "the sandbox has ended: \(endDescription)") }
+        let request = spec.agentRequest
+        if let problem = request.limitProblem {
+            throw failure(.invalidConfiguration, "\(problem): pass large inputs on stdin or in a file instead")
+        }
+        let runID = spec.runID
         let firstRun = !firstRunDone
         firstRunDone = true
         let requested = firstRun ? helloAt : monotonicNanoseconds()
 
-        stdoutPump.begin(command.stdout, limit: command.maxOutputBytes)
-        stderrPump.begin(command.stderr, limit: command.maxOutputBytes)
-        var result = RunResult()
+        stdoutPump.begin(stdout, limit: spec.maxStdoutBytes)
+        stderrPump.begin(stderr, limit: spec.maxStderrBytes)
+        var result = RunOutcome()
         let finished = vmFinished
         // A guest that never posts receive buffers on the control port must not hold the caller forever.
         let takeBy = Self.deadline(after: Self.shutdownSeconds)
         guard pushFrame(HostMessage.run(request).encoded(), cancelled: { finished.isSet || monotonicNanoseconds() >= takeBy }) else {
+            _ = stdoutPump.finish(); _ = stderrPump.finish()
             if !finished.isSet {
                 destroy()
-                throw .protocolViolation("the agent did not take the run request within \(Int(Self.shutdownSeconds)) s: the VM was stopped")
+                throw failure(.protocolViolation, "the agent did not take the run request within \(Int(Self.shutdownSeconds)) s: the VM was stopped")
             }
             _ = waitForEnd(seconds: Self.shutdownSeconds)
-            throw .ended("\(endDescription) before the run request was delivered")
+            throw failure(.ended, "\(endDescription) before the run request was delivered")
         }
 
         var startedAt: UInt64 = 0, exitedAt: UInt64 = 0
         var report: (status: CommandStatus?, out: UInt64, err: UInt64)?
         var stdinFlag: OneWayFlag?
         defer { stdinFlag?.set() }
-        var deadline: UInt64? = Self.deadline(after: config.bootTimeoutSeconds)
+        // The agent may take as long to start the command as the guest may take to boot.
+        var deadline: UInt64? = Self.deadline(after: self.request.bootTimeoutSeconds)
         waiting: while report == nil {
             guard let event = nextEvent(until: deadline) else {
                 if startedAt == 0 {
                     destroy()
-                    throw .protocolViolation("the agent did not start the command within \(Int(config.bootTimeoutSeconds)) s")
+                    throw failure(.protocolViolation, "the agent did not start the command within \(Int(self.request.bootTimeoutSeconds)) s")
                 }
                 // The command's time is up: the VM goes, with whatever it was doing.
                 exitedAt = monotonicNanoseconds()
                 result.timedOut = true
-                result.exitCode = SandboxExitCode.timeout
+                result.exitCode = RunExitCode.timeout
                 destroy()
                 break waiting
             }
@@ -625,8 +648,9 @@ extension VMSession {
             case let .guest(.started(id, pid)) where id == runID && startedAt == 0:
                 startedAt = monotonicNanoseconds()
                 logger.debug("run \(runID) started as guest pid \(pid)")
-                stdinFlag = startStdinFeeder(command.stdin, runID: runID)
-                deadline = command.timeoutSeconds.map { startedAt &+ UInt64(max(0, min($0, 1e9)) * 1e9) }
+                onStarted(runID)
+                if let stdin { stdinFlag = startStdinFeeder(stdin, runID: runID) }
+                deadline = spec.timeoutSeconds.map { startedAt &+ UInt64(max(0, min($0, 1e9)) * 1e9) }
             case let .guest(.exited(id, status, out, err)) where id == runID && startedAt != 0:
                 exitedAt = monotonicNanoseconds()
                 report = (status, out, err)
@@ -638,15 +662,15 @@ extension VMSession {
                 report = (nil, out, err)
             case let .guest(other):
                 destroy()
-                throw .protocolViolation("the agent sent \(other) during run \(runID): the guest is not following Airlock's protocol")
+                throw failure(.protocolViolation, "the agent sent \(other) during run \(runID): the guest is not following Airlock's protocol")
             case let .protocolError(e):
                 destroy()
-                throw .protocolViolation("the agent broke the protocol: \(e)")
+                throw failure(.protocolViolation, "the agent broke the protocol: \(e)")
             case let .vmEnded(r):
                 record(r)
                 exitedAt = monotonicNanoseconds()
                 result.failure = "\(endDescription) before the command finished"
-                result.exitCode = SandboxExitCode.airlockFailed
+                result.exitCode = RunExitCode.airlockFailed
                 break waiting
             case .progress:
                 continue
@@ -667,35 +691,32 @@ extension VMSession {
             }
         }
         let out = stdoutPump.finish(), err = stderrPump.finish()
-        result.stdout = out.captured
-        result.stderr = err.captured
-        result.outputTruncated = out.truncated || err.truncated
+        result.stdoutBytes = out.delivered
+        result.stderrBytes = err.delivered
+        result.stdoutDropped = out.dropped
+        result.stderrDropped = err.dropped
+        result.stderrEndsMidLine = err.endsMidLine
 
-        if shutdownAfter && !ended {
+        if spec.shutdownAfter && !ended {
             if !waitForEnd(seconds: Self.shutdownSeconds) {
                 logger.warning("the guest did not reboot within \(Int(Self.shutdownSeconds)) s of the command's end; stopping it")
                 destroy()
             }
         }
         let endedAt = monotonicNanoseconds()
-        result.systemEvent = exit?.event?.description
+        result.systemEvent = systemEvent
         if let endError, result.failure == nil { result.failure = "the VMM failed: \(endError)" }
 
         func ms(_ from: UInt64, _ to: UInt64) -> Double { to > from ? Double(to - from) / 1e6 : 0 }
         let firstKVMRun = machine.firstRunNanoseconds
         if firstRun {
-            result.timings.vmmStartMs = ms(requestedAt, firstKVMRun)
+            result.timings.vmmStartMs = ms(self.request.requestedAt, firstKVMRun)
             result.timings.kernelBootMs = restoredFrom == nil ? ms(firstKVMRun, helloAt) : 0
-            if let restoredFrom {
-                result.timings.restoreMs = ms(restoreStartedAt, restoredAt)
-                result.snapshot = SnapshotUse(path: restoredFrom, restored: true, restoreMs: result.timings.restoreMs,
-                                              allocatedBytes: restoredAllocatedBytes)
-            }
         }
         result.timings.agentReadyMs = ms(requested, startedAt)
         result.timings.commandMs = ms(startedAt, exitedAt)
         result.timings.shutdownMs = ended ? ms(exitedAt, endedAt) : 0
-        result.timings.totalMs = ms(firstRun ? requestedAt : requested, endedAt)
+        result.timings.totalMs = ms(firstRun ? self.request.requestedAt : requested, endedAt)
         return result
     }
 
@@ -750,6 +771,13 @@ extension VMSession {
         pauseGate.resume()
         if !waitForEnd(seconds: 30) { logger.error("the vCPU threads did not stop within 30 s") }
         closePumps()
+    }
+
+    /// Stops the vCPUs from any thread (the supervisor hung up mid-run): a run in progress
+    /// sees the VM end and returns.
+    func stop() {
+        machine.stop(with: nil)
+        pauseGate.resume()
     }
 
     /// Stops the VM without waiting (the owner is gone); the machine's and the pumps' threads then end.

@@ -10,20 +10,23 @@ import Glibc
 ///
 /// Guest bytes arrive on a vCPU thread (`write`, with the console device's
 /// lock held), wait in a bounded buffer, and a writer thread delivers them to
-/// the run's destination, which may block (a pipe the caller reads slowly).
-/// While the buffer is over its high mark, `acceptsMore` is false and the
-/// guest's buffers stay in the virtqueue, so the guest blocks instead of the
-/// host growing; the writer calls `resume` once it has caught up.
+/// the run's descriptor, which may block (a pipe the supervisor reads slowly,
+/// a terminal). While the buffer is over its high mark, `acceptsMore` is false
+/// and the guest's buffers stay in the virtqueue, so the guest blocks instead
+/// of the host growing; the writer calls `resume` once it has caught up.
 final class OutputPump: ConsoleOutput, @unchecked Sendable {
-    // @unchecked: every mutable field is in `state`; `resume` is set once before the VM runs.
+    // @unchecked: every mutable field is in `state`; `resume` and `progress` are set once before the VM runs.
     static let highWater = 256 << 10
 
+    /// Where one run's output goes, and what happened to it.
     struct Sink {
-        let destination: OutputDestination
-        let limit: Int?
-        var kept = 0
-        var truncated = false
-        var captured: [UInt8] = []
+        let descriptor: OwnedFileDescriptor
+        /// Bytes past this are dropped and counted; nil: no limit.
+        let limit: UInt64?
+        var kept: UInt64 = 0
+        var dropped: UInt64 = 0
+        var delivered: UInt64 = 0
+        var lastByte: UInt8?
     }
 
     struct State {
@@ -34,6 +37,12 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
         var throttled = false
         var delivering = false
         var closed = false
+    }
+
+    /// What a run's stream came to.
+    struct Totals: Equatable {
+        var delivered: UInt64 = 0, dropped: UInt64 = 0
+        var endsMidLine = false
     }
 
     private let state = Mutex(State())
@@ -52,19 +61,19 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
         try startDetachedThread { [self] in writerLoop() }
     }
 
-    /// Routes output to a new run's destination; bytes that come before any run are counted and dropped.
-    func begin(_ destination: OutputDestination, limit: Int?) {
-        var effective = limit
-        if case .capture = destination { effective = Command.capturedBytesLimit(limit) }
-        state.withLock { $0.sink = Sink(destination: destination, limit: effective) }
+    /// Routes output to a new run's descriptor; bytes that come before any run are counted and dropped.
+    func begin(_ descriptor: OwnedFileDescriptor, limit: UInt64?) {
+        state.withLock { $0.sink = Sink(descriptor: descriptor, limit: limit) }
     }
 
-    /// Ends the run's routing; returns what was captured and whether anything was cut.
-    func finish() -> (captured: [UInt8], truncated: Bool) {
+    /// Ends the run's routing and lets go of its descriptor (the reader sees EOF once every
+    /// copy is closed); call it once `idle` says everything was written.
+    func finish() -> Totals {
         state.withLock { s in
-            let result = (s.sink?.captured ?? [], s.sink?.truncated ?? false)
+            guard let sink = s.sink else { return Totals() }
             s.sink = nil
-            return result
+            return Totals(delivered: sink.delivered, dropped: sink.dropped,
+                          endsMidLine: sink.lastByte.map { $0 != UInt8(ascii: "\n") } ?? false)
         }
     }
 
@@ -74,7 +83,10 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
     var idle: Bool { state.withLock { $0.buffer.isEmpty && !$0.delivering } }
 
     func close() {
-        state.withLock { $0.closed = true }
+        state.withLock { s in
+            s.closed = true
+            s.sink = nil
+        }
         wake.signal()
     }
 
@@ -90,19 +102,11 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
         state.withLock { s in
             s.received += UInt64(bytes.count)
             guard var sink = s.sink else { return }
-            var take = bytes.count
-            if let limit = sink.limit {
-                take = min(take, max(0, limit - sink.kept))
-                if take < bytes.count { sink.truncated = true }
-            }
+            var take = UInt64(bytes.count)
+            if let limit = sink.limit { take = min(take, limit > sink.kept ? limit - sink.kept : 0) }
+            sink.dropped += UInt64(bytes.count) - take
             sink.kept += take
-            if take > 0 {
-                if case .capture = sink.destination {
-                    sink.captured.append(contentsOf: bytes.prefix(take))
-                } else {
-                    s.buffer.append(contentsOf: bytes.prefix(take))
-                }
-            }
+            if take > 0 { s.buffer.append(contentsOf: bytes.prefix(Int(take))) }
             s.sink = sink
         }
         wake.signal()
@@ -113,27 +117,24 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
         while true {
             wake.wait()
             while true {
-                let (chunk, destination, closed) = state.withLock { s -> ([UInt8], OutputDestination?, Bool) in
+                let (chunk, fd, closed) = state.withLock { s -> ([UInt8], OwnedFileDescriptor?, Bool) in
                     let c = s.buffer
                     s.buffer.removeAll(keepingCapacity: true)
                     s.delivering = !c.isEmpty
-                    return (c, s.sink?.destination, s.closed)
+                    return (c, s.sink?.descriptor, s.closed)
                 }
                 if chunk.isEmpty {
                     if closed { return }
                     break
                 }
-                switch destination {
-                case let .fileDescriptor(fd)?:
-                    // A reader that went away (EPIPE) must not stop the run: its bytes are dropped.
-                    chunk.withUnsafeBytes { try? AirlockOS.writeAll(fd: fd, $0) }
-                case let .handler(h)?:
-                    h(chunk)
-                case .capture?, nil:
-                    break
-                }
+                // A reader that went away (EPIPE) must not stop the run: its bytes are dropped.
+                if let fd { chunk.withUnsafeBytes { try? fd.writeAll($0) } }
                 let wasThrottled = state.withLock { s -> Bool in
                     s.delivering = false
+                    if s.sink != nil && fd != nil {
+                        s.sink!.delivered += UInt64(chunk.count)
+                        s.sink!.lastByte = chunk.last
+                    }
                     let t = s.throttled
                     s.throttled = false
                     return t
