@@ -72,7 +72,7 @@ test-unit: deps
 ## writes $(BENCH_RESULTS) and regenerates docs/benchmarks.md and docs/boot-timeline.svg.
 ## Takes several minutes on a PVM host (each guest boot is tens of seconds).
 BENCH_RESULTS ?= bench/results/latest.json
-BENCH_ONLY ?= exits,start,boot,run,ctxswitch,blk,qemu,fuzz,workspace,build,serve,snapshot
+BENCH_ONLY ?= exits,start,boot,run,pv,ctxswitch,blk,qemu,fuzz,workspace,build,serve,snapshot
 BENCH_QEMU ?= 1
 BENCH_MEMORY_MIB ?= 128
 BENCH_EXIT_ROUNDS ?= 7
@@ -118,6 +118,7 @@ bench-c: deps
 	gcc -O2 -Wall -shared -fPIC -o $(BENCH_OUT)/kvm-probe.so bench/kvm-probe.c -ldl
 	gcc -O2 -Wall -o $(BENCH_OUT)/exec-timed bench/exec-timed.c
 	gcc -O2 -Wall -static -nostdlib -fno-stack-protector -fno-builtin -o $(BENCH_OUT)/vecstress Tests/guest-programs/vecstress.c
+	gcc -O2 -Wall -static -o $(BENCH_OUT)/pvmode Tests/guest-programs/pvmode.c
 
 ## bench-jail: what the jail adds to one `airlock run -- true` (wall, memory), jailed and --no-jail alternating
 JAIL_ROUNDS ?= 3

@@ -11,6 +11,10 @@ Sections (all by default):
   boot    `airlock boot` to the placeholder init's AIRLOCK-READY line, with the
           phases seen on the console, and the VMM's memory beside the guest's
   run     `airlock run --json -- true` end to end with its own phase timings
+  pv      a PVM host's two guest modes side by side, native (the default where the
+          paravirtual interface answers) and emulated (AIRLOCK_PV=off): boot phases,
+          `airlock run -- true`, the pipeline seq|awk|sort|uniq, `wc -c` of stdin, a
+          getppid loop, each against the host's own time for the same command
   blk     virtio-blk sequential read in the guest against the host's read of
           the same file
   qemu    QEMU (qemu-system-x86_64 -M microvm -enable-kvm) on the same kernel
@@ -51,7 +55,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ["exits", "start", "boot", "run", "ctxswitch", "blk", "qemu", "fuzz", "workspace", "build", "serve", "snapshot"]
+SECTIONS = ["exits", "start", "boot", "run", "pv", "ctxswitch", "blk", "qemu", "fuzz", "workspace", "build", "serve", "snapshot"]
 MIB = 1 << 20
 
 
@@ -92,7 +96,7 @@ def host_info():
     mem = re.search(r"^MemTotal:\s*(\d+) kB", read_file("/proc/meminfo"), re.M)
     pvm = os.path.exists("/sys/module/kvm_pvm")
     if pvm:
-        backend = "PVM (kvm_pvm: guest kernel code emulated)"
+        backend = "PVM (kvm_pvm: guest kernel native in PV mode where its paravirtual interface answers, else emulated)"
     elif "vmx" in flags or "svm" in flags:
         backend = "hardware virtualization (" + ("VT-x" if "vmx" in flags else "AMD-V") + ")"
     else:
@@ -652,12 +656,160 @@ def bench_run(a):
     return res
 
 
+# -------------------------------------------------------------------------- pv
+
+PIPELINE = "seq 1 20000 | awk '{print $1 % 97}' | sort -n | uniq -c"
+PV_MODES = [("native", {}), ("emulated", {"AIRLOCK_PV": "off"})]
+
+
+def host_seconds(argv, stdin_bytes=None, repeats=5):
+    """The host's own time for a command (median of `repeats`), and its output."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.monotonic()
+        p = subprocess.run(argv, input=stdin_bytes, capture_output=True)
+        times.append(time.monotonic() - t)
+        out = p.stdout
+    return stats([x * 1e3 for x in times]), out
+
+
+def airlock_run_json(a, env, command, stdin_bytes=None, timeout=None):
+    """One `airlock run --json` in the mode `env` selects: its JSON document and wall ms."""
+    argv = [os.path.join(a.bin, "airlock"), "run", "--json", "--memory", str(a.memory_mib), "--", *command]
+    t = time.monotonic()
+    p = subprocess.run(argv, input=stdin_bytes, capture_output=True, env=dict(os.environ, **env),
+                       timeout=timeout or a.boot_timeout + 1800)
+    wall = (time.monotonic() - t) * 1e3
+    doc, problems = parse_run_json(p.stdout.decode("utf-8", "replace"))
+    if doc is None or problems:
+        raise RuntimeError(f"airlock run {command[:2]} failed: {problems} {p.stderr.decode()[-300:]}")
+    return doc, wall
+
+
+# Appended to a workload: the guest's CPU time line (on stderr), for its steal time.
+STAT_TAIL = "; head -1 /proc/stat >&2"
+
+
+def guest_steal(doc):
+    """The guest kernel's accounting since its boot (USER_HZ ticks from /proc/stat's cpu
+    line): the share of its time its vCPU was runnable on the host but not running
+    ("steal", from kvm-clock's steal time), which is the host's CPU contention."""
+    m = re.search(r"^cpu +([0-9 ]+)$", doc.get("stderr") or "", re.M)
+    if not m:
+        return None
+    v = [int(x) for x in m.group(1).split()]
+    total = sum(v[:8])
+    return {"steal_s": v[7] / 100, "total_s": total / 100, "fraction": v[7] / total if total else None}
+
+
+def pv_boots(a, env, n):
+    guest = a.memory_mib * MIB
+    runs = []
+    for i in range(n):
+        w = Watched(airlock_boot_argv(a, ["--timeout", str(a.boot_timeout)]), dict(probe_env(a.tools, False), **env),
+                    timeout=a.boot_timeout + 30, guest_bytes=guest, markers=BOOT_MARKERS).run()
+        first = w.probe["first_run_ns"] if w.probe else None
+        r = {"first_run_ms": w.ms(first), "kernel_banner_ms": w.ms(w.marks.get("kernel_banner")),
+             "init_started_ms": w.ms(w.marks.get("init_started")), "ready_ms": w.ms(w.marks.get("ready")),
+             "exit_ms": w.ms(w.exited_ns), "cpu_ms": w.cpu_user_ms + w.cpu_sys_ms}
+        if r["ready_ms"] is None or w.returncode != 0:
+            log(f"pv boot {i + 1}: FAILED (exit {w.returncode}); console {w.tail[-3:]}")
+            continue
+        runs.append(r)
+    return {
+        "n": len(runs),
+        "vmm_start_ms": stats([r["first_run_ms"] for r in runs]),
+        "first_run_to_banner_ms": stats([sub(r["kernel_banner_ms"], r["first_run_ms"]) for r in runs]),
+        "banner_to_init_ms": stats([sub(r["init_started_ms"], r["kernel_banner_ms"]) for r in runs]),
+        "first_run_to_init_ms": stats([sub(r["init_started_ms"], r["first_run_ms"]) for r in runs]),
+        "init_to_ready_ms": stats([sub(r["ready_ms"], r["init_started_ms"]) for r in runs]),
+        "ready_ms": stats([r["ready_ms"] for r in runs]),
+        "exit_ms": stats([r["exit_ms"] for r in runs]),
+        "cpu_ms": stats([r["cpu_ms"] for r in runs]),
+    }
+
+
+def bench_pv(a):
+    """Native against emulated on one PVM host, alternating the modes within each step.
+    Emulated runs are few and the byte and system-call counts smaller there (each emulated
+    megabyte or thousand system calls costs tens of seconds), and each figure says which."""
+    if not os.path.exists("/sys/module/kvm_pvm"):
+        return {"applicable": False, "reason": "not a PVM host: the guest kernel runs as on any KVM host"}
+    doctor = subprocess.run([os.path.join(a.bin, "airlock"), "doctor"], capture_output=True, text=True).stdout
+    mode_line = next((l.strip() for l in doctor.splitlines() if "guest mode:" in l), "")
+    if "pvm-native" not in mode_line:
+        return {"applicable": False, "reason": f"no native mode here ({mode_line or 'airlock doctor says nothing'})"}
+    prog = os.path.join(a.tools, "pvmode")
+    with open(prog, "rb") as f:
+        pvmode = f.read()
+    n = {"native": a.pv_runs, "emulated": a.pv_emulated_runs}
+    res = {"doctor": mode_line, "modes": {}, "pipeline": PIPELINE}
+    for mode, env in PV_MODES:
+        res["modes"][mode] = {"boot": pv_boots(a, env, n[mode])}
+        log(f"pv {mode}: boot ready {mmm_log(res['modes'][mode]['boot']['ready_ms'])}")
+    for mode, env in PV_MODES:
+        runs = []
+        for _ in range(n[mode]):
+            doc, wall = airlock_run_json(a, env, ["true"])
+            runs.append({"wall_ms": wall, "guestMode": doc.get("guestMode"), **{k: float(doc["timings"][k]) for k in RUN_PHASES + ["totalMs"]}})
+        m = res["modes"][mode]
+        m["guest_mode"] = runs[0]["guestMode"] if runs else None
+        m["run_true"] = {k: stats([r[k] for r in runs]) for k in RUN_PHASES + ["totalMs", "wall_ms"]}
+        log(f"pv {mode}: run -- true total {mmm_log(m['run_true']['totalMs'])} (mode {m['guest_mode']})")
+
+    # The workloads, and the host's own time for each with the same busybox the guest has.
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    res["host"] = {}
+    res["host"]["pipeline_ms"], host_pipe = host_seconds([busybox, "sh", "-c", PIPELINE])
+    res["host"]["pipeline_gnu_ms"], _ = host_seconds(["sh", "-c", PIPELINE])
+    size = {"native": a.pv_wc_bytes, "emulated": a.pv_wc_bytes_emulated}
+    calls = {"native": a.pv_syscalls, "emulated": a.pv_syscalls_emulated}
+    for mode, env in PV_MODES:
+        m = res["modes"][mode]
+        doc, wall = airlock_run_json(a, env, ["sh", "-c", PIPELINE + STAT_TAIL])
+        m["pipeline"] = {"command_ms": doc["timings"]["commandMs"], "total_ms": doc["timings"]["totalMs"], "wall_ms": wall,
+                         "same_output_as_host": doc["stdout"].encode() == host_pipe, "steal": guest_steal(doc)}
+        zeros = bytes(size[mode])
+        doc, wall = airlock_run_json(a, env, ["sh", "-c", "wc -c" + STAT_TAIL], stdin_bytes=zeros)
+        m["wc"] = {"bytes": size[mode], "command_ms": doc["timings"]["commandMs"], "total_ms": doc["timings"]["totalMs"],
+                   "wall_ms": wall, "output_ok": doc["stdout"].strip() == str(size[mode]), "steal": guest_steal(doc)}
+        doc, wall = airlock_run_json(a, env, ["sh", "-c", f"cat > /tmp/p && chmod +x /tmp/p && /tmp/p --syscalls {calls[mode]}"],
+                              stdin_bytes=pvmode)
+        f = dict(kv.split("=", 1) for kv in doc["stdout"].split() if "=" in kv)
+        m["getppid"] = {"calls": calls[mode], "ns": float(f.get("ns_per_getppid", "nan")), "native_flag": f.get("native")}
+        log(f"pv {mode}: pipeline {m['pipeline']['command_ms']:.0f} ms, wc -c of {size[mode]} bytes "
+            f"{m['wc']['command_ms']:.0f} ms, getppid {m['getppid']['ns']:.0f} ns")
+    wc_host = {}
+    for mode in ("native", "emulated"):
+        wc_host[mode], _ = host_seconds(["sh", "-c", f"head -c {size[mode]} /dev/zero | {busybox} wc -c"])
+    res["host"]["wc_ms"] = wc_host
+    hp = subprocess.run([prog, "--syscalls", str(a.pv_syscalls)], capture_output=True, text=True).stdout
+    res["host"]["getppid_ns"] = float(re.search(r"ns_per_getppid=([0-9.]+)", hp).group(1))
+
+    nat, emu, host = res["modes"]["native"], res["modes"]["emulated"], res["host"]
+    res["ratios"] = {
+        "pipeline_native_over_host": nat["pipeline"]["command_ms"] / host["pipeline_ms"]["median"],
+        "wc_native_over_host": nat["wc"]["command_ms"] / host["wc_ms"]["native"]["median"],
+        "getppid_native_over_host": nat["getppid"]["ns"] / host["getppid_ns"],
+        "getppid_emulated_over_native": emu["getppid"]["ns"] / nat["getppid"]["ns"],
+        "ready_emulated_over_native": emu["boot"]["ready_ms"]["median"] / nat["boot"]["ready_ms"]["median"]
+        if emu["boot"]["ready_ms"] and nat["boot"]["ready_ms"] else None,
+    }
+    return res
+
+
+def mmm_log(s):
+    return f"{s['median']:.0f} ms (N={s['n']})" if s else "-"
+
+
 # -------------------------------------------------------------------------- ctxswitch
 
 CTX_MODES = [
-    # What the guest kernel saves on a context switch, and how Airlock boots it for that.
-    ("fxsave", "legacy x87/SSE state only (noxsave: the old PVM profile; wrong, AVX leaks)", ["--cmdline", "noxsave"]),
-    ("xsave", "all enabled state (XSAVE completed by the VMM: the PVM profile now)", []),
+    # What the guest kernel saves on a context switch, how Airlock boots it for that, and the
+    # AIRLOCK_PV setting: the first two are the emulated kernel (issue 11), the last PV mode.
+    ("fxsave", "legacy x87/SSE state only (noxsave: the old emulated profile; wrong, AVX leaks)", ["--cmdline", "noxsave"], "off"),
+    ("xsave", "all enabled state (emulated kernel, XSAVE completed by the VMM)", [], "off"),
+    ("native", "all enabled state (kernel in PV mode: XSAVE runs natively)", [], None),
 ]
 
 
@@ -673,12 +825,17 @@ def bench_ctxswitch(a):
         binary = f.read()
     script = ("cat > /tmp/v && chmod +x /tmp/v && for i in $(seq 1 %d); do /tmp/v --pingpong %d; done"
               % (a.ctx_repeats, a.ctx_yields))
-    samples = {m: [] for m, _, _ in CTX_MODES}
+    samples = {m: [] for m, _, _, _ in CTX_MODES}
     failures = []
     for rnd in range(a.ctx_rounds):
-        for mode, _, extra in CTX_MODES:
+        for mode, _, extra, pv in CTX_MODES:
             argv = [airlock, "run", "--json", "--timeout", "1200", *extra, "--", "sh", "-c", script]
-            p = subprocess.run(argv, input=binary, capture_output=True, timeout=a.boot_timeout + 1500)
+            env = dict(os.environ)
+            if pv:
+                env["AIRLOCK_PV"] = pv
+            else:
+                env.pop("AIRLOCK_PV", None)
+            p = subprocess.run(argv, input=binary, capture_output=True, timeout=a.boot_timeout + 1500, env=env)
             doc, problems = parse_run_json(p.stdout.decode("utf-8", "replace"))
             values = [int(m) for m in re.findall(r"ns_per_switch=(\d+)", (doc or {}).get("stdout") or "")]
             if problems or not values or doc.get("exitCode") != 0:
@@ -688,7 +845,7 @@ def bench_ctxswitch(a):
             samples[mode] += [v / 1000 for v in values]
             log(f"ctxswitch {mode} round {rnd + 1}: {', '.join(f'{v / 1000:.1f}' for v in values)} us per switch")
     res = {"yields": a.ctx_yields, "repeats": a.ctx_repeats, "rounds": a.ctx_rounds, "failures": failures,
-           "modes": {m: {"what": what, "us_per_switch": stats(samples[m])} for m, what, _ in CTX_MODES}}
+           "modes": {m: {"what": what, "us_per_switch": stats(samples[m])} for m, what, _, _ in CTX_MODES}}
     fx, xs = res["modes"]["fxsave"]["us_per_switch"], res["modes"]["xsave"]["us_per_switch"]
     if fx and xs:
         res["ratio_of_medians"] = xs["median"] / fx["median"]
@@ -1247,6 +1404,12 @@ def main():
     ap.add_argument("--boot-runs", type=int, default=3)
     ap.add_argument("--run-runs", type=int, default=3)
     ap.add_argument("--boot-timeout", type=float, default=300)
+    ap.add_argument("--pv-runs", type=int, default=3, help="native boots and runs in the pv section")
+    ap.add_argument("--pv-emulated-runs", type=int, default=1, help="emulated boots and runs in the pv section")
+    ap.add_argument("--pv-wc-bytes", type=int, default=100_000_000, help="wc -c of this many bytes of stdin, native")
+    ap.add_argument("--pv-wc-bytes-emulated", type=int, default=1_000_000, help="the same, emulated")
+    ap.add_argument("--pv-syscalls", type=int, default=200_000, help="getppid calls, native and on the host")
+    ap.add_argument("--pv-syscalls-emulated", type=int, default=2_000, help="getppid calls, emulated")
     ap.add_argument("--ctx-rounds", type=int, default=2, help="alternations of the two context-switch modes")
     ap.add_argument("--ctx-repeats", type=int, default=3, help="ping-pongs per VM")
     ap.add_argument("--ctx-yields", type=int, default=2000, help="sched_yield calls per process per ping-pong")
@@ -1279,7 +1442,7 @@ def main():
     results = {"schema": 1, "host": host_info(), "params": {k: v for k, v in vars(a).items() if k not in ("bin", "tools", "out")}}
     log(f"{results['host']['cpu_model']}, {results['host']['cores']} cores, {results['host']['memory_gib']} GiB; "
         f"{results['host']['backend']}")
-    funcs = {"exits": bench_exits, "start": bench_start, "boot": bench_boot, "run": bench_run, "ctxswitch": bench_ctxswitch,
+    funcs = {"exits": bench_exits, "start": bench_start, "boot": bench_boot, "run": bench_run, "pv": bench_pv, "ctxswitch": bench_ctxswitch,
              "blk": bench_blk, "qemu": bench_qemu, "fuzz": bench_fuzz, "workspace": bench_workspace, "build": bench_build, "serve": bench_serve,
              "snapshot": bench_snapshot}
     for s in SECTIONS:

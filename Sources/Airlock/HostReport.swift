@@ -1,5 +1,6 @@
 import AirlockOS
 import KVM
+import LinuxBoot
 import VMM
 #if canImport(Glibc)
 import Glibc
@@ -15,6 +16,9 @@ public struct HostReport: Sendable {
 
     public let checks: [Check]
     public let profile: HostProfile
+    /// The mode a guest booting the installed kernel gets, and why.
+    public let guestMode: HostProfile.GuestMode
+    public let guestModeReason: String
     public let images: [ImageStore.Image]
     public let imagesDirectory: String
     /// The toolchain image (`--image build`): where it is, or how to build it.
@@ -25,8 +29,14 @@ public struct HostReport: Sendable {
     public static func gather(kvmPath: String = KVMSystem.defaultPath, store: ImageStore = ImageStore()) -> HostReport {
         var checks: [Check] = []
         let profile = HostProfile.detect()
+        var interfacePresent = false
+        var cpuSuits = true
         do {
             let kvm = try KVMSystem(path: kvmPath)
+            if profile.backend == .pvm {
+                cpuSuits = PVInterface.cpuSuitsGuestKernel()
+                interfacePresent = PVInterface.probe(kvm: kvm)
+            }
             checks.append(Check(name: kvmPath, ok: true, detail: "present and accessible"))
             checks.append(Check(name: "KVM API version", ok: true, detail: "\(kvm.apiVersion)"))
             for (name, present) in kvm.requiredCapabilities() {
@@ -46,7 +56,8 @@ public struct HostReport: Sendable {
                 return Check(name: what, ok: false, detail: error.description)
             }
         }
-        checks.append(image("guest kernel", store.kernelPath, option: "--kernel"))
+        let kernel = image("guest kernel", store.kernelPath, option: "--kernel")
+        checks.append(kernel)
         let rootfs = image("root filesystem", store.rootfsPath, option: "--rootfs")
         checks.append(rootfs)
         var agentDetail = "not checked: the root filesystem above cannot be read"
@@ -72,16 +83,45 @@ public struct HostReport: Sendable {
                 toolchainDetail = "\(toolchain) has no usable agent: rebuild it with 'make rootfs-build' (\(error))"
             }
         }
-        return HostReport(checks: checks, profile: profile, images: images, imagesDirectory: store.imagesDirectory,
-                          toolchainImage: toolchainDetail)
+        let kernelSupportsPV = kernel.ok
+            && ((try? MappedFile(path: store.kernelPath, role: "kernel")).map(KernelLoader.startsInPVMode) ?? false)
+        let mode = profile.guestMode(interfacePresent: interfacePresent && cpuSuits, kernelStartsInPVMode: kernelSupportsPV)
+        return HostReport(checks: checks, profile: profile, guestMode: mode,
+                          guestModeReason: Self.reason(mode, profile: profile, interfacePresent: interfacePresent,
+                                                       cpuSuits: cpuSuits, kernelSupportsPV: kernelSupportsPV),
+                          images: images, imagesDirectory: store.imagesDirectory, toolchainImage: toolchainDetail)
+    }
+
+    /// Why a guest gets `mode`, in words.
+    static func reason(_ mode: HostProfile.GuestMode, profile: HostProfile, interfacePresent: Bool, cpuSuits: Bool = true,
+                       kernelSupportsPV: Bool) -> String {
+        switch mode {
+        case .hardware:
+            return "hardware virtualization: the guest kernel runs at ring 0 as on any KVM host"
+        case .pvmNative where profile.pv == .kernel:
+            return "AIRLOCK_PV=kernel: the VMM registers no VIF page; the guest kernel finds the paravirtual interface itself and runs natively from early in its boot"
+        case .pvmNative:
+            return "kvm_pvm's paravirtual interface answers (MSR 0x4b564d11 reads \"PVM\") and the kernel carries Airlock's PV note: the VMM registers the guest's VIF page before its first instruction and the guest kernel runs natively"
+        case .pvmEmulated:
+            if profile.pv == .off { return "forced by AIRLOCK_PV=off: the guest kernel runs in KVM's instruction emulator" }
+            if !interfacePresent { return "kvm_pvm without the paravirtual interface (MSR 0x4b564d11 does not read \"PVM\"): the guest kernel runs in KVM's instruction emulator" }
+            if !cpuSuits { return "the CPU has no FSGSBASE, which the guest kernel's PV mode needs: the guest kernel runs in KVM's instruction emulator" }
+            if !kernelSupportsPV { return "the installed kernel has no Airlock PV note (rebuild it with make images): the guest kernel runs in KVM's instruction emulator" }
+            return "the guest kernel runs in KVM's instruction emulator"
+        }
     }
 
     public var text: String {
         var lines: [String] = []
         for c in checks { lines.append("\(c.ok ? "ok  " : "FAIL") \(c.name): \(c.detail)") }
         lines.append("     backend: \(profile.backend.rawValue)")
-        if profile.backend == .pvm {
-            lines.append("     host profile: kernel command line += \(profile.commandLineParameters.joined(separator: " ")); the VMM completes int3, fwait, xsave and xrstor for the emulated guest kernel")
+        lines.append("     guest mode: \(guestMode.rawValue) (\(guestModeReason))")
+        let parameters = HostProfile.commandLineParameters(for: guestMode)
+        if !parameters.isEmpty {
+            lines.append("     kernel command line += \(parameters.joined(separator: " "))")
+        }
+        if HostProfile.emulationAssists(for: guestMode) {
+            lines.append("     the VMM completes int3, fwait and XSAVE/XRSTOR for the emulated guest kernel")
         }
         lines.append("     images in \(imagesDirectory):")
         if images.isEmpty { lines.append("       (none: run 'make images')") }

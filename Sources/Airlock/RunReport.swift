@@ -19,6 +19,7 @@ public struct RunReport: Encodable, Sendable {
     let stderrDroppedBytes: UInt64
     let failure: String?
     let systemEvent: String?
+    let guestMode: String?
     let timings: RunTimings
     let artifacts: ArtifactsReport?
     let artifactsError: String?
@@ -38,6 +39,7 @@ public struct RunReport: Encodable, Sendable {
         stderrDroppedBytes = r.stderrDroppedBytes
         failure = r.failure
         systemEvent = r.systemEvent
+        guestMode = r.guestMode
         timings = r.timings
         artifacts = r.artifacts.map(ArtifactsReport.init)
         artifactsError = r.artifactsError
@@ -51,7 +53,7 @@ public struct RunReport: Encodable, Sendable {
     // Explicit so that a nil signal or failure is written as null: readers see every key.
     enum CodingKeys: String, CodingKey {
         case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, stdoutDroppedBytes,
-             stderrDroppedBytes, failure, systemEvent, timings
+             stderrDroppedBytes, failure, systemEvent, guestMode, timings
         case artifacts, artifactsError, snapshot
     }
     public func encode(to encoder: Encoder) throws {
@@ -68,6 +70,7 @@ public struct RunReport: Encodable, Sendable {
         try c.encode(stderrDroppedBytes, forKey: .stderrDroppedBytes)
         try c.encode(failure, forKey: .failure)
         try c.encode(systemEvent, forKey: .systemEvent)
+        try c.encode(guestMode, forKey: .guestMode)
         try c.encode(timings, forKey: .timings)
         try c.encode(artifacts, forKey: .artifacts)
         try c.encode(artifactsError, forKey: .artifactsError)

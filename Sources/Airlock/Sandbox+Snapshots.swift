@@ -23,7 +23,7 @@ extension Sandbox {
         let handle = StopHandle()
         let client = try await cancellable(handle) { () throws(SandboxError) -> SessionClient in
             var c = config
-            c.hostProfile = config.hostProfile ?? .detect()
+            c.hostProfile = config.effectiveHostProfile
             let checked = try checkSnapshot(path, config: c, store: SnapshotStore())
             try handle.check()
             return try SessionClient.boot(c, requestedAt: start, logger: logger, stop: handle, snapshot: checked)
@@ -38,7 +38,7 @@ extension Sandbox {
             throw .invalidConfiguration("a sandbox with disks (a workspace or --disk) cannot be restored from a snapshot: a snapshot holds no disks; boot it cold")
         }
         let paths = ImagePaths(config)
-        let inputs = try store.inputs(for: config, kernelPath: paths.kernel, rootfsPath: paths.rootfs, hostProfile: config.hostProfile ?? .detect())
+        let inputs = try store.inputs(for: config, kernelPath: paths.kernel, rootfsPath: paths.rootfs, hostProfile: config.effectiveHostProfile)
         let file: SnapshotFile
         do throws(SnapshotError) { file = try store.openChecked(path, requirements: inputs.requirements(kvmPath: config.kvmPath)) } catch {
             throw .invalidConfiguration(error.description)
@@ -97,7 +97,7 @@ extension Sandbox {
             throw .invalidConfiguration("a snapshot holds no disks: give no --disk to 'airlock snapshot create'")
         }
         var c = config
-        c.hostProfile = config.hostProfile ?? .detect()
+        c.hostProfile = config.effectiveHostProfile
         c.snapshots = .none
         let store = SnapshotStore()
         let paths = ImagePaths(c)
@@ -117,7 +117,7 @@ extension Sandbox {
     static func runUsingSnapshotStore(_ command: Command, config: SandboxConfig, requestedAt: UInt64, logger: Logger,
                                       stop: StopHandle) throws(SandboxError) -> RunResult {
         var c = config
-        c.hostProfile = config.hostProfile ?? .detect()
+        c.hostProfile = config.effectiveHostProfile
         c.snapshots = .none
         let paths = ImagePaths(c)
         _ = try ImageResolution.resolve(c)  // a missing image is named before anything is hashed

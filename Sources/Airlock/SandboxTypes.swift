@@ -53,6 +53,19 @@ public struct SandboxConfig: Sendable, Codable, Equatable {
         /// UNSAFE, for debugging: the same VMM on a thread of this process, unconfined.
         case unjailed
     }
+    /// On a PVM host with the paravirtual interface, run the guest kernel natively (the
+    /// default); false forces the emulated path (as `airlock.pv=off` on the kernel command
+    /// line or AIRLOCK_PV=off do), for comparison or a host whose interface differs.
+    public var pvNative: Bool = true
+
+    /// The host profile a sandbox with this configuration runs under: `hostProfile`, or the
+    /// detected one, with the emulated path when `pvNative` is off. One rule for the boot and
+    /// for the snapshot store's keys and checks.
+    var effectiveHostProfile: HostProfile {
+        var profile = hostProfile ?? .detect()
+        if !pvNative { profile.pv = .off }
+        return profile
+    }
 
     public init(kernelPath: String? = nil, rootfsPath: String? = nil, memoryMiB: Int = 256, cpus: Int = 1) {
         self.kernelPath = kernelPath
@@ -133,6 +146,8 @@ public struct RunResult: Sendable, Codable, Equatable {
     public var failure: String?
     /// How the VM ended ("reset on vCPU 0: ..."), nil while it still runs (sessions) or when the host stopped it.
     public var systemEvent: String?
+    /// How the guest kernel ran: "hardware", "pvm-emulated" or "pvm-native" (`HostProfile.GuestMode`); nil if no VM was built.
+    public var guestMode: String?
     /// What the run did with a snapshot: restored its VM from one, or booted
     /// and saved one before the command; nil when it used none.
     public var snapshot: SnapshotUse?

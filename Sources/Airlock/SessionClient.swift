@@ -97,7 +97,7 @@ final class SessionClient: @unchecked Sendable {
             throw .invalidConfiguration("a sandbox with disks (a workspace or --disk) cannot be restored from a snapshot: a snapshot holds no disks; boot it cold")
         }
         try HostMemory.check(guestMiB: config.memoryMiB)
-        let profile = config.hostProfile ?? .detect()  // here, outside the jail: it has no /sys
+        let profile = config.effectiveHostProfile  // here, outside the jail: it has no /sys
         let (ours, theirs): (UnixSocket, UnixSocket)
         do { (ours, theirs) = try UnixSocket.pair() } catch { throw .vmm("cannot create the session socket: \(error)") }
         do { try ours.setSendTimeout(seconds: margins.send) } catch { throw .vmm("\(error)") }
@@ -162,6 +162,10 @@ final class SessionClient: @unchecked Sendable {
         case let .booted(report):
             guard report.restored == (snapshot != nil) else {
                 throw lost(snapshot == nil ? "reported a restore it was not asked for" : "booted instead of restoring")
+            }
+            // Reported, never acted on; still only one of the names this build knows goes into a receipt.
+            guard HostProfile.GuestMode(rawValue: report.guestMode) != nil else {
+                throw lost("reported an unknown guest mode '\(report.guestMode)'")
             }
             bootReport = report
         case let .failed(failure):
@@ -250,6 +254,7 @@ final class SessionClient: @unchecked Sendable {
         result.outputTruncated = o.stdoutDropped > 0 || o.stderrDropped > 0 || out.truncated || err.truncated
         result.stderrEndsMidLine = o.stderrEndsMidLine
         result.systemEvent = o.systemEvent
+        result.guestMode = bootReport?.guestMode
         var t = RunTimings()
         t.vmmStartMs = o.timings.vmmStartMs; t.kernelBootMs = o.timings.kernelBootMs; t.agentReadyMs = o.timings.agentReadyMs
         t.commandMs = o.timings.commandMs; t.shutdownMs = o.timings.shutdownMs; t.totalMs = o.timings.totalMs

@@ -24,8 +24,9 @@ public enum SnapshotPolicy: String, Sendable, Codable, Equatable {
 public struct SnapshotInputs: Sendable, Equatable {
     public var kernelSHA256: String
     public var rootfsSHA256: String
-    /// The whole kernel command line the guest boots with (Airlock's, the host profile's, the session's, the caller's).
-    public var commandLine: String
+    /// The whole kernel command line the guest boots with (Airlock's, the guest mode's, the
+    /// session's, the caller's), for each guest mode a snapshot of it may have been made in.
+    public var commandLines: [HostProfile.GuestMode: String]
     public var memoryBytes: UInt64
     public var vcpuCount: Int
     public var hostProfile: HostProfile
@@ -34,17 +35,19 @@ public struct SnapshotInputs: Sendable, Equatable {
     /// SHA-256 of all of them (and of the format version), so a change to any
     /// input is a different snapshot, never a stale one.
     public var key: String {
-        let text = ["airlock-snapshot", "\(SnapshotFormat.version)", kernelSHA256, rootfsSHA256, commandLine,
-                    "\(memoryBytes)", "\(vcpuCount)", hostProfile.snapshotBackendName].joined(separator: "\n")
+        let lines = commandLines.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.key.rawValue)=\($0.value)" }
+        // The profile's wire name: its PV preference too (pv=off runs keep emulated snapshots of their own).
+        let text = (["airlock-snapshot", "\(SnapshotFormat.version)", kernelSHA256, rootfsSHA256] + lines
+                    + ["\(memoryBytes)", "\(vcpuCount)", hostProfile.wireName]).joined(separator: "\n")
         return String(sha256Hex(Array(text.utf8)).prefix(16))
     }
 
     /// What a snapshot must have been made from to stand for these inputs on
     /// this host: the CPU KVM gives guests here and its XSAVE size, when /dev/kvm can be asked.
     func requirements(kvmPath: String = KVMSystem.defaultPath) -> SnapshotRequirements {
-        var r = SnapshotRequirements(kernelSHA256: kernelSHA256, rootfsSHA256: rootfsSHA256, commandLine: commandLine,
-                                     memoryBytes: memoryBytes, vcpuCount: vcpuCount, hostBackend: hostProfile.snapshotBackendName,
-                                     guestModes: hostProfile.restorableGuestModes)
+        var r = SnapshotRequirements(kernelSHA256: kernelSHA256, rootfsSHA256: rootfsSHA256,
+                                     commandLines: Dictionary(uniqueKeysWithValues: commandLines.map { ($0.key.rawValue, $0.value) }),
+                                     memoryBytes: memoryBytes, vcpuCount: vcpuCount, hostBackend: hostProfile.snapshotBackendName)
         if let kvm = try? KVMSystem(path: kvmPath), let supported = try? kvm.supportedCPUID() {
             r.cpuid = CPUSetup.guestCPUID(supported, vcpuID: 0, vcpuCount: UInt32(vcpuCount))
             r.xsaveSize = kvm.xsaveSize
@@ -100,8 +103,10 @@ public struct SnapshotStore: Sendable {
         let cache = digestCache
         return SnapshotInputs(kernelSHA256: try cache.sha256(of: kernelPath, role: "guest kernel"),
                               rootfsSHA256: try cache.sha256(of: rootfsPath, role: "root filesystem"),
-                              commandLine: SessionCommandLine.whole(hostProfile: hostProfile, diskCount: 0, agentPath: config.agentPath,
-                                                                    copyConsole: config.consoleFD != nil, extra: config.extraKernelCommandLine) ?? "",
+                              commandLines: Dictionary(uniqueKeysWithValues: hostProfile.restorableGuestModes(extraCommandLine: config.extraKernelCommandLine).map {
+                                  ($0, SessionCommandLine.whole(guestMode: $0, diskCount: 0, agentPath: config.agentPath,
+                                                                copyConsole: config.consoleFD != nil, extra: config.extraKernelCommandLine) ?? "")
+                              }),
                               memoryBytes: UInt64(config.memoryMiB) << 20, vcpuCount: config.cpus, hostProfile: hostProfile)
     }
 

@@ -86,7 +86,7 @@ struct Boot: ParsableCommand {
     @Option(name: .customLong("disk"), help: "An extra disk image, attached read-write as the next /dev/vdX (repeatable).")
     var disks: [String] = []
 
-    @Option(help: "Extra kernel command-line parameters, appended to Airlock's defaults (\(Machine.baseCommandLine)) and the host profile's.")
+    @Option(help: "Extra kernel command-line parameters, appended to Airlock's defaults (\(Machine.baseCommandLine)) and the guest mode's. On a PVM host, airlock.pv=off forces the emulated path (airlock doctor shows the mode).")
     var cmdline: String = ""
 
     @Option(help: "Guest memory in MiB.")

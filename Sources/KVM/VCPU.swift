@@ -173,6 +173,25 @@ public final class VCPU: @unchecked Sendable {
         })
     }
 
+    /// KVM_GET_MSRS: the values of those of `indices` KVM could read, in order
+    /// (KVM stops at the first it cannot read).
+    public func msrs(_ indices: [UInt32]) throws(KVMError) -> [(index: UInt32, value: UInt64)] {
+        var raw = airlock_msrs()
+        let count = min(indices.count, Int(AIRLOCK_MAX_MSR_ENTRIES))
+        raw.nmsrs = UInt32(count)
+        withUnsafeMutableBytes(of: &raw.entries) { p in
+            let e = p.bindMemory(to: kvm_msr_entry.self)
+            for i in 0..<count { e[i] = kvm_msr_entry(index: indices[i], reserved: 0, data: 0) }
+        }
+        let read = Int(try withUnsafeMutableBytes(of: &raw) { (p) throws(KVMError) -> Int32 in
+            try kvmIoctl(fd.rawValue, AIRLOCK_KVM_GET_MSRS, "KVM_GET_MSRS", p.baseAddress)
+        })
+        return withUnsafeBytes(of: &raw.entries) { p in
+            let e = p.bindMemory(to: kvm_msr_entry.self)
+            return (0..<min(read, count)).map { (e[$0].index, e[$0].data) }
+        }
+    }
+
     /// Sets the x87/SSE state's control words (FCW, MXCSR) to their reset values.
     public func resetFPU() throws(KVMError) {
         var fpu = kvm_fpu()

@@ -22,6 +22,12 @@ public struct LoadedKernel: Sendable {
     /// bzImage only: the setup header (from boot_params offset 0x1F1 to the end
     /// its jump instruction at 0x200 announces), to copy into the zero page.
     public let setupHeader: [UInt8]?
+    /// ELF only: the kernel's "Airlock" ELF note says it can start in a PVM
+    /// host's paravirtual mode, with the VIF page registered before its first
+    /// instruction (guest-kernel/patches: it then runs natively from there).
+    /// A kernel without it must start emulated: its early page tables would
+    /// lack the user bit the host needs in that mode.
+    public var startsInPVMode: Bool = false
 
     /// The highest address the initrd may occupy: the bzImage's initrd_addr_max,
     /// or 4 GiB - 1 for a vmlinux, whose header does not say.
@@ -86,6 +92,17 @@ public enum KernelLoader {
         throw .unrecognizedKernel(path: file.path, firstBytes: Array(file.bytes.prefix(8)))
     }
 
+    /// Whether the kernel file says it can start in a PVM host's paravirtual mode (its
+    /// "Airlock" ELF note; see `LoadedKernel.startsInPVMode`), without loading it. False for
+    /// a bzImage and for anything that is not a valid x86-64 vmlinux.
+    public static func startsInPVMode(_ file: MappedFile) -> Bool {
+        withExtendedLifetime(file) {
+            let f = UntrustedFile(bytes: file.bytes, path: file.path, descriptor: file.descriptor.rawValue)
+            guard f.bytes.starts(with: ELFLoader.magic) else { return false }
+            return (try? ELFLoader.noteSaysPVEntry(f)) ?? false
+        }
+    }
+
     /// Where a bzImage's protected-mode code goes: the classic high-load address.
     public static let bzImageLoadAddress: UInt64 = BzImageLoader.loadAddress
 }
@@ -103,6 +120,12 @@ enum ELFLoader {
     static let typeExecutable: UInt16 = 2
     static let machineX86_64: UInt16 = 62
     static let typeLoad: UInt32 = 1
+    static let typeNote: UInt32 = 4
+    /// The note the guest kernel carries (arch/x86/kernel/airlock_pv.c): name "Airlock", type 1.
+    static let airlockNoteName: [UInt8] = Array("Airlock".utf8) + [0]
+    static let airlockNotePVEntry: UInt32 = 1
+    /// A vmlinux has a few dozen notes; a hostile one gains nothing from more.
+    static let maxNotes = 256
 
     struct Segment {
         let index: Int
@@ -136,9 +159,17 @@ enum ELFLoader {
                         "the program header table (\(count) entries)")
 
         var segments: [Segment] = []
+        var startsInPVMode = false
         for i in 0..<Int(count) {
             let h = tableOffset + UInt64(i) * UInt64(programHeaderSize)  // inside the file: checked above
-            guard try f.read(UInt32.self, at: h, "program header \(i)") == typeLoad else { continue }
+            let segmentType = try f.read(UInt32.self, at: h, "program header \(i)")
+            if segmentType == typeNote {
+                let offset = try f.read(UInt64.self, at: h + 8, "program header \(i)")
+                let size = try f.read(UInt64.self, at: h + 32, "program header \(i)")
+                if try notesHaveAirlockPVEntry(f, offset: offset, size: size, segment: i) { startsInPVMode = true }
+                continue
+            }
+            guard segmentType == typeLoad else { continue }
             let fileOffset = try f.read(UInt64.self, at: h + 8, "program header \(i)")
             let address = try f.read(UInt64.self, at: h + 24, "program header \(i)")  // p_paddr
             let fileSize = try f.read(UInt64.self, at: h + 32, "program header \(i)")
@@ -171,8 +202,53 @@ enum ELFLoader {
         }
         let start = segments.map(\.address).min()!  // non-empty: checked above
         let end = segments.map(\.end).max()!
-        return LoadedKernel(format: .elf, entry: GuestAddress(entry), start: GuestAddress(start),
-                            end: GuestAddress(end), setupHeader: nil)
+        var kernel = LoadedKernel(format: .elf, entry: GuestAddress(entry), start: GuestAddress(start),
+                                  end: GuestAddress(end), setupHeader: nil)
+        kernel.startsInPVMode = startsInPVMode
+        return kernel
+    }
+
+    /// Reads the ELF header and program headers only, for the PV note.
+    static func noteSaysPVEntry(_ f: UntrustedFile) throws(LinuxBootError) -> Bool {
+        let tableOffset = try f.read(UInt64.self, at: 32, "e_phoff")
+        let entrySize = try f.read(UInt16.self, at: 54, "e_phentsize")
+        let count = try f.read(UInt16.self, at: 56, "e_phnum")
+        guard entrySize == programHeaderSize, count <= maxProgramHeaders else { return false }
+        // The table must lie inside the file, so the offsets below cannot overflow.
+        _ = try f.range(tableOffset, length: UInt64(count) * UInt64(programHeaderSize), "the program header table")
+        for i in 0..<Int(count) {
+            let h = tableOffset + UInt64(i) * UInt64(programHeaderSize)
+            guard try f.read(UInt32.self, at: h, "program header \(i)") == typeNote else { continue }
+            let offset = try f.read(UInt64.self, at: h + 8, "program header \(i)")
+            let size = try f.read(UInt64.self, at: h + 32, "program header \(i)")
+            if try notesHaveAirlockPVEntry(f, offset: offset, size: size, segment: i) { return true }
+        }
+        return false
+    }
+
+    /// Walks the notes of a PT_NOTE segment (namesz, descsz, type, name and
+    /// descriptor each padded to 4 bytes) looking for Airlock's PV note. A
+    /// note running past the segment or the file ends the walk: it is not
+    /// an error, since the kernel boots without it (emulated).
+    static func notesHaveAirlockPVEntry(_ f: UntrustedFile, offset: UInt64, size: UInt64, segment: Int) throws(LinuxBootError) -> Bool {
+        guard (try? f.range(offset, length: size, "note segment \(segment)")) != nil else { return false }
+        let end = offset + size  // inside the file: checked just above
+        var at = offset
+        for _ in 0..<maxNotes {
+            guard end - at >= 12 else { return false }
+            let nameSize = UInt64(try f.read(UInt32.self, at: at, "note"))
+            let descSize = UInt64(try f.read(UInt32.self, at: at + 4, "note"))
+            let type = try f.read(UInt32.self, at: at + 8, "note")
+            let nameStart = at + 12
+            let paddedName = (nameSize + 3) & ~3, paddedDesc = (descSize + 3) & ~3  // 32-bit sizes: no overflow
+            guard paddedName <= end - nameStart, paddedDesc <= end - nameStart - paddedName else { return false }
+            if type == airlockNotePVEntry, nameSize == UInt64(airlockNoteName.count),
+               let name = try? f.slice(nameStart, length: nameSize, "note name"), name.elementsEqual(airlockNoteName) {
+                return true
+            }
+            at = nameStart + paddedName + paddedDesc
+        }
+        return false
     }
 }
 

@@ -104,9 +104,9 @@ public enum SessionCommandLine {
     /// The whole command line the kernel of a session with `diskCount` disks beside the
     /// root filesystem boots with (the devices come first, then the console), computed
     /// without building anything; nil when it would not fit.
-    public static func whole(hostProfile: HostProfile, diskCount: Int, agentPath: String, copyConsole: Bool, extra: String) -> String? {
+    public static func whole(guestMode: HostProfile.GuestMode, diskCount: Int, agentPath: String, copyConsole: Bool, extra: String) -> String? {
         let consoleIndex = 1 + diskCount
-        return Machine.kernelCommandLine(hostProfile: hostProfile, virtioDeviceCount: consoleIndex + 1,
+        return Machine.kernelCommandLine(guestMode: guestMode, virtioDeviceCount: consoleIndex + 1,
                                          extra: sessionPart(agentPath: agentPath, consoleIndex: consoleIndex, copyConsole: copyConsole, extra: extra))
     }
 }
@@ -223,12 +223,16 @@ final class VMSession: @unchecked Sendable {
             if let snapshot {
                 // The snapshot's guest booted with the command line this session would have
                 // given it, or its devices and agent ports are not where this session puts them.
-                let expected = Machine.kernelCommandLine(hostProfile: mc.hostProfile, virtioDeviceCount: machine.virtioDeviceCount, extra: cmdline)
+                guard let mode = HostProfile.GuestMode(rawValue: snapshot.manifest.guestMode) else {
+                    throw VMMError.invalidConfiguration(SnapshotError.foreign(
+                        path: snapshot.path, detail: "its guest ran in mode '\(snapshot.manifest.guestMode)', which this Airlock does not know").description)
+                }
+                let expected = Machine.kernelCommandLine(guestMode: mode, virtioDeviceCount: machine.virtioDeviceCount, extra: cmdline)
                 guard snapshot.manifest.commandLine == expected else {
                     throw VMMError.invalidConfiguration(SnapshotError.foreign(
                         path: snapshot.path, detail: "its guest booted with '\(snapshot.manifest.commandLine)', this sandbox's would boot with '\(expected ?? "")'").description)
                 }
-                try machine.restore(snapshot.state)
+                try machine.restore(snapshot.state, guestMode: mode)
             } else {
                 try machine.loadLinux(kernel: kernel, initrd: nil, extraCommandLine: cmdline)
             }
@@ -296,6 +300,7 @@ final class VMSession: @unchecked Sendable {
             helloAt = monotonicNanoseconds()
             try startThreads()
             return BootReport(vmmStartMs: ms(request.requestedAt, monotonicNanoseconds()), kernelBootMs: 0, agent: restoredFrom,
+                              guestMode: machine.guestMode.rawValue,
                               restored: true, restoreMs: restoreMs)
         }
         try startThreads()
@@ -311,7 +316,8 @@ final class VMSession: @unchecked Sendable {
                 helloAt = monotonicNanoseconds()
                 logger.debug("agent ready: \(agent), protocol \(version)")
                 let firstKVMRun = machine.firstRunNanoseconds
-                return BootReport(vmmStartMs: ms(request.requestedAt, firstKVMRun), kernelBootMs: ms(firstKVMRun, helloAt), agent: agent)
+                return BootReport(vmmStartMs: ms(request.requestedAt, firstKVMRun), kernelBootMs: ms(firstKVMRun, helloAt), agent: agent,
+                                  guestMode: machine.guestMode.rawValue)
             case let .guest(other):
                 destroy()
                 throw failure(.protocolViolation, "the agent sent \(other) before its hello: the guest is not running Airlock's agent")
@@ -383,7 +389,7 @@ final class VMSession: @unchecked Sendable {
             let manifest = SnapshotManifest(
                 createdAt: save.createdAt, kernelSHA256: save.kernelSHA256, rootfsSHA256: save.rootfsSHA256,
                 commandLine: machine.commandLine, hostBackend: profile.snapshotBackendName,
-                guestMode: profile.guestMode(savedMSRs: vcpu.msrs), memoryBytes: state.memoryBytes, vcpuCount: state.vcpus.count,
+                guestMode: machine.guestMode.rawValue, memoryBytes: state.memoryBytes, vcpuCount: state.vcpus.count,
                 tscKHz: vcpu.tscKHz, xsaveSize: machine.xsaveSize, cpuid: vcpu.cpuid, dataPages: 0)
             let written = try SnapshotWriter.write(fd: file.rawValue, path: save.name, manifest: manifest, state: state, memory: machine.memory)
             var report = SnapshotSaveReport()

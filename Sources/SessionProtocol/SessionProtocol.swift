@@ -26,7 +26,7 @@ import AgentProtocol
 /// of the socket closes.
 public enum SessionProtocol {
     /// Bumped whenever a message's layout changes; `hello` keeps its layout forever.
-    public static let version: UInt16 = 2
+    public static let version: UInt16 = 3
 
     public enum Limits {
         /// Names (paths, for messages), log levels, profile names, the system event.
@@ -222,14 +222,19 @@ public struct BootReport: Equatable, Sendable {
     public var kernelBootMs: Double
     /// The agent's own name for itself (its hello; for a restore, the snapshot's name).
     public var agent: String
+    /// How the guest kernel runs (`HostProfile.GuestMode`'s raw value): the VMM decides it
+    /// at the first instruction, from its own probe of the host's paravirtual interface; a
+    /// restored guest runs in the mode its snapshot was made in.
+    public var guestMode: String
     /// Restored from the snapshot the boot request named (then `kernelBootMs` is 0), and the
     /// restore's own cost: building the VM from it (KVM objects, RAM mapped, every state set).
     public var restored: Bool
     public var restoreMs: Double
-    public init(vmmStartMs: Double, kernelBootMs: Double, agent: String, restored: Bool = false, restoreMs: Double = 0) {
+    public init(vmmStartMs: Double, kernelBootMs: Double, agent: String, guestMode: String, restored: Bool = false, restoreMs: Double = 0) {
         self.vmmStartMs = vmmStartMs
         self.kernelBootMs = kernelBootMs
         self.agent = agent
+        self.guestMode = guestMode
         self.restored = restored
         self.restoreMs = restoreMs
     }
@@ -429,6 +434,7 @@ public enum VMMMessage: Equatable, Sendable {
             w.f64(b.vmmStartMs)
             w.f64(b.kernelBootMs)
             w.string(Self.clip(b.agent, L.name))
+            w.string(Self.clip(b.guestMode, L.name))
             w.bool(b.restored)
             w.f64(b.restoreMs)
         case let .started(id):
@@ -481,10 +487,11 @@ public enum VMMMessage: Equatable, Sendable {
             let start = try r.f64("vmm start")
             let boot = try r.f64("kernel boot")
             let agent = try r.string("agent", limit: L.name)
+            let guestMode = try r.string("guest mode", limit: L.name)
             let restored = try r.bool("restored")
             let restore = try Self.duration(try r.f64("restore"), "restore")
             message = .booted(BootReport(vmmStartMs: try Self.duration(start, "vmm start"), kernelBootMs: try Self.duration(boot, "kernel boot"),
-                                         agent: agent, restored: restored, restoreMs: restore))
+                                         agent: agent, guestMode: guestMode, restored: restored, restoreMs: restore))
         case .started:
             message = .started(runID: try r.u32("run id"))
         case .exited:

@@ -44,21 +44,24 @@ public struct SnapshotManifest: Equatable, Sendable {
 public struct SnapshotRequirements: Sendable {
     public var kernelSHA256: String
     public var rootfsSHA256: String
-    public var commandLine: String
+    /// The guest modes this host and configuration can restore into, each with the whole
+    /// kernel command line a guest booted in that mode has (the mode's own parameters differ).
+    public var commandLines: [String: String]
     public var memoryBytes: UInt64
     public var vcpuCount: Int
     public var hostBackend: String
-    /// The guest modes this host can restore into.
-    public var guestModes: Set<String>
     public var cpuid: CPUIDTable?
     public var xsaveSize: Int?
 
-    public init(kernelSHA256: String, rootfsSHA256: String, commandLine: String, memoryBytes: UInt64, vcpuCount: Int,
-                hostBackend: String, guestModes: Set<String>, cpuid: CPUIDTable? = nil, xsaveSize: Int? = nil) {
-        self.kernelSHA256 = kernelSHA256; self.rootfsSHA256 = rootfsSHA256; self.commandLine = commandLine
+    public init(kernelSHA256: String, rootfsSHA256: String, commandLines: [String: String], memoryBytes: UInt64, vcpuCount: Int,
+                hostBackend: String, cpuid: CPUIDTable? = nil, xsaveSize: Int? = nil) {
+        self.kernelSHA256 = kernelSHA256; self.rootfsSHA256 = rootfsSHA256; self.commandLines = commandLines
         self.memoryBytes = memoryBytes; self.vcpuCount = vcpuCount; self.hostBackend = hostBackend
-        self.guestModes = guestModes; self.cpuid = cpuid; self.xsaveSize = xsaveSize
+        self.cpuid = cpuid; self.xsaveSize = xsaveSize
     }
+
+    /// The guest modes this host can restore into.
+    public var guestModes: Set<String> { Set(commandLines.keys) }
 }
 
 extension SnapshotManifest {
@@ -69,13 +72,13 @@ extension SnapshotManifest {
         }
         if kernelSHA256 != r.kernelSHA256 { throw differ("the kernel of SHA-256", kernelSHA256, r.kernelSHA256) }
         if rootfsSHA256 != r.rootfsSHA256 { throw differ("the root filesystem of SHA-256", rootfsSHA256, r.rootfsSHA256) }
-        if commandLine != r.commandLine { throw differ("the kernel command line", "'\(commandLine)'", "'\(r.commandLine)'") }
-        if memoryBytes != r.memoryBytes { throw differ("guest memory", "\(memoryBytes >> 20) MiB", "\(r.memoryBytes >> 20) MiB") }
-        if vcpuCount != r.vcpuCount { throw differ("vCPUs:", "\(vcpuCount)", "\(r.vcpuCount)") }
         if hostBackend != r.hostBackend { throw differ("the KVM backend", hostBackend, r.hostBackend) }
-        if !r.guestModes.contains(guestMode) {
+        guard let expected = r.commandLines[guestMode] else {
             throw .foreign(path: path, detail: "its guest ran in mode \(guestMode), this host offers \(r.guestModes.sorted().joined(separator: ", "))")
         }
+        if commandLine != expected { throw differ("the kernel command line", "'\(commandLine)'", "'\(expected)'") }
+        if memoryBytes != r.memoryBytes { throw differ("guest memory", "\(memoryBytes >> 20) MiB", "\(r.memoryBytes >> 20) MiB") }
+        if vcpuCount != r.vcpuCount { throw differ("vCPUs:", "\(vcpuCount)", "\(r.vcpuCount)") }
         if let x = r.xsaveSize, x != xsaveSize { throw differ("an XSAVE area of", "\(xsaveSize) bytes", "\(x)") }
         if let c = r.cpuid, c != cpuid {
             throw .foreign(path: path, detail: "its guest saw other CPU features (CPUID \(cpuid.differenceSummary(c))): it was made on another kind of CPU or KVM")

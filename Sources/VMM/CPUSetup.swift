@@ -50,20 +50,26 @@ public enum CPUSetup {
     static let writable: UInt64 = 1 << 1
     static let largePage: UInt64 = 1 << 7
 
+    static let user: UInt64 = 1 << 2
+
     /// Identity-maps the first `Layout.identityMappedGiB` GiB with 2 MiB pages:
     /// the kernel's early code runs at its physical address until it builds its own tables.
-    public static func writeIdentityPageTables(_ memory: GuestMemory) throws(GuestMemoryError) {
+    /// `userAccessible` sets the user bit on every entry, which a PVM host's native
+    /// mode needs (the guest kernel runs in hardware ring 3; a present supervisor-only
+    /// page livelocks the host's shadow MMU): only for a guest started in that mode.
+    public static func writeIdentityPageTables(_ memory: GuestMemory, userAccessible: Bool = false) throws(GuestMemoryError) {
         let gib = Layout.identityMappedGiB
+        let flags = present | writable | (userAccessible ? user : 0)
         try memory.fill(at: Layout.pml4Address, count: 4096)
         try memory.fill(at: Layout.pdptAddress, count: 4096)
         try memory.fill(at: Layout.pageDirectoryAddress, count: 4096 * gib)
-        try memory.write(Layout.pdptAddress.raw | present | writable, at: Layout.pml4Address)
+        try memory.write(Layout.pdptAddress.raw | flags, at: Layout.pml4Address)
         for g in 0..<gib {
             let pd = Layout.pageDirectoryAddress.raw + g * 4096
-            try memory.write(pd | present | writable, at: GuestAddress(Layout.pdptAddress.raw + g * 8))
+            try memory.write(pd | flags, at: GuestAddress(Layout.pdptAddress.raw + g * 8))
             for i in 0..<UInt64(512) {
                 let physical = (g << 30) | (i << 21)
-                try memory.write(physical | present | writable | largePage, at: GuestAddress(pd + i * 8))
+                try memory.write(physical | flags | largePage, at: GuestAddress(pd + i * 8))
             }
         }
     }

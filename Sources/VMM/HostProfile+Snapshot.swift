@@ -17,17 +17,6 @@ extension HostProfile {
         }
     }
 
-    /// How the guest kernel ran when `msrs` were saved, as a snapshot records it:
-    /// a snapshot taken in one mode is refused in another.
-    public func guestMode(savedMSRs msrs: [MSREntry]) -> String {
-        switch backend {
-        case .hardware: return "hardware"
-        case .pvm:
-            let vif = msrs.first { $0.index == Self.pvmVIFMSR }?.value ?? 0
-            return Self.vifRegistered(vif) ? "pvm-native" : "pvm-emulated"
-        }
-    }
-
     /// The host reads back the page address the guest registered, or only flag
     /// bits (0x400) when none is: a page address means PV mode is on.
     static func vifRegistered(_ value: UInt64) -> Bool { value & ~0xFFF != 0 }
@@ -51,12 +40,17 @@ extension HostProfile {
     }
 
     /// The guest modes a snapshot may have been taken in to be restored on
-    /// this host. On PVM both: the mode is the guest kernel's choice, and the
-    /// kernel's SHA-256 in the manifest already pins it.
-    public var restorableGuestModes: Set<String> {
+    /// this host with this profile (and the user's kernel parameters `extra`):
+    /// on PVM the emulated one always, and the native one unless the emulated
+    /// path is asked for. Whether the host's interface answers is the VMM's to
+    /// check (its own probe, on its own vCPU): a native snapshot it cannot run
+    /// is refused there.
+    public func restorableGuestModes(extraCommandLine extra: String = "") -> [GuestMode] {
         switch backend {
-        case .hardware: return ["hardware"]
-        case .pvm: return ["pvm-emulated", "pvm-native"]
+        case .hardware: return [.hardware]
+        case .pvm:
+            let forcedOff = pv == .off || extra.split(separator: " ").contains { $0 == Self.pvOffParameter }
+            return forcedOff ? [.pvmEmulated] : [.pvmEmulated, .pvmNative]
         }
     }
 }

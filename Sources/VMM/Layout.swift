@@ -25,6 +25,10 @@ public enum Layout {
     /// The kernel command line (NUL-terminated).
     public static let commandLineAddress = GuestAddress(0x20000)
     public static let commandLineCapacity = 2048
+    /// The VIF page the VMM registers on a PVM host in native mode, before the first
+    /// instruction: in the range e820 reports reserved (0x9FC00 to 1 MiB), so the
+    /// kernel never allocates it. The kernel moves to a page of its own at once.
+    public static let pvBootVIFAddress = GuestAddress(0xA0000)
     /// Lowest address RAM must reach for the structures above plus a kernel.
     public static let minimumMemory: UInt64 = 32 << 20
 

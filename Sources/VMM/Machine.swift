@@ -40,6 +40,8 @@ public struct MachineExit: Sendable {
     public let timings: MachineTimings
     /// The vCPUs stopped because `pause` asked: the machine is whole and `run` goes on with it.
     public var paused: Bool = false
+    /// How the guest kernel ran (the mode the VMM set it up in).
+    public var guestMode: HostProfile.GuestMode = .hardware
 }
 
 /// Monotonic timestamps (ns) of a machine's life, for `--json` and benchmarks.
@@ -115,6 +117,11 @@ public final class Machine: @unchecked Sendable {
     let i8042: I8042
     /// The block devices, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
     public private(set) var blockDevices: [BlockDevice] = []
+    /// How the guest kernel runs; decided when the kernel is loaded (`loadLinux`).
+    public internal(set) var guestMode: HostProfile.GuestMode
+    /// Whether the host answered the paravirtual interface's signature MSR, on a CPU
+    /// the guest kernel's PV mode runs on (`PVInterface.cpuSuitsGuestKernel`).
+    public let pvInterfacePresent: Bool
 
     /// First event reported by a device (the i8042 reset) before any vCPU reports one.
     private let deviceEvent = Mutex<SystemEvent?>(nil)
@@ -207,6 +214,10 @@ public final class Machine: @unchecked Sendable {
             return indices
         }
         xsaveSize = kvm.xsaveSize
+        // One KVM_GET_MSRS on the machine's own vCPU: costs microseconds, no extra VM.
+        pvInterfacePresent = config.hostProfile.backend == .pvm && PVInterface.probe(vcpus[0])
+            && PVInterface.cpuSuitsGuestKernel()
+        guestMode = config.hostProfile.guestMode(interfacePresent: false, kernelStartsInPVMode: false)
 
         if !restoring {
             do {
@@ -232,13 +243,13 @@ public final class Machine: @unchecked Sendable {
     /// The whole command line `loadLinux` gave the kernel ("" before it ran): a snapshot records it.
     public private(set) var commandLine = ""
 
-    /// The command line a machine with this profile and these virtio devices
-    /// gives its kernel: Airlock's base, the host profile's, one
-    /// virtio_mmio.device= per device, then `extra`.
-    static func kernelCommandLine(hostProfile: HostProfile, virtioDevices: [(base: UInt64, irq: UInt32)],
+    /// The command line a machine whose guest runs in `guestMode` gives its kernel with
+    /// these virtio devices: Airlock's base, the mode's, one virtio_mmio.device= per
+    /// device, then `extra`.
+    static func kernelCommandLine(guestMode: HostProfile.GuestMode, virtioDevices: [(base: UInt64, irq: UInt32)],
                                   extra: String) throws(LinuxBootError) -> KernelCommandLine {
         var cmdline = try KernelCommandLine(baseCommandLine, capacity: Layout.commandLineCapacity)
-        for p in hostProfile.commandLineParameters { try cmdline.append(p) }
+        for p in HostProfile.commandLineParameters(for: guestMode) { try cmdline.append(p) }
         for d in virtioDevices {
             try cmdline.append("virtio_mmio.device=4K@0x\(String(d.base, radix: 16)):\(d.irq)")
         }
@@ -246,15 +257,15 @@ public final class Machine: @unchecked Sendable {
         return cmdline
     }
 
-    /// The command line `loadLinux` would use on a machine with `virtioDeviceCount`
-    /// devices added, computed without building one (to check a snapshot against
-    /// the boot it stands for); nil when it would not fit.
-    public static func kernelCommandLine(hostProfile: HostProfile, virtioDeviceCount: Int, extra: String) -> String? {
+    /// The command line `loadLinux` would use in `guestMode` on a machine with
+    /// `virtioDeviceCount` devices added, computed without building one (to key and
+    /// check a snapshot against the boot it stands for); nil when it would not fit.
+    public static func kernelCommandLine(guestMode: HostProfile.GuestMode, virtioDeviceCount: Int, extra: String) -> String? {
         guard virtioDeviceCount <= Layout.virtioIRQs.count else { return nil }
         let devices = (0..<virtioDeviceCount).map {
             (base: Layout.virtioMMIOBase + UInt64($0) * MMIOTransport.windowSize, irq: Layout.virtioIRQs[$0])
         }
-        return try? kernelCommandLine(hostProfile: hostProfile, virtioDevices: devices, extra: extra).string
+        return try? kernelCommandLine(guestMode: guestMode, virtioDevices: devices, extra: extra).string
     }
 
     /// What boots a root filesystem on /dev/vda (the first disk), read-only, with `init` as
@@ -286,7 +297,8 @@ public final class Machine: @unchecked Sendable {
         let kernelPath = image.path
         do {
             let kernel = try KernelLoader.load(image, into: memory)
-            let cmdline = try Self.kernelCommandLine(hostProfile: config.hostProfile, virtioDevices: virtioDevices, extra: extraCommandLine)
+            try selectGuestMode(kernelStartsInPVMode: kernel.startsInPVMode, extraCommandLine: extraCommandLine)
+            let cmdline = try Self.kernelCommandLine(guestMode: guestMode, virtioDevices: virtioDevices, extra: extraCommandLine)
             commandLine = cmdline.string
 
             var params = BootParams(kernel: kernel)
@@ -313,7 +325,7 @@ public final class Machine: @unchecked Sendable {
             try params.setE820(E820Entry.map(for: memory))
             try params.write(to: memory, at: Layout.zeroPageAddress)
             try setEntry(CPUSetup.entryRegisters(entry: kernel.entry))
-            logger.info("kernel \(kernelPath) (\(kernel.format)) entry \(kernel.entry), command line: \(cmdline.string)")
+            logger.info("kernel \(kernelPath) (\(kernel.format)) entry \(kernel.entry), guest mode \(guestMode.rawValue), command line: \(cmdline.string)")
         } catch let e as LinuxBootError { throw .boot(e) } catch let e as VMMError { throw e } catch {
             throw .invalidConfiguration("\(error)")
         }
@@ -322,6 +334,25 @@ public final class Machine: @unchecked Sendable {
 
     /// Marks the machine as ready to run (the load time in its timings).
     func markLoaded() { timings.loaded = monotonicNanoseconds() }
+
+    /// Native mode on a PVM host: the boot page tables get the user bit and the VMM
+    /// registers the first VIF page, so the kernel's first instruction already runs
+    /// natively. A host that refuses the registration leaves the guest emulated.
+    private func selectGuestMode(kernelStartsInPVMode: Bool, extraCommandLine: String) throws(VMMError) {
+        let wanted = config.hostProfile.guestMode(interfacePresent: pvInterfacePresent,
+                                                  kernelStartsInPVMode: kernelStartsInPVMode,
+                                                  extraCommandLine: extraCommandLine)
+        guestMode = wanted
+        guard config.hostProfile.vmmRegistersVIF(in: wanted) else { return }
+        do { try CPUSetup.writeIdentityPageTables(memory, userAccessible: true) } catch { throw .memory(error) }
+        let registered: Bool
+        do { registered = try PVInterface.register(vcpus[0], page: Layout.pvBootVIFAddress.raw) } catch { throw .kvm(error) }
+        if !registered {
+            logger.warning("the host refused the VIF page (KVM_SET_MSRS on MSR 0x4b564d10): the guest kernel runs emulated")
+            do { try CPUSetup.writeIdentityPageTables(memory) } catch { throw .memory(error) }
+            guestMode = .pvmEmulated
+        }
+    }
 
     /// Bytes from the host's kernel CSPRNG (getrandom blocks only before the host's own pool is ready).
     public static func hostRandomBytes(_ count: Int) throws(VMMError) -> [UInt8] {
@@ -346,6 +377,23 @@ public final class Machine: @unchecked Sendable {
         do { try memory.write(code, at: address) } catch { throw .memory(error) }
         try setEntry(CPUSetup.entryRegisters(entry: address))
         timings.loaded = monotonicNanoseconds()
+    }
+
+    /// Starts a payload (tests, benchmarks) the way native mode starts a kernel: boot page
+    /// tables with the user bit and the VMM's VIF page registered, so that its first
+    /// instruction runs natively, in hardware ring 3. False, with nothing changed, where the
+    /// host has no paravirtual interface or refuses the page.
+    public func enterNativeModeForPayload() throws(VMMError) -> Bool {
+        guard pvInterfacePresent else { return false }
+        do { try CPUSetup.writeIdentityPageTables(memory, userAccessible: true) } catch { throw .memory(error) }
+        let registered: Bool
+        do { registered = try PVInterface.register(vcpus[0], page: Layout.pvBootVIFAddress.raw) } catch { throw .kvm(error) }
+        guard registered else {
+            do { try CPUSetup.writeIdentityPageTables(memory) } catch { throw .memory(error) }
+            return false
+        }
+        guestMode = .pvmNative
+        return true
     }
 
     private func setEntry(_ regs: Registers) throws(VMMError) {
@@ -442,8 +490,9 @@ public final class Machine: @unchecked Sendable {
         defer { running.store(false, ordering: .sequentiallyConsistent) }
         installKickHandler()
         let finished = DispatchSemaphore(value: 0)
-        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: config.hostProfile.emulationAssists,
-                                  extendedState: config.hostProfile.extendedStateAssist
+        let emulated = config.hostProfile.startsEmulated(in: guestMode)
+        let handler = ExitHandler(portBus: portBus, mmioBus: mmioBus, emulationAssists: emulated,
+                                  extendedState: emulated
                                       ? ExtendedStateAssist(memory: memory, layout: xsaveLayout) : nil)
         let built = vcpus.map {
             VCPURunner(vcpu: $0, handler: handler, threadSetup: config.vcpuThreadSetup, onFinish: { _ in finished.signal() })
@@ -492,6 +541,7 @@ public final class Machine: @unchecked Sendable {
            pauseRequested.exchange(false, ordering: .sequentiallyConsistent) {
             exit.paused = true
         }
+        exit.guestMode = guestMode
         return exit
     }
 

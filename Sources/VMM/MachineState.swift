@@ -104,14 +104,27 @@ extension Machine {
     /// state. Everything is checked against this machine before KVM is told
     /// anything: the memory size, the vCPU count, each device's kind and
     /// geometry, and each saved record's own rules; a state that does not fit
-    /// throws and the machine must not be run.
-    public func restore(_ s: MachineState) throws(VMMError) {
+    /// throws and the machine must not be run. `guestMode` is the mode the saved guest
+    /// kernel ran in (its manifest's): a native one must be one this host and profile
+    /// allow, and its VIF registration comes back with the MSRs.
+    public func restore(_ s: MachineState, guestMode mode: HostProfile.GuestMode) throws(VMMError) {
         guard config.memoryImage != nil else {
             throw .invalidState("a machine booted from zeroed RAM cannot take a saved state: build it with the snapshot's memory image")
         }
         guard !isRunning else { throw .invalidState("the machine is already running") }
         guard s.memoryBytes == config.memoryBytes else {
             throw .invalidState("the snapshot's guest has \(s.memoryBytes >> 20) MiB of RAM, this machine \(config.memoryBytes >> 20) MiB")
+        }
+        switch (config.hostProfile.backend, mode) {
+        case (.hardware, .hardware), (.pvm, .pvmEmulated): break
+        case (.pvm, .pvmNative):
+            guard pvInterfacePresent, config.hostProfile.pv != .off else {
+                throw .invalidState(config.hostProfile.pv == .off
+                    ? "the snapshot's guest kernel ran natively (PV mode), and this sandbox asks for the emulated path (pv=off)"
+                    : "the snapshot's guest kernel ran natively (PV mode), which this host's paravirtual interface does not offer here")
+            }
+        default:
+            throw .invalidState("the snapshot's guest ran in mode \(mode.rawValue), which a \(config.hostProfile.backend.rawValue) host does not run")
         }
         guard s.vcpus.count == vcpus.count else {
             throw .invalidState("the snapshot has \(s.vcpus.count) vCPUs, this machine \(vcpus.count)")
@@ -147,6 +160,7 @@ extension Machine {
             try vm.restoreState(s.vm)
         } catch { throw .kvm(error) }
         guestCPUIDs = s.vcpus.map(\.cpuid)
+        guestMode = mode
         // Devices after the irqchip: each drives its interrupt line to its saved level,
         // which a later KVM_SET_IRQCHIP would undo.
         try serial.restoreState(s.serial)

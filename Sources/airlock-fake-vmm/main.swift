@@ -56,7 +56,7 @@ case "exit-at-boot":
 default:
     send(.hello(version: SessionProtocol.version))
     guard case .boot? = next() else { exit(1) }
-    send(.booted(BootReport(vmmStartMs: 1, kernelBootMs: 1, agent: "fake")))
+    send(.booted(BootReport(vmmStartMs: 1, kernelBootMs: 1, agent: "fake", guestMode: "hardware")))
     guard case let .run(spec)? = next() else { exit(1) }
     switch mode {
     case "exit-mid-run":

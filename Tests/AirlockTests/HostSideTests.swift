@@ -92,11 +92,15 @@ struct ConfigurationTests {
         r.timings.commandMs = 1.5
         let object = try JSONSerialization.jsonObject(with: Data(r.jsonDocument().utf8)) as! [String: Any]
         #expect(Set(object.keys) == ["stdout", "stderr", "stdoutBase64", "stderrBase64", "exitCode", "signal", "timedOut",
-                                     "outputTruncated", "stdoutDroppedBytes", "stderrDroppedBytes", "failure", "systemEvent", "timings",
+                                     "outputTruncated", "stdoutDroppedBytes", "stderrDroppedBytes", "failure", "systemEvent", "guestMode", "timings",
                                      "artifacts", "artifactsError", "snapshot"])
         #expect(object["stdout"] as? String == "out\n" && object["exitCode"] as? Int == 7)
         #expect(object["signal"] is NSNull && object["stdoutBase64"] is NSNull && object["stderrBase64"] is NSNull)
+        #expect(object["guestMode"] is NSNull)
         #expect(object["snapshot"] is NSNull, "no snapshot used: null, not missing")
+        r.guestMode = "pvm-native"
+        let again = try JSONSerialization.jsonObject(with: Data(r.jsonDocument().utf8)) as! [String: Any]
+        #expect(again["guestMode"] as? String == "pvm-native")
         let timings = try #require(object["timings"] as? [String: Any])
         #expect(Set(timings.keys) == ["vmmStartMs", "kernelBootMs", "restoreMs", "agentReadyMs", "commandMs", "shutdownMs", "totalMs",
                                       "workspaceMs", "artifactsMs"])

@@ -28,6 +28,13 @@ struct InstalledKernelTests {
         #expect(initrd.raw >= k.end.raw)
     }
 
+    @Test func theInstalledKernelCarriesThePVNoteThroughTheStrip() throws {
+        // build.sh strips the symbol table; the note the VMM looks for must survive it.
+        let path = try #require(installedKernelPath)
+        #expect(KernelLoader.startsInPVMode(try MappedFile(path: path, role: "kernel")),
+                "\(path) has no Airlock PV note: rebuild it with make images (guest-kernel/patches/0010)")
+    }
+
     @Test func theInstalledVmlinuxLoadsTheSameMappedAsCopied() throws {
         let path = try #require(installedKernelPath)
         let image = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))

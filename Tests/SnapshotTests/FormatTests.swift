@@ -157,19 +157,19 @@ struct SnapshotFormatTests {
     @Test(arguments: ["kernel", "rootfs", "command line", "memory", "vcpus", "backend", "mode", "xsave", "cpuid"])
     func aSnapshotMadeFromOtherInputsIsForeign(input: String) throws {
         let m = testManifest(memoryBytes: Self.memoryBytes, cpuid: CPUIDTable(entries: [CPUIDEntry(function: 1, ecx: 5)]))
-        var r = SnapshotRequirements(kernelSHA256: m.kernelSHA256, rootfsSHA256: m.rootfsSHA256, commandLine: m.commandLine,
+        var r = SnapshotRequirements(kernelSHA256: m.kernelSHA256, rootfsSHA256: m.rootfsSHA256, commandLines: [m.guestMode: m.commandLine],
                                      memoryBytes: m.memoryBytes, vcpuCount: m.vcpuCount, hostBackend: m.hostBackend,
-                                     guestModes: [m.guestMode], cpuid: m.cpuid, xsaveSize: m.xsaveSize)
+                                     cpuid: m.cpuid, xsaveSize: m.xsaveSize)
         try m.check(r, path: "/x.snap")
         let needle: String
         switch input {
         case "kernel": r.kernelSHA256 = "c"; needle = "kernel"
         case "rootfs": r.rootfsSHA256 = "c"; needle = "root filesystem"
-        case "command line": r.commandLine += " more"; needle = "command line"
+        case "command line": r.commandLines[m.guestMode]! += " more"; needle = "command line"
         case "memory": r.memoryBytes *= 2; needle = "memory"
         case "vcpus": r.vcpuCount = 2; needle = "vCPUs"
         case "backend": r.hostBackend = "hardware"; needle = "KVM backend"
-        case "mode": r.guestModes = ["pvm-native"]; needle = "mode pvm-emulated"
+        case "mode": r.commandLines = ["pvm-native": m.commandLine]; needle = "mode pvm-emulated"
         case "xsave": r.xsaveSize = 8192; needle = "XSAVE"
         default: r.cpuid = CPUIDTable(entries: [CPUIDEntry(function: 1, ecx: 6)]); needle = "CPU features"
         }

@@ -76,7 +76,7 @@ struct PayloadSnapshotKVMTests {
         let consoleB = BoundedCapture(limit: 1 << 16)
         let b = try Machine(Self.config(console: consoleB, image: snapshot.memoryImage))
         try b.addConsoleDevice(ports: [.init(name: "test.port", output: BoundedCapture(limit: 1 << 10))])
-        try b.restore(snapshot.state)
+        try b.restore(snapshot.state, guestMode: a.guestMode)
         try b.memory.write(UInt8(1), at: Self.flag)
         let exitB = try b.run(timeout: 30)
         #expect(consoleB.text == "OK", "the restored guest printed \(consoleB.text)")
@@ -102,14 +102,14 @@ struct PayloadSnapshotKVMTests {
         // Another port name.
         let b = try Machine(Self.config(console: BoundedCapture(limit: 1 << 10), image: snapshot.memoryImage))
         try b.addConsoleDevice(ports: [.init(name: "two", output: nil)])
-        #expect(throws: VMMError.self) { try b.restore(snapshot.state) }
+        #expect(throws: VMMError.self) { try b.restore(snapshot.state, guestMode: a.guestMode) }
         // No device at all.
         let c = try Machine(Self.config(console: BoundedCapture(limit: 1 << 10), image: snapshot.memoryImage))
-        #expect(throws: VMMError.self) { try c.restore(snapshot.state) }
+        #expect(throws: VMMError.self) { try c.restore(snapshot.state, guestMode: a.guestMode) }
         // A machine booted from zeroed RAM.
         let d = try Machine(Self.config(console: BoundedCapture(limit: 1 << 10)))
         try d.addConsoleDevice(ports: [.init(name: "one", output: nil)])
-        #expect(throws: VMMError.self) { try d.restore(snapshot.state) }
+        #expect(throws: VMMError.self) { try d.restore(snapshot.state, guestMode: a.guestMode) }
     }
 }
 

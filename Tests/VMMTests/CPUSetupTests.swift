@@ -62,6 +62,23 @@ import Testing
         }
     }
 
+    @Test func nativeModePageTablesCarryTheUserBitEverywhere() throws {
+        let memory = try GuestMemory(layout: [(GuestAddress(0), 32 << 20)])
+        try CPUSetup.writeIdentityPageTables(memory, userAccessible: true)
+        #expect(try memory.read(UInt64.self, at: GuestAddress(0x9000)) == 0xA007)
+        for g in 0..<UInt64(4) {
+            #expect(try memory.read(UInt64.self, at: GuestAddress(0xA000 + g * 8)) == (0xB000 + g * 0x1000) | 7)
+            for i in 0..<UInt64(512) {
+                let pde = try memory.read(UInt64.self, at: GuestAddress(0xB000 + g * 0x1000 + i * 8))
+                #expect(pde == (g << 30 | i << 21) | 0x87)
+            }
+        }
+        // Written again without it (the host refused the VIF page): no user bit is left.
+        try CPUSetup.writeIdentityPageTables(memory)
+        #expect(try memory.read(UInt64.self, at: GuestAddress(0xB008)) & 4 == 0)
+        #expect(try memory.read(UInt64.self, at: GuestAddress(0x9000)) & 4 == 0)
+    }
+
     @Test func entryRegistersPointAtTheKernelAndTheZeroPage() {
         let r = CPUSetup.entryRegisters(entry: GuestAddress(0x100_0000))
         #expect(r.rip == 0x100_0000 && r.rsi == 0x7000 && r.rflags == 2 && r.rsp == Layout.bootStackPointer)

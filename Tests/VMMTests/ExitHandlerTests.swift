@@ -200,6 +200,59 @@ final class Recorder: BusDevice {
     }
 }
 
+/// Which mode a guest gets (hardware, PVM emulated, PVM native) and what each mode passes.
+@Suite struct GuestModeTests {
+    @Test func nativeOnlyWithTheInterfaceAndAKernelThatSaysItCanStartThere() {
+        let pvm = HostProfile(backend: .pvm)
+        #expect(pvm.guestMode(interfacePresent: true, kernelStartsInPVMode: true) == .pvmNative)
+        #expect(pvm.guestMode(interfacePresent: false, kernelStartsInPVMode: true) == .pvmEmulated)
+        // An older kernel would livelock the host in native mode: its early page tables lack the user bit.
+        #expect(pvm.guestMode(interfacePresent: true, kernelStartsInPVMode: false) == .pvmEmulated)
+        let hardware = HostProfile(backend: .hardware)
+        #expect(hardware.guestMode(interfacePresent: true, kernelStartsInPVMode: true) == .hardware)
+    }
+
+    @Test func nativeModeNeedsFSGSBASE() {
+        // The guest kernel's PV mode moves GS bases with rdgsbase/wrgsbase at hardware ring 3,
+        // which needs the host kernel's CR4.FSGSBASE: AT_HWCAP2 bit 1.
+        #expect(PVInterface.cpuSuitsGuestKernel(hwcap2: 0b10))
+        #expect(PVInterface.cpuSuitsGuestKernel(hwcap2: 0b11))
+        #expect(!PVInterface.cpuSuitsGuestKernel(hwcap2: 0))
+        #expect(!PVInterface.cpuSuitsGuestKernel(hwcap2: 0b01))
+    }
+
+    @Test func theEmulatedPathCanBeForced() {
+        #expect(HostProfile(backend: .pvm, pv: .off).guestMode(interfacePresent: true, kernelStartsInPVMode: true) == .pvmEmulated)
+        let auto = HostProfile(backend: .pvm)
+        #expect(auto.guestMode(interfacePresent: true, kernelStartsInPVMode: true, extraCommandLine: "quiet airlock.pv=off") == .pvmEmulated)
+        // Only the whole word counts.
+        #expect(auto.guestMode(interfacePresent: true, kernelStartsInPVMode: true, extraCommandLine: "xairlock.pv=offx") == .pvmNative)
+        #expect(HostProfile.detect(sysModule: "/nonexistent", environment: ["AIRLOCK_PV": "off"]).pv == .off)
+        #expect(HostProfile.detect(sysModule: "/nonexistent", environment: [:]).pv == .auto)
+        #expect(HostProfile.detect(sysModule: "/nonexistent", environment: ["AIRLOCK_PV": "bogus"]).pv == .auto)
+        // Left to the kernel: native, but the VMM registers nothing and the first instructions are emulated.
+        let kernel = HostProfile(backend: .pvm, pv: .kernel)
+        #expect(kernel.guestMode(interfacePresent: true, kernelStartsInPVMode: true) == .pvmNative)
+        #expect(!kernel.vmmRegistersVIF(in: .pvmNative) && kernel.startsEmulated(in: .pvmNative))
+        #expect(auto.vmmRegistersVIF(in: .pvmNative) && !auto.startsEmulated(in: .pvmNative) && auto.startsEmulated(in: .pvmEmulated))
+    }
+
+    @Test func eachModeGetsItsOwnCommandLineAndAssists() {
+        // Native: XSAVE, rodata protection and the CPU features the kernel clears itself need nothing.
+        #expect(HostProfile.commandLineParameters(for: .pvmNative).isEmpty)
+        #expect(HostProfile.commandLineParameters(for: .hardware).isEmpty)
+        // Emulated: the emulator's masks, and the kernel must not register a VIF page on its own.
+        let emulated = HostProfile.commandLineParameters(for: .pvmEmulated)
+        #expect(emulated.contains("airlock.pv=off") && emulated.contains("rodata=off") && emulated.contains { $0.hasPrefix("clearcpuid=") })
+        #expect(HostProfile(backend: .pvm).commandLineParameters == emulated)
+        #expect(HostProfile.emulationAssists(for: .pvmEmulated) && HostProfile.extendedStateAssist(for: .pvmEmulated))
+        for mode in [HostProfile.GuestMode.pvmNative, .hardware] {
+            #expect(!HostProfile.emulationAssists(for: mode) && !HostProfile.extendedStateAssist(for: mode))
+        }
+        #expect(HostProfile.GuestMode.allCases.map(\.rawValue) == ["hardware", "pvm-emulated", "pvm-native"])
+    }
+}
+
 @Suite struct KVMDeviceErrorTests {
     @Test func missingDevKVMSaysWhatToDo() {
         do {

@@ -72,15 +72,24 @@ struct LegacyDeviceStateTests {
 struct SnapshotHostProfileTests {
     let vif = HostProfile.pvmVIFMSR
 
-    @Test func theGuestModeComesFromTheVIFRegistration() {
+    @Test func theModesASnapshotMayComeFromFollowTheProfile() {
         let pvm = HostProfile(backend: .pvm)
         #expect(pvm.snapshotMSRs == [vif])
-        #expect(pvm.guestMode(savedMSRs: [MSREntry(index: vif, value: 0x400)]) == "pvm-emulated")
-        #expect(pvm.guestMode(savedMSRs: []) == "pvm-emulated")
-        #expect(pvm.guestMode(savedMSRs: [MSREntry(index: vif, value: 0x5400)]) == "pvm-native")
+        #expect(pvm.restorableGuestModes() == [.pvmEmulated, .pvmNative])
+        // The emulated path asked for, by the profile or on the command line: no native snapshot.
+        #expect(HostProfile(backend: .pvm, pv: .off).restorableGuestModes() == [.pvmEmulated])
+        #expect(pvm.restorableGuestModes(extraCommandLine: "loglevel=8 \(HostProfile.pvOffParameter)") == [.pvmEmulated])
         let hw = HostProfile(backend: .hardware)
-        #expect(hw.snapshotMSRs.isEmpty && hw.guestMode(savedMSRs: []) == "hardware")
-        #expect(!hw.restorableGuestModes.contains("pvm-native") && pvm.restorableGuestModes.contains("pvm-native"))
+        #expect(hw.snapshotMSRs.isEmpty && hw.restorableGuestModes() == [.hardware])
+    }
+
+    /// Each guest mode boots with its own parameters: a snapshot's command line is checked
+    /// against the one for the mode it was made in.
+    @Test func eachModeHasItsOwnCommandLine() {
+        let lines = HostProfile.GuestMode.allCases.map { Machine.kernelCommandLine(guestMode: $0, virtioDeviceCount: 2, extra: "x=1") }
+        #expect(lines.allSatisfy { $0?.hasSuffix(" x=1") == true && $0?.contains("virtio_mmio.device=4K@") == true })
+        #expect(lines[1]?.contains(HostProfile.pvOffParameter) == true && lines[2]?.contains(HostProfile.pvOffParameter) == false)
+        #expect(Machine.kernelCommandLine(guestMode: .hardware, virtioDeviceCount: Layout.virtioIRQs.count + 1, extra: "") == nil)
     }
 
     @Test func anUnregisteredVIFIsNotWrittenBack() {

@@ -7,10 +7,15 @@
 #include <linux/kvm.h>
 #include <stdint.h>
 #include <signal.h>
+#include <sys/auxv.h>
 #include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/types.h>
 #include <unistd.h>
+
+// AT_HWCAP2: the CPU features the host kernel enabled for user mode (bit 1, FSGSBASE,
+// follows CR4.FSGSBASE). Glibc's module for Swift leaves sys/auxv.h out.
+static inline unsigned long airlock_hwcap2(void) { return getauxval(AT_HWCAP2); }
 
 // ioctl(2) is variadic, which Swift cannot call; these two cover every KVM use.
 static inline int airlock_ioctl_ptr(int fd, unsigned long request, void *arg) {
