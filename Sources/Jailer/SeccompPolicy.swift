@@ -43,12 +43,15 @@ public enum SeccompPolicy {
     public static let mainKVMRequests: [KVMRequest] = vcpuKVMRequests + snapshotKVMRequests
 
     // MARK: Snapshots (issue 15)
-    // A run that saves a snapshot pauses its booted VM and reads every piece of
-    // KVM state on the controller (main) thread, after the filters are on. Only
-    // reads: a restore builds its VM and sets its state before any filter is
-    // installed, so snapshots add no KVM_SET_* request to the filters. The vCPU list
-    // needs nothing new (stopping a vCPU for a save completes its last exit with
-    // one more KVM_RUN, which it has).
+    // A sandbox that saves a snapshot gets the session's `snapshot` request after its boot:
+    // the controller (main) thread pauses the VM and reads every piece of KVM state, after
+    // the filters are on, and writes it into the one file the request brought as a
+    // descriptor. Only reads of KVM state: a restore builds its VM and sets its state
+    // while the VMM handles `boot`, before any filter is installed, so snapshots add no
+    // KVM_SET_* request to the filters. The vCPU list needs nothing new (stopping a vCPU
+    // for a save completes its last exit with one more KVM_RUN, which it has). The guest's
+    // fresh clock and randomness come from the supervisor in each run request, so the
+    // VMM draws none itself.
 
     /// KVM requests the controller makes to save a paused VM, beyond the vCPU
     /// list's (which already has KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_XSAVE(2),
@@ -67,8 +70,7 @@ public enum SeccompPolicy {
     /// System calls of a snapshot save, beyond the run's (in the main list).
     static let snapshotRules: [SyscallRule] = [
         SyscallRule("mincore", "a snapshot save asks which guest pages are resident, so untouched ones are never read or written"),
-        SyscallRule("ftruncate", "a snapshot save sizes its file (descriptor 5, passed by the supervisor) to hold the RAM image as holes"),
-        SyscallRule("getrandom", "each run request carries fresh host randomness for the guest's pool, so VMs restored from one snapshot never share random numbers (no descriptor, no path)"),
+        SyscallRule("ftruncate", "a snapshot save sizes its file (the descriptor the supervisor sent with the request) to hold the RAM image as holes"),
     ]
     // MARK: end of the snapshot block
 

@@ -77,7 +77,9 @@ extension Machine {
         let vmState: VMState
         do {
             for (v, cpuid) in zip(vcpus, guestCPUIDs) {
-                vcpuStates.append(try v.captureState(cpuid: cpuid, msrIndices: indices, xsaveSize: xsaveSize))
+                var state = try v.captureState(cpuid: cpuid, msrIndices: indices, xsaveSize: xsaveSize)
+                if guestMode == .pvmNative { PVInterface.settleKernelMode(&state) }
+                vcpuStates.append(state)
             }
             vmState = try vm.captureState()
         } catch { throw .kvm(error) }

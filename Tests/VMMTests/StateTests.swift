@@ -1,6 +1,7 @@
 import KVM
 import Synchronization
 import Testing
+import CAirlockShim
 import Virtio
 import VirtioDevices
 @testable import VMM
@@ -90,6 +91,31 @@ struct SnapshotHostProfileTests {
         #expect(lines.allSatisfy { $0?.hasSuffix(" x=1") == true && $0?.contains("virtio_mmio.device=4K@") == true })
         #expect(lines[1]?.contains(HostProfile.pvOffParameter) == true && lines[2]?.contains(HostProfile.pvOffParameter) == false)
         #expect(Machine.kernelCommandLine(guestMode: .hardware, virtioDeviceCount: Layout.virtioIRQs.count + 1, extra: "") == nil)
+    }
+
+    /// A PV-mode vCPU saved in the kernel's idle loop, which the host reports with the
+    /// user-mode selectors, is saved in kernel mode; one in user code keeps its own.
+    @Test func aPVGuestSavedInItsKernelIsSavedInKernelMode() {
+        func state(rip: UInt64) -> VCPUState {
+            var regs = [UInt8](repeating: 0, count: MemoryLayout<kvm_regs>.size)
+            for i in 0..<8 { regs[128 + i] = UInt8(truncatingIfNeeded: rip >> (8 * UInt64(i))) }
+            var sregs = [UInt8](repeating: 0, count: MemoryLayout<kvm_sregs>.size)
+            for (offset, selector) in [(0, 0x33), (120, 0x2B)] {
+                sregs[offset + 12] = UInt8(selector); sregs[offset + 15] = 1; sregs[offset + 16] = 3
+            }
+            return VCPUState(cpuid: CPUIDTable(entries: []), regs: regs, sregs: sregs, xsave: [], xcrs: [], lapic: [], events: [],
+                             mpState: 3, debugRegisters: [], msrs: [], tscKHz: 0)
+        }
+        var idle = state(rip: 0xFFFF_FFFF_8120_D0B1)
+        let before = idle.sregs
+        PVInterface.settleKernelMode(&idle)
+        #expect(idle.sregs[12] == 0x10 && idle.sregs[16] == 0 && idle.sregs[120 + 12] == 0x18 && idle.sregs[120 + 16] == 0)
+        #expect(idle.sregs[15] == 1, "the other attributes stay")
+        #expect(zip(idle.sregs, before).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset) == [12, 16, 132, 136])
+        var user = state(rip: 0x40_1000)
+        let saved = user.sregs
+        PVInterface.settleKernelMode(&user)
+        #expect(user.sregs == saved)
     }
 
     @Test func anUnregisteredVIFIsNotWrittenBack() {
