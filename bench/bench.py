@@ -1249,13 +1249,13 @@ def restored_vm_memory(maps):
 
 
 def vmm_pids_of(supervisor):
-    """The jailed VMM (the `__vmm` process) under a supervisor."""
+    """The jailed VMM (the `airlock-vmm` process, PID 1 of its namespace) under a supervisor."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         cmd = read_file(f"/proc/{entry}/cmdline")
-        if "__vmm" not in cmd:
+        if not cmd.split("\0")[0].endswith("airlock-vmm"):
             continue
         pid, hops = int(entry), 0
         while pid > 1 and hops < 8:
