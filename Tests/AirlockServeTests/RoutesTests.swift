@@ -549,11 +549,13 @@ import Testing
     @Test func afterTheDrainTimeoutRunsAreStoppedAndAnswered() async throws {
         let provider = ScriptedSandboxProvider()
         let s = try await TestServer.scripted(pool: 0, provider: provider) { $0.drainTimeoutSeconds = 0.3 }
-        let slow = try BackgroundCurl(s.address, #"{"argv": ["sleep", "30"]}"#)
+        let slow = try BackgroundCurl(s.address, #"{"argv": ["sleep", "300"]}"#)
         #expect(await TestServer.eventually { await s.poolCount("busy") == 1 })
         let start = Date()
         try await s.stop()
-        #expect(Date().timeIntervalSince(start) < 5)
+        // Far below the run's 300 s; not near the 0.3 s either when the whole suite's VMs
+        // share this process and two cores (seen: 13 s).
+        #expect(Date().timeIntervalSince(start) < 60)
         #expect(try await slow.answer().status == 503)
         #expect(provider.live == 0)
     }

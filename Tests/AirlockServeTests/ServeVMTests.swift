@@ -1,16 +1,23 @@
-import Airlock
+@testable import Airlock
 import Foundation
 import Testing
 @testable import AirlockServe
 
 /// This process's jailed VMMs: `airlock-vmm` descendants that are PID 1 of their own namespace.
 enum VMMProcesses {
+    /// The jail name's first part for this suite's sandboxes (`SandboxConfig.jailTag`): other
+    /// suites in this test process boot VMs at the same time, and theirs are not counted.
+    static let tag = "serve"
+
     static func all() -> Set<Int32> {
         var found: Set<Int32> = []
+        let cgroup = "/\(tag)-\(getpid())-"
         for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
             guard let pid = Int32(entry), let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
                   let cmdline = try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline")),
-                  String(decoding: cmdline, as: UTF8.self).contains("airlock-vmm") else { continue }
+                  String(decoding: cmdline, as: UTF8.self).contains("airlock-vmm"),
+                  let groups = try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8),
+                  groups.contains(cgroup) else { continue }
             let nspid = field("NSpid", in: status)?.split(separator: "\t").map(String.init) ?? []
             if nspid.last == "1", descends(pid, from: getpid()) { found.insert(pid) }
         }
@@ -35,7 +42,7 @@ enum VMMProcesses {
 
     /// Jail directories and cgroups this process's sandboxes made (named vm-<pid>-...).
     static func leftovers() -> [String] {
-        let prefix = "vm-\(getpid())-"
+        let prefix = "\(tag)-\(getpid())-"
         var found = ((try? FileManager.default.contentsOfDirectory(atPath: "/run/airlock/jail")) ?? [])
             .filter { $0.hasPrefix(prefix) }.map { "/run/airlock/jail/" + $0 }
         if let walker = FileManager.default.enumerator(atPath: "/sys/fs/cgroup") {
@@ -59,6 +66,13 @@ final class KillableProvider: SandboxProvider, @unchecked Sendable {
     private let lock = NSLock()
     private var killNextAfter: Double?
     private var booting = false
+    private var made: [Weak] = []
+
+    struct Weak { weak var object: AnyObject?; init(_ o: AnyObject) { object = o } }
+
+    /// Sandboxes this provider made that are still alive: each holds its VMM's socket and the
+    /// /dev/kvm descriptor it passed in, so none alive means none of those is left open.
+    var alive: Int { lock.withLock { made.filter { $0.object != nil }.count } }
 
     var origin: SandboxOrigin { inner.origin }
     func preflight(_ config: SandboxConfig) throws(SandboxError) { try inner.preflight(config) }
@@ -73,8 +87,11 @@ final class KillableProvider: SandboxProvider, @unchecked Sendable {
             try? await Task.sleep(for: .milliseconds(100))
         }
         defer { lock.withLock { booting = false } }
+        var config = config
+        config.jailTag = VMMProcesses.tag
         let before = VMMProcesses.all()
         let sandbox = try await inner.prepare(config)
+        lock.withLock { made.append(Weak(sandbox as AnyObject)) }
         let mine = VMMProcesses.all().subtracting(before)
         return Killable(inner: sandbox, vmm: mine.count == 1 ? mine.first : nil, provider: self)
     }
@@ -119,12 +136,6 @@ final class KillableProvider: SandboxProvider, @unchecked Sendable {
 /// the drain, after which no VMM process, jail or cgroup of this process is left.
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct ServeVMTests {
-    static func kvmDescriptors() -> [String] {
-        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).compactMap { fd in
-            let target = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? ""
-            return target.contains("kvm") ? target : nil
-        }
-    }
 
     @Test(.timeLimit(.minutes(15)))
     func realSandboxesServeStreamFailAndEndWithTheirClients() async throws {
@@ -202,6 +213,6 @@ struct ServeVMTests {
         // The drain destroyed the pool: no VMM process, jail, cgroup or KVM descriptor is left.
         #expect(await TestServer.eventually(30, every: .milliseconds(250)) { VMMProcesses.all().isEmpty }, "\(VMMProcesses.all())")
         #expect(await TestServer.eventually(30, every: .milliseconds(250)) { VMMProcesses.leftovers().isEmpty }, "\(VMMProcesses.leftovers())")
-        #expect(Self.kvmDescriptors().isEmpty, "\(Self.kvmDescriptors())")
+        #expect(await TestServer.eventually(30, every: .milliseconds(250)) { provider.alive == 0 }, "\(provider.alive) sandboxes alive")
     }
 }

@@ -65,7 +65,9 @@ struct GuestFidelityVMTests {
         #expect(s.exitCode == 0, "vecstress: \(s.stdoutText) \(s.stderrText)")
         #expect(f["changed"] == "0" && f["died"] == "0", "\(s.stdoutText)")
         #expect(f["unenabled_state_usable"] == "no", "state the kernel does not enable must fault: \(s.stdoutText)")
-        #expect(Int(f["yield_switches"] ?? "") ?? 0 >= 1000 && Int(f["timer_switches"] ?? "") ?? 0 >= 1000, "\(s.stdoutText)")
+        // Timer preemptions follow the ticks a busy host delivers (920 of them beside the whole
+        // suite's VMs on two cores, over 1,600 on a quiet one): hundreds at the least.
+        #expect(Int(f["yield_switches"] ?? "") ?? 0 >= 1000 && Int(f["timer_switches"] ?? "") ?? 0 >= 500, "\(s.stdoutText)")
         // The CPU's whole register file is under test, not a subset the kernel happens to enable.
         if f["cpuid7.ebx"].flatMap({ UInt32($0.dropFirst(2), radix: 16) }).map({ $0 & (1 << 16) != 0 }) == true {
             #expect(f["regs"] == "zmm0-31,k0-7", "AVX-512 is in CPUID, so zmm and k registers must be enabled and kept: \(s.stdoutText)")

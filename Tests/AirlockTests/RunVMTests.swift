@@ -169,8 +169,9 @@ struct SandboxSessionVMTests {
         let wall = ContinuousClock.now - start
         #expect(timedOut.timedOut && timedOut.exitCode == 124)
         #expect(timedOut.timings.commandMs >= 5000 && timedOut.timings.commandMs < 6000, "\(timedOut.timings)")
-        // Whole call: the agent's set-up, the 5 s, and a small grace to destroy the VM.
-        #expect(wall < .milliseconds(Int(timedOut.timings.agentReadyMs) + 5000 + 3000), "\(wall) \(timedOut.timings)")
+        // Whole call: the agent's set-up, the 5 s, and a grace to destroy the VM that a loaded
+        // host needs (beside the whole suite's VMs on two cores: 12 s seen), far below the 1000 s.
+        #expect(wall < .milliseconds(Int(timedOut.timings.agentReadyMs) + 5000 + 30000), "\(wall) \(timedOut.timings)")
         await #expect(throws: SandboxError.self) { try await sandbox.run(Command(["true"])) }
     }
 }

@@ -237,6 +237,22 @@ final class Recorder: BusDevice {
         #expect(auto.vmmRegistersVIF(in: .pvmNative) && !auto.startsEmulated(in: .pvmNative) && auto.startsEmulated(in: .pvmEmulated))
     }
 
+    /// The supervisor detects the profile and the PV preference (the jailed VMM has neither /sys
+    /// nor the caller's environment): both cross the session in the wire name.
+    @Test func theWireNameCarriesTheBackendAndThePVPreference() {
+        for backend in [HostProfile.Backend.hardware, .pvm] {
+            for pv in [HostProfile.PVPreference.auto, .off, .kernel] {
+                let profile = HostProfile(backend: backend, pv: pv)
+                #expect(HostProfile(wireName: profile.wireName) == profile, "\(profile.wireName)")
+            }
+        }
+        #expect(HostProfile(backend: .pvm).wireName == "pvm")
+        #expect(HostProfile(backend: .pvm, pv: .off).wireName == "pvm pv=off")
+        for bad in ["", "pvm ", "pvm pv=", "pvm pv=auto", "pvm pv=bogus", "pvm pv=off x", "kvm", "PVM"] {
+            #expect(HostProfile(wireName: bad) == nil, "'\(bad)'")
+        }
+    }
+
     @Test func eachModeGetsItsOwnCommandLineAndAssists() {
         // Native: XSAVE, rodata protection and the CPU features the kernel clears itself need nothing.
         #expect(HostProfile.commandLineParameters(for: .pvmNative).isEmpty)
