@@ -1332,6 +1332,7 @@ def bench_snapshot(a):
                     continue
                 t = doc["timings"]
                 snap = doc.get("snapshot") or {}
+                res.setdefault("guest_mode", doc.get("guestMode"))
                 pair[kind] = {"wall_ms": wall, "restored": bool(snap.get("restored")),
                               "restore_ms": float(snap.get("restoreMs") or 0), "check_ms": float(snap.get("checkMs") or 0),
                               **{k: float(t[k]) for k in RUN_PHASES + ["totalMs"]}}

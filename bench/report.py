@@ -700,6 +700,8 @@ def serve_md(sv):
 
 def serve_stdin_kib():
     return 1
+
+
 def snapshot_md(sn):
     err = section_error(sn, "snapshot")
     if err:
@@ -735,9 +737,12 @@ def snapshot_md(sn):
               f"| the command, `true` (`commandMs`) | {mmm(r['commandMs'], 0)} | {mmm(c['commandMs'], 0)} |",
               f"| `totalMs` | {mmm(r['totalMs'], 0)} | {mmm(c['totalMs'], 0)} |",
               f"| **restored / cold, wall** | **{sn['ratio_of_median_walls']:.3f}** (per round {mmm(sn['ratio_wall_per_round'], 3)}) | |",
-              "", "On a PVM host the guest kernel is emulated, so the restored run's time is the guest's own work after the",
-              "restore (receiving the request, fork and exec of `true`, reporting, rebooting): the restore itself is the",
-              "`restoreMs` line."]
+              "", f"The guests ran in mode `{sn.get('guest_mode') or 'unknown'}`. " + (
+                  "On a PVM host in emulated mode the guest kernel's work is KVM's instruction emulator's, so the restored run's"
+                  " time is the guest's own work after the restore (receiving the request, fork and exec of `true`, reporting,"
+                  " rebooting): the restore itself is the `restoreMs` line." if sn.get("guest_mode") == "pvm-emulated" else
+                  "The restore itself is the `restoreMs` line; the rest of a restored run is the jailed VMM's start and the"
+                  " guest's own work (receiving the request, fork and exec of `true`, reporting, rebooting).")]
     iv = sn.get("idle_vms") or {}
     if iv.get("count"):
         L += ["", f"{iv['count']} `airlock run --memory {sn['memory_mib']} -- sh -c 'echo idle; exec sleep 900'` at once, all restored from the one snapshot, sampled",
