@@ -134,6 +134,12 @@ def summary(res):
                  f"(+{cx['added_us_per_switch']:.1f} us) | correctness first: no target | |")
     sn = res.get("snapshot") or {}
     own = " (the snapshot section's own run)" if sn.get("separate_run") else ""
+    emulated = res.get("snapshot_pv_off") or {}
+    if emulated.get("restored"):
+        r, c = emulated["restored"], emulated["cold"]
+        L.append(f"| restored / cold, guest kernel emulated (`AIRLOCK_PV=off`, its own run): restore (`restoreMs`) / wall ratio "
+                 f"| {mmm(r['restore_ms'], 1, 'ms')} / **{emulated['ratio_of_median_walls']:.3f}** "
+                 f"({mmm(r['wall_ms'], 2, 's', 1e-3)} vs {mmm(c['wall_ms'], 2, 's', 1e-3)}) | restore instead of boot | |")
     if sn.get("restored"):
         r, c = sn["restored"], sn["cold"]
         hw = (res.get("host") or {}).get("vmx_or_svm")
@@ -702,6 +708,13 @@ def serve_stdin_kib():
     return 1
 
 
+def snapshot_pv_off_md(sn):
+    """The snapshot section again with the guest kernel emulated (`AIRLOCK_PV=off make bench-snapshot`), when measured."""
+    if not sn:
+        return ""
+    return "\n### The same with the guest kernel emulated (`AIRLOCK_PV=off`)\n\n" + snapshot_md(sn)
+
+
 def snapshot_md(sn):
     err = section_error(sn, "snapshot")
     if err:
@@ -849,7 +862,7 @@ the measurements took {res.get('seconds', 0):.0f} s. Parameters: guest memory {p
 {qemu_md(res)}
 ## Snapshots
 
-{snapshot_md(res.get('snapshot'))}
+{snapshot_md(res.get('snapshot'))}{snapshot_pv_off_md(res.get('snapshot_pv_off'))}
 ## virtio fuzzing
 
 {fuzz_md(res.get('fuzz'))}
