@@ -85,13 +85,17 @@ BENCH_SNAPSHOT_ROUNDS ?= 3
 BENCH_SNAPSHOT_VMS ?= 10
 BENCH_SNAPSHOT_SIZES ?= 128,512
 # serve: rounds of 1, 2 and 4 requests per VM cell (each cold request and each refill is a boot),
-# requests per scripted (no VM) cell, and the soak's requests against each service.
-BENCH_SERVE_ROUNDS ?= 1
+# requests per scripted (no VM) cell, and the soak's requests against each service (the VM soak:
+# real jailed VMs, affordable since the guest kernel runs natively; a client that goes away does so
+# after BENCH_SERVE_CANCEL_AFTER seconds).
+BENCH_SERVE_ROUNDS ?= 10
 BENCH_SERVE_SCRIPTED ?= 500
 BENCH_SERVE_SOAK ?= 1000
-BENCH_SERVE_SOAK_VM ?= 8
+BENCH_SERVE_SOAK_VM ?= 1000
+BENCH_SERVE_CANCEL_AFTER ?= 1
 BENCH_SERVE_ARGS = --serve-vm-rounds $(BENCH_SERVE_ROUNDS) --serve-scripted-requests $(BENCH_SERVE_SCRIPTED) \
-		--serve-soak-scripted $(BENCH_SERVE_SOAK) --serve-soak-vm $(BENCH_SERVE_SOAK_VM)
+		--serve-soak-scripted $(BENCH_SERVE_SOAK) --serve-soak-vm $(BENCH_SERVE_SOAK_VM) \
+		--serve-vm-cancel-after $(BENCH_SERVE_CANCEL_AFTER)
 BENCH_PY = python3 bench/bench.py --bin "$$($(SWIFT) build -c release --show-bin-path)" --tools $(BENCH_OUT)
 bench: images rootfs-build bench-tools
 	$(if $(filter 1,$(BENCH_QEMU)),scripts/ensure-packages.sh qemu-system-x86)
@@ -132,7 +136,7 @@ bench-serve: images deps
 	$(SWIFT) build -c release --product airlock-vmm
 	python3 bench/serve_load.py --airlock "$$($(SWIFT) build -c release --show-bin-path)/airlock" --out $(BENCH_OUT)/serve.json \
 		--memory-mib $(BENCH_MEMORY_MIB) --vm-rounds $(BENCH_SERVE_ROUNDS) --scripted-requests $(BENCH_SERVE_SCRIPTED) \
-		--soak-scripted $(BENCH_SERVE_SOAK) --soak-vm $(BENCH_SERVE_SOAK_VM)
+		--soak-scripted $(BENCH_SERVE_SOAK) --soak-vm $(BENCH_SERVE_SOAK_VM) --vm-cancel-after $(BENCH_SERVE_CANCEL_AFTER)
 
 ## bench-exits: one port-I/O exit through Airlock's run loop vs the C floor (micro.c), same run
 bench-exits: bench-c

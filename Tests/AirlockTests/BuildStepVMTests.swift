@@ -50,7 +50,14 @@ struct BuildStepVMTests {
     static let blob: [UInt8] = (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ $0 >> 11) }
 
     @Test(.timeLimit(.minutes(15)))
-    func aWorkspaceGoesInAndItsArtifactsComeBackByteForByte() throws {
+    func aWorkspaceGoesInAndItsArtifactsComeBackByteForByte() async throws {
+        // Blocking work (processes, a VM) on a thread of its own: the cooperative pool has a
+        // thread per core, and a test that holds one for a boot stalls every async test.
+        let test = self
+        try await offThread { try test.aWorkspaceGoesInAndItsArtifactsComeBackByteForByteBlocking() }
+    }
+
+    func aWorkspaceGoesInAndItsArtifactsComeBackByteForByteBlocking() throws {
         let dir = try BuildStepVM.scratch()
         defer { try? FileManager.default.removeItem(at: dir) }
         let workspace = dir.appendingPathComponent("ws")
@@ -154,7 +161,14 @@ struct ToolchainVMTests {
     // Generous: on a PVM host the compiler's forks, execs and page faults are all
     // emulated kernel work (5 minutes alone, far more beside other VM tests).
     @Test(.timeLimit(.minutes(30)))
-    func aCProjectIsBuiltAndTestedAndItsBinaryComesOut() throws {
+    func aCProjectIsBuiltAndTestedAndItsBinaryComesOut() async throws {
+        // Blocking work (processes, a VM) on a thread of its own: the cooperative pool has a
+        // thread per core, and a test that holds one for a boot stalls every async test.
+        let test = self
+        try await offThread { try test.aCProjectIsBuiltAndTestedAndItsBinaryComesOutBlocking() }
+    }
+
+    func aCProjectIsBuiltAndTestedAndItsBinaryComesOutBlocking() throws {
         let dir = try BuildStepVM.scratch()
         defer { try? FileManager.default.removeItem(at: dir) }
         let project = dir.appendingPathComponent("calc")

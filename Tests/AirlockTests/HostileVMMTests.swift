@@ -13,8 +13,15 @@ import Testing
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("airlock-fake-vmm-\(getpid())")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         let script = dir.appendingPathComponent(mode).path
-        try "#!/bin/sh\nexec \(bin) --mode \(mode) \"$@\"\n".write(toFile: script, atomically: true, encoding: .utf8)
-        chmod(script, 0o755)
+        let text = "#!/bin/sh\nexec \(bin) --mode \(mode) \"$@\"\n"
+        // Written once, and with O_CLOEXEC: a descriptor open for writing that another suite's
+        // fork inherits makes this script's exec fail with ETXTBSY until that child execs.
+        if (try? String(contentsOfFile: script, encoding: .utf8)) == text { return script }
+        let fd = open(script + ".new", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o755)
+        guard fd >= 0 else { throw TestFailure("cannot write \(script).new: errno \(errno)") }
+        let written = text.utf8CString.withUnsafeBytes { write(fd, $0.baseAddress, $0.count - 1) }
+        close(fd)
+        guard written == text.utf8.count, rename(script + ".new", script) == 0 else { throw TestFailure("cannot write \(script)") }
         return script
     }
 

@@ -125,7 +125,14 @@ enum JailProbe {
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct SeccompInTheVMMTests {
     @Test(arguments: ["main", "vcpu"], [("execve", "execve (59)"), ("socket", "socket (41)"), ("open", "openat (257)"), ("ioctl", "ioctl (16)")])
-    func aForbiddenCallEndsTheVMMWithTheSandboxStatus(role: String, call: (name: String, reported: String)) throws {
+    func aForbiddenCallEndsTheVMMWithTheSandboxStatus(role: String, call: (name: String, reported: String)) async throws {
+        // Blocking work (processes, a VM) on a thread of its own: the cooperative pool has a
+        // thread per core, and a test that holds one for a boot stalls every async test.
+        let test = self
+        try await offThread { try test.aForbiddenCallEndsTheVMMWithTheSandboxStatusBlocking(role: role, call: call) }
+    }
+
+    func aForbiddenCallEndsTheVMMWithTheSandboxStatusBlocking(role: String, call: (name: String, reported: String)) throws {
         try JailProbe.requireRoot()
         let (p, out, err) = try JailProbe.start(["run", "--no-snapshot", "--test-violation", "\(role):\(call.name)", "--", "true"])
         _ = out.readDataToEndOfFile()
@@ -145,7 +152,14 @@ struct JailedVMMTests {
     /// ones and what it opened in the jail, its cgroup limits are in force;
     /// killing it ends the run as an Airlock failure and leaves nothing behind.
     @Test(.timeLimit(.minutes(3)))
-    func aRunningVMMIsConfinedAndAKilledOneLeavesNothing() throws {
+    func aRunningVMMIsConfinedAndAKilledOneLeavesNothing() async throws {
+        // Blocking work (processes, a VM) on a thread of its own: the cooperative pool has a
+        // thread per core, and a test that holds one for a boot stalls every async test.
+        let test = self
+        try await offThread { try test.aRunningVMMIsConfinedAndAKilledOneLeavesNothingBlocking() }
+    }
+
+    func aRunningVMMIsConfinedAndAKilledOneLeavesNothingBlocking() throws {
         try JailProbe.requireRoot()
         // --no-snapshot: a cold boot's jail (a restored one's: SnapshotCLIVMTests).
         let (p, out, err) = try JailProbe.start(["run", "--no-snapshot", "--memory", "128", "--", "sleep", "60"])
@@ -222,7 +236,14 @@ struct JailedVMMTests {
     /// outside, and the supervisor interrupted (SIGTERM) while the VMM runs.
     /// No jail directory, cgroup, mount or descriptor of ours is left.
     @Test(.timeLimit(.minutes(10)))
-    func twoHundredRunsLeaveNothingBehind() throws {
+    func twoHundredRunsLeaveNothingBehind() async throws {
+        // Blocking work (processes, a VM) on a thread of its own: the cooperative pool has a
+        // thread per core, and a test that holds one for a boot stalls every async test.
+        let test = self
+        try await offThread { try test.twoHundredRunsLeaveNothingBehindBlocking() }
+    }
+
+    func twoHundredRunsLeaveNothingBehindBlocking() throws {
         try JailProbe.requireRoot()
         // Other suites run in this process at the same time and open and close
         // descriptors and mounts of their own, so totals would race: every check

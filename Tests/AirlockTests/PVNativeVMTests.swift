@@ -71,7 +71,11 @@ struct PVNativeVMTests {
         let f = GuestProgram.fields(r.stdoutText)
         #expect(r.exitCode == 0, "loadtest: \(r.stdoutText) \(r.stderrText)")
         #expect(f["exec_failures"] == "0" && f["corrupted"] == "0" && f["target_ok"] == "1", "\(r.stdoutText)")
-        #expect(f["usr1_got"] == f["usr1_sent"] && f["usr1_sent"] == "\(execs)", "\(r.stdoutText)")
+        #expect(f["usr1_got"] == f["usr1_sent"] && f["usr1_sent"] == f["execs_done"], "\(r.stdoutText)")
+        // The program stops its execs a minute after its load ends: an emulated kernel beside
+        // the whole suite's emulated VMs managed 5 in that time (over a second each when quiet).
+        let done = Int(f["execs_done"] ?? "") ?? 0
+        if emulated { #expect(done >= 3, "\(r.stdoutText)") } else { #expect(done == execs, "\(r.stdoutText)") }
         #expect(f["spinners_ok"] == "3/3", "\(r.stdoutText)")
         await sandbox.shutdown()
     }

@@ -63,7 +63,14 @@ struct TestFailure: Error, CustomStringConvertible {
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct RunCLIVMTests {
     @Test(.timeLimit(.minutes(8)))
-    func streamsAreKeptApartAndStatusEnvironmentWorkdirAndStdinArrive() throws {
+    func streamsAreKeptApartAndStatusEnvironmentWorkdirAndStdinArrive() async throws {
+        // Blocking work (processes, a VM) on a thread of its own: the cooperative pool has a
+        // thread per core, and a test that holds one for a boot stalls every async test.
+        let test = self
+        try await offThread { try test.streamsAreKeptApartAndStatusEnvironmentWorkdirAndStdinArriveBlocking() }
+    }
+
+    func streamsAreKeptApartAndStatusEnvironmentWorkdirAndStdinArriveBlocking() throws {
         let store = ImageStore()
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("airlock-0600-\(getpid())")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)

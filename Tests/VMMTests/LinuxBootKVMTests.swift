@@ -40,7 +40,14 @@ struct LinuxBootKVMTests {
     }
 
     @Test(.timeLimit(.minutes(5)))
-    func kernelBootsToUserSpaceAndRebootsCleanly() throws {
+    func kernelBootsToUserSpaceAndRebootsCleanly() async throws {
+        // Blocking work (processes, a VM) on a thread of its own: the cooperative pool has a
+        // thread per core, and a test that holds one for a boot stalls every async test.
+        let test = self
+        try await offThread { try test.kernelBootsToUserSpaceAndRebootsCleanlyBlocking() }
+    }
+
+    func kernelBootsToUserSpaceAndRebootsCleanlyBlocking() throws {
         let kernel = Self.imagesDirectory + "/vmlinux"
         let rootfs = Self.imagesDirectory + "/rootfs.ext4"
         try #require(FileManager.default.fileExists(atPath: kernel), "no guest kernel at \(kernel): run 'make images' first")
@@ -76,7 +83,14 @@ struct LinuxBootKVMTests {
     /// once the VM has ended; and what it writes to a virtio-console port
     /// reaches that port's host output. One boot serves both checks.
     @Test(.timeLimit(.minutes(5)))
-    func flushedWritesAreDurableAndConsolePortsCarryOutput() throws {
+    func flushedWritesAreDurableAndConsolePortsCarryOutput() async throws {
+        // Blocking work (processes, a VM) on a thread of its own: the cooperative pool has a
+        // thread per core, and a test that holds one for a boot stalls every async test.
+        let test = self
+        try await offThread { try test.flushedWritesAreDurableAndConsolePortsCarryOutputBlocking() }
+    }
+
+    func flushedWritesAreDurableAndConsolePortsCarryOutputBlocking() throws {
         let kernel = Self.imagesDirectory + "/vmlinux"
         try #require(FileManager.default.fileExists(atPath: kernel), "no guest kernel at \(kernel): run 'make images' first")
         let image = try VMTests.rootfs(withInit: """

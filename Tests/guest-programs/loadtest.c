@@ -7,7 +7,7 @@
  * timer (1 ms) and SIGUSR1 from its parent as fast as they come, checking in each handler
  * that a value it keeps in callee-saved registers and the stack survived the delivery and the
  * sigreturn. Prints one line of key=value pairs:
- *   execs=N exec_failures=N alarms=N usr1_sent=N usr1_got=N corrupted=N spinners_ok=N
+ *   execs=N execs_done=N exec_failures=N alarms=N usr1_sent=N usr1_got=N corrupted=N spinners_ok=N
  * Exit status 0 when every exec succeeded, every SIGUSR1 sent arrived (the counts are
  * compared after the storm, so coalesced signals are not counted as lost: each is sent only
  * after the previous one was handled), nothing was corrupted and every spinner exited 0.
@@ -114,9 +114,9 @@ int main(int argc, char **argv) {
 	if (read(up[0], &c, 1) != 1) { printf("loadtest: the signal target did not start\n"); return 1; }
 
 	/* fork+exec of /bin/true while the others run; one SIGUSR1 between execs. */
-	int exec_failures = 0, usr1_sent = 0;
+	int exec_failures = 0, usr1_sent = 0, execs_done = 0;
 	time_t deadline = time(NULL) + seconds + 60;
-	for (int i = 0; i < execs && time(NULL) < deadline; i++) {
+	for (int i = 0; i < execs && time(NULL) < deadline; i++, execs_done++) {
 		pid_t p = fork();
 		if (p == 0) { execl("/bin/true", "true", (char *)NULL); _exit(127); }
 		int st = 0;
@@ -141,7 +141,7 @@ int main(int argc, char **argv) {
 		if (waitpid(spin[i], &st, 0) == spin[i] && WIFEXITED(st) && WEXITSTATUS(st) == 0) spinners_ok++;
 	}
 	int ok = exec_failures == 0 && usr1_n == usr1_sent && corrupted_n == 0 && target_ok && spinners_ok == spinners;
-	printf("loadtest: execs=%d exec_failures=%d alarms=%ld usr1_sent=%d usr1_got=%ld corrupted=%ld target_ok=%d spinners_ok=%d/%d\n",
-	       execs, exec_failures, alarms_n, usr1_sent, usr1_n, corrupted_n, target_ok, spinners_ok, spinners);
+	printf("loadtest: execs=%d execs_done=%d exec_failures=%d alarms=%ld usr1_sent=%d usr1_got=%ld corrupted=%ld target_ok=%d spinners_ok=%d/%d\n",
+	       execs, execs_done, exec_failures, alarms_n, usr1_sent, usr1_n, corrupted_n, target_ok, spinners_ok, spinners);
 	return ok ? 0 : 1;
 }

@@ -8,7 +8,7 @@
 // base the same way where the CPU offers them, and that a state component CPUID advertises
 // but XCR0 leaves off is refused by the hardware (SIGILL), as on real hardware.
 //
-//   vecstress [--procs N] [--rounds R] [--yields Y] [--spin-ms MS]    the stress test
+//   vecstress [--procs N] [--rounds R] [--yields Y] [--spin-ms MS] [--min-timer N]    the stress test
 //   vecstress --pingpong N                                            time N yield round trips
 //   vecstress --audit        what else CPUID promises user code (RDPID/RDTSCP's TSC_AUX against
 //                            getcpu, RDRAND/RDSEED, PKU, AMX, FSGSBASE) and whether it holds
@@ -107,10 +107,12 @@ static u64 mix(u64 x) { x += 0x9e3779b97f4a7c15ul; x = (x ^ (x >> 30)) * 0xbf584
 
 // One process's share: rounds of load / give up the CPU / compare. Returns the number of
 // registers found changed.
-static u64 worker(u64 seed, u64 rounds, u64 yields, u64 spin_iters, struct counts *out) {
+// Past `rounds` it goes on (up to 8 times as many) until the timer has preempted it
+// `min_timer` times: a busy host delivers fewer ticks to a spinning vCPU.
+static u64 worker(u64 seed, u64 rounds, u64 yields, u64 spin_iters, u64 min_timer, struct counts *out) {
     static struct regs p, q;
     u64 bad = 0;
-    for (u64 r = 0; r < rounds; r++) {
+    for (u64 r = 0; r < rounds || (out->timer_switches < min_timer && r < rounds * 8); r++) {
         u64 x = mix(seed * 1000003u + r);
         for (int s = 0; s < SLOTS; s++)
             for (int b = 0; b < 64; b += 8) { x = mix(x); *(u64 *)&p.v[s][b] = x; }
@@ -195,7 +197,7 @@ static int pingpong(u64 n) {
 }
 
 int main(int argc, char **argv) {
-    u64 procs = 4, rounds = 40, yields = 50, spin_ms = 30;
+    u64 procs = 4, rounds = 40, yields = 50, spin_ms = 30, min_timer = 0;
     for (int i = 1; i < argc; i++) {
         if (streq(argv[i], "--pingpong") && i + 1 < argc) return pingpong(atou(argv[++i]));
         else if (streq(argv[i], "--audit")) return audit();
@@ -203,6 +205,7 @@ int main(int argc, char **argv) {
         else if (streq(argv[i], "--rounds") && i + 1 < argc) rounds = atou(argv[++i]);
         else if (streq(argv[i], "--yields") && i + 1 < argc) yields = atou(argv[++i]);
         else if (streq(argv[i], "--spin-ms") && i + 1 < argc) spin_ms = atou(argv[++i]);
+        else if (streq(argv[i], "--min-timer") && i + 1 < argc) min_timer = atou(argv[++i]);
         else { puts_("vecstress: unknown argument "); puts_(argv[i]); puts_("\n"); return 64; }
     }
     u32 r1[4], r7[4];
@@ -238,7 +241,7 @@ int main(int argc, char **argv) {
     for (u64 i = 0; i < procs; i++) {
         pids[i] = sys(SYS_fork, 0, 0, 0, 0);
         if (pids[i] == 0) {
-            u64 bad = worker(i + 1, rounds, yields, spin_iters, &shared[i]);
+            u64 bad = worker(i + 1, rounds, yields, spin_iters, (min_timer + procs - 1) / procs, &shared[i]);
             sys(SYS_exit_group, bad ? 1 : 0, 0, 0, 0);
         }
     }
