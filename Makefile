@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := libseccomp-dev libcap-dev linux-source-6.1 bc bison flex libe
 KVM_PROBES ?= ../shared/kvm-probes
 BENCH_OUT ?= .build/bench
 
-.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail bench-serve fuzz-virtio fuzz-artifacts rootfs-build clean doctor
+.PHONY: all deps images kernel agent rootfs rootfs-debian build build-release demo test test-unit bench bench-tools bench-c bench-exits bench-blk bench-selftest bench-jail bench-serve bench-snapshot fuzz-virtio fuzz-artifacts fuzz-snapshot probe-snapshot rootfs-build clean doctor
 
 all: build
 
@@ -72,7 +72,7 @@ test-unit: deps
 ## writes $(BENCH_RESULTS) and regenerates docs/benchmarks.md and docs/boot-timeline.svg.
 ## Takes several minutes on a PVM host (each guest boot is tens of seconds).
 BENCH_RESULTS ?= bench/results/latest.json
-BENCH_ONLY ?= exits,start,boot,run,pv,ctxswitch,blk,qemu,fuzz,workspace,build,serve
+BENCH_ONLY ?= exits,start,boot,run,pv,ctxswitch,blk,qemu,fuzz,workspace,build,serve,snapshot
 BENCH_QEMU ?= 1
 BENCH_MEMORY_MIB ?= 128
 BENCH_EXIT_ROUNDS ?= 7
@@ -81,6 +81,9 @@ BENCH_BOOT_RUNS ?= 3
 BENCH_RUN_RUNS ?= 3
 BENCH_BLK_MIB ?= 16
 BENCH_BLK_PASSES ?= 3
+BENCH_SNAPSHOT_ROUNDS ?= 3
+BENCH_SNAPSHOT_VMS ?= 10
+BENCH_SNAPSHOT_SIZES ?= 128,512
 # serve: rounds of 1, 2 and 4 requests per VM cell (each cold request and each refill is a boot),
 # requests per scripted (no VM) cell, and the soak's requests against each service (the VM soak:
 # real jailed VMs, affordable since the guest kernel runs natively; a client that goes away does so
@@ -100,6 +103,7 @@ bench: images rootfs-build bench-tools
 		--only $(if $(filter 1,$(BENCH_QEMU)),$(BENCH_ONLY),$(subst qemu,,$(BENCH_ONLY))) \
 		--memory-mib $(BENCH_MEMORY_MIB) --exit-rounds $(BENCH_EXIT_ROUNDS) --start-runs $(BENCH_START_RUNS) \
 		--boot-runs $(BENCH_BOOT_RUNS) --run-runs $(BENCH_RUN_RUNS) --blk-mib $(BENCH_BLK_MIB) --blk-passes $(BENCH_BLK_PASSES) \
+		--snapshot-rounds $(BENCH_SNAPSHOT_ROUNDS) --snapshot-vms $(BENCH_SNAPSHOT_VMS) --snapshot-sizes $(BENCH_SNAPSHOT_SIZES) \
 		$(BENCH_SERVE_ARGS)
 	python3 bench/report.py $(BENCH_RESULTS)
 
@@ -149,12 +153,30 @@ bench-blk: images bench-c
 bench-selftest: bench-c
 	python3 -m unittest discover -s bench -p 'test_*.py'
 
+## bench-snapshot: only the snapshot figures (sizes and write times, restored against cold, 10 idle restored VMs)
+bench-snapshot: images bench-tools
+	$(BENCH_PY) --only snapshot --memory-mib $(BENCH_MEMORY_MIB) --snapshot-rounds $(BENCH_SNAPSHOT_ROUNDS) \
+		--snapshot-vms $(BENCH_SNAPSHOT_VMS) --snapshot-sizes $(BENCH_SNAPSHOT_SIZES) --out $(BENCH_OUT)/snapshot.json
+
+## fuzz-snapshot: the snapshot reader against seeded random damage to a valid file (FUZZ_ROUNDS, FUZZ_SEED)
+FUZZ_ROUNDS ?= 100000
+fuzz-snapshot: deps
+	AIRLOCK_SNAPSHOT_FUZZ_ROUNDS=$(FUZZ_ROUNDS) AIRLOCK_FUZZ_SEED=$(FUZZ_SEED) $(SWIFT) test --filter 'theReaderSurvivesRandomDamage|theStateDecoderSurvivesAnyBytes'
+
 ## fuzz-virtio: a seeded random driver against the virtio transport, chain parser and block device
 FUZZ_ITERATIONS ?= 1000000
 FUZZ_SEED ?= 1
 fuzz-virtio: deps
 	$(SWIFT) build -c release --product airlock-fuzz-virtio
 	$$($(SWIFT) build -c release --show-bin-path)/airlock-fuzz-virtio $(FUZZ_ITERATIONS) $(FUZZ_SEED)
+
+## probe-snapshot: can a vCPU's whole state be saved and restored into a fresh VM on this host?
+## (scripts/snapshot-probe.c: emulated mode, and on a PVM host the PV mode with its VIF MSR)
+probe-snapshot:
+	mkdir -p $(BENCH_OUT)
+	gcc -O2 -Wall -o $(BENCH_OUT)/snapshot-probe scripts/snapshot-probe.c
+	$(BENCH_OUT)/snapshot-probe emulated
+	if [ -e /sys/module/kvm_pvm ]; then $(BENCH_OUT)/snapshot-probe pv 0; fi
 
 ## fuzz-artifacts: seeded hostile workspace images against the artifact extractor and the ext4 tree reader
 FUZZ_ARTIFACT_ROUNDS ?= 5000

@@ -59,7 +59,7 @@ let package = Package(
         .target(
             name: "SandboxEngine",
             dependencies: [
-                "VMM", "KVM", "AirlockOS", "Virtio", "VirtioDevices", "AgentProtocol", "SessionProtocol",
+                "VMM", "KVM", "AirlockOS", "Virtio", "VirtioDevices", "AgentProtocol", "SessionProtocol", "Snapshot",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // The jailed VMM process: enters its jail, then serves one session (thin).
@@ -95,6 +95,10 @@ let package = Package(
         .target(name: "Jailer", dependencies: ["AirlockOS", "CAirlockShim", "CJailShim", "CSeccomp", "CCap"]),
         // Test-only: enters a jail, installs the filters, and breaks a rule on request (JailerTests).
         .executableTarget(name: "airlock-jail-probe", dependencies: ["Jailer", "CJailShim", "CAirlockShim"]),
+        // The snapshot file format: a saved, booted VM (manifest, vCPU and device state, RAM
+        // image), written from a paused machine and read back with every part checked.
+        .target(name: "Snapshot", dependencies: ["VMM", "KVM", "GuestMemory", "Virtio", "VirtioDevices", "AirlockOS", "COpenSSL"],
+                linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
         // Test-only: a VMM that enters its jail and then breaks the session protocol on purpose (AirlockTests).
         .executableTarget(name: "airlock-fake-vmm", dependencies: ["Jailer", "SessionProtocol", "AgentProtocol", "AirlockOS"]),
         // The public library: image store, host report, the async Sandbox API.
@@ -102,7 +106,7 @@ let package = Package(
             name: "Airlock",
             dependencies: [
                 "VMM", "KVM", "AirlockOS", "VirtioDevices", "AgentProtocol", "RootFS", "Jailer",
-                "SessionProtocol", "SandboxEngine", "COpenSSL", "WorkspaceDisks",
+                "SessionProtocol", "SandboxEngine", "Snapshot", "COpenSSL", "WorkspaceDisks",
                 .product(name: "Logging", package: "swift-log"),
             ],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-Bstatic", "-Xlinker", "-lcrypto", "-Xlinker", "-Bdynamic"])]),
@@ -154,8 +158,9 @@ let package = Package(
         .testTarget(name: "WorkspaceDisksTests", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
         .testTarget(name: "SandboxEngineTests", dependencies: ["SandboxEngine", "AgentProtocol", "AirlockOS", "SessionProtocol", "VMM"]),
-        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices", "RootFS"]),
+        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices", "RootFS", "Snapshot"]),
         .testTarget(name: "AirlockServeTests", dependencies: ["AirlockServe", "Airlock"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "VMM", "KVM", "GuestMemory", "Virtio", "VirtioDevices", "AirlockOS", "SeededRandom"]),
     ],
     swiftLanguageModes: [.v6]
 )

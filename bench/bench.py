@@ -30,6 +30,9 @@ Sections (all by default):
   serve   `airlock serve` under load (bench/serve_load.py): requests/s and
           latency at concurrency 1, 2 and 4 with the warm pool and without,
           the service's own share of the latency, and a soak
+  snapshot  snapshots: size and write time of `airlock snapshot create` for two
+          guest sizes; `airlock run -- true` restored against `--no-snapshot`
+          (cold), alternating; 10 restored VMs idle at once, their memory
 
 Each figure is the median of N runs with min and max; ratios come from one run.
 Every time is CLOCK_MONOTONIC (Python's time.monotonic_ns, the probe's and the
@@ -52,7 +55,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ["exits", "start", "boot", "run", "pv", "ctxswitch", "blk", "qemu", "fuzz", "workspace", "build", "serve"]
+SECTIONS = ["exits", "start", "boot", "run", "pv", "ctxswitch", "blk", "qemu", "fuzz", "workspace", "build", "serve", "snapshot"]
 MIB = 1 << 20
 
 
@@ -605,7 +608,9 @@ def bench_run(a):
     # way): the kernel's "Run /sbin/airlock-init as init process" line splits
     # kernelBootMs into the kernel's boot and the agent's start.
     console = ["--console"] if "--console" in help_text else []
-    argv = [os.path.join(a.tools, "exec-timed"), airlock, "run", "--json", *extra, *console, "--", "true"]
+    # This section is the cold boot's timeline; restores are the snapshot section's.
+    cold = ["--no-snapshot"] if "--no-snapshot" in help_text else []
+    argv = [os.path.join(a.tools, "exec-timed"), airlock, "run", "--json", *extra, *console, *cold, "--", "true"]
     guest = a.memory_mib * MIB if extra else None
     runs, failures = [], []
     for i in range(a.run_runs):
@@ -1204,6 +1209,190 @@ def bench_serve(a):
 
 # ------------------------------------------------------------------------- main
 
+# --------------------------------------------------------------------- snapshot
+
+def smaps_detail(pid):
+    """Per mapping: name, size, Rss, Pss, private clean and dirty (KiB), from /proc/PID/smaps."""
+    maps, cur = [], None
+    keys = {"Rss:": "rss", "Pss:": "pss", "Private_Clean:": "pc", "Private_Dirty:": "pd"}
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    parts = line.split(None, 5)
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    cur = {"size": hi - lo, "name": parts[5].strip() if len(parts) > 5 else "",
+                           "rss": 0, "pss": 0, "pc": 0, "pd": 0}
+                    maps.append(cur)
+                elif cur is not None and line.split()[0] in keys:
+                    cur[keys[line.split()[0]]] = int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return maps
+
+
+def restored_vm_memory(maps):
+    """A restored VMM's memory: the guest RAM (the snapshot file mapped
+    copy-on-write: its private dirty pages are the ones the guest wrote) and the rest."""
+    guest = [m for m in maps if m["name"].endswith(".snap")]
+    tot = {k: sum(m[k] for m in maps) for k in ("rss", "pss", "pc", "pd")}
+    g = {k: sum(m[k] for m in guest) for k in ("rss", "pss", "pc", "pd")}
+    return {
+        "rss_mib": tot["rss"] / 1024, "pss_mib": tot["pss"] / 1024,
+        "private_mib": (tot["pc"] + tot["pd"]) / 1024,
+        "guest_rss_mib": g["rss"] / 1024, "guest_pss_mib": g["pss"] / 1024,
+        "guest_written_mib": g["pd"] / 1024,
+        # What the target counts: private memory beyond the pages the guest wrote.
+        "private_beyond_written_mib": (tot["pc"] + tot["pd"] - g["pd"]) / 1024,
+        "guest_mapped": bool(guest),
+    }
+
+
+def vmm_pids_of(supervisor):
+    """The jailed VMM (the `airlock-vmm` process, PID 1 of its namespace) under a supervisor."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        cmd = read_file(f"/proc/{entry}/cmdline")
+        if not cmd.split("\0")[0].endswith("airlock-vmm"):
+            continue
+        pid, hops = int(entry), 0
+        while pid > 1 and hops < 8:
+            st = read_file(f"/proc/{pid}/status")
+            m = re.search(r"^PPid:\s*(\d+)", st, re.M)
+            if not m:
+                break
+            pid, hops = int(m.group(1)), hops + 1
+            if pid == supervisor:
+                nspid = re.search(r"^NSpid:\s*(.*)$", read_file(f"/proc/{entry}/status"), re.M)
+                if nspid and nspid.group(1).split()[-1] == "1":
+                    found.append(int(entry))
+                break
+    return found
+
+
+def cpu_ticks(pid):
+    try:
+        fields = read_file(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (IndexError, ValueError):
+        return 0
+
+
+def bench_snapshot(a):
+    airlock = os.path.join(a.bin, "airlock")
+    ok, help_text = run_available(airlock)
+    if not ok or "--no-snapshot" not in help_text:
+        return {"available": False, "reason": "this build's `airlock run` has no snapshots (no --no-snapshot option)"}
+    if os.geteuid() != 0:
+        return {"available": False, "reason": "the jailed runs need root"}
+    images = image_dir()
+    base = ["--kernel", os.path.join(images, "vmlinux"), "--rootfs", os.path.join(images, "rootfs.ext4")]
+    home = tempfile.mkdtemp(prefix="airlock-bench-snapshot-")
+    env = dict(os.environ, AIRLOCK_HOME=home)
+    res = {"memory_mib": a.memory_mib, "creates": [], "rounds": [], "failures": [],
+           "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    try:
+        # Size and write time, one fresh snapshot per guest size (the restores use the first).
+        for mib in sorted({a.memory_mib, *a.snapshot_sizes}):
+            t0 = time.monotonic_ns()
+            p = subprocess.run([airlock, "snapshot", "create", "--json", "--memory", str(mib), *base],
+                               env=env, capture_output=True, text=True, timeout=a.boot_timeout + 120)
+            wall = (time.monotonic_ns() - t0) / 1e6
+            try:
+                doc = json.loads(p.stdout)
+            except ValueError:
+                res["failures"].append({"create_mib": mib, "exit": p.returncode, "stderr": p.stderr[-400:]})
+                log(f"snapshot create --memory {mib}: FAILED {p.stderr[-200:]}")
+                continue
+            listing = json.loads(subprocess.run([airlock, "snapshot", "list", "--json"], env=env, capture_output=True,
+                                                text=True).stdout or "{}").get("snapshots", [])
+            entry = next((e for e in listing if e["path"] == doc["path"]), {})
+            c = {"memory_mib": mib, "allocated_mib": doc["allocatedBytes"] / MIB, "file_mib": mib + 2,
+                 "data_pages": entry.get("dataPages"), "write_ms": doc["writeMs"], "save_ms": doc["saveMs"],
+                 "create_wall_ms": wall}
+            res["creates"].append(c)
+            log(f"snapshot of a {mib} MiB guest: {c['allocated_mib']:.1f} MiB on disk, written in {c['write_ms']:.0f} ms "
+                f"(with its check {c['save_ms']:.0f} ms); create took {wall / 1e3:.1f} s")
+
+        # `airlock run -- true` restored and cold, alternating.
+        run = [airlock, "run", "--json", "--memory", str(a.memory_mib), *base]
+        for i in range(a.snapshot_rounds):
+            pair = {}
+            for kind, extra in (("restored", []), ("cold", ["--no-snapshot"])):
+                t0 = time.monotonic_ns()
+                p = subprocess.run(run[:3] + extra + run[3:] + ["--", "true"], env=env, capture_output=True, text=True,
+                                   timeout=a.boot_timeout + 120)
+                wall = (time.monotonic_ns() - t0) / 1e6
+                doc, problems = parse_run_json(p.stdout)
+                if doc is None or problems or doc["exitCode"] != 0:
+                    res["failures"].append({"round": i, "kind": kind, "exit": p.returncode, "stderr": p.stderr[-400:]})
+                    log(f"round {i + 1} {kind}: FAILED {p.stderr[-200:]}")
+                    continue
+                t = doc["timings"]
+                snap = doc.get("snapshot") or {}
+                res.setdefault("guest_mode", doc.get("guestMode"))
+                pair[kind] = {"wall_ms": wall, "restored": bool(snap.get("restored")),
+                              "restore_ms": float(snap.get("restoreMs") or 0), "check_ms": float(snap.get("checkMs") or 0),
+                              **{k: float(t[k]) for k in RUN_PHASES + ["totalMs"]}}
+            if "restored" in pair and "cold" in pair:
+                pair["ratio_wall"] = pair["restored"]["wall_ms"] / pair["cold"]["wall_ms"]
+                res["rounds"].append(pair)
+                log(f"round {i + 1}: restored {pair['restored']['wall_ms'] / 1e3:.2f} s (restore {pair['restored']['restore_ms']:.1f} ms, "
+                    f"check {pair['restored']['check_ms']:.1f} ms, to first KVM_RUN {pair['restored']['vmmStartMs']:.1f} ms), "
+                    f"cold {pair['cold']['wall_ms'] / 1e3:.2f} s")
+
+        # N restored VMs at once, each idle in `sleep`, their memory.
+        # Each guest says when its command runs (the output streams to the benchmark), then sleeps.
+        procs = [subprocess.Popen(run[:2] + run[3:] + ["--", "sh", "-c", "echo idle; exec sleep 900"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for _ in range(a.snapshot_vms)]
+        try:
+            deadline = time.monotonic() + 600
+            ready = set()
+
+            def wait_ready(p):
+                if p.stdout.readline().strip() == b"idle":
+                    ready.add(p.pid)
+            waiters = [threading.Thread(target=wait_ready, args=(p,), daemon=True) for p in procs]
+            for w in waiters:
+                w.start()
+            for w in waiters:
+                w.join(max(0.0, deadline - time.monotonic()))
+            vmms = {p.pid: found[0] for p in procs if p.pid in ready and (found := vmm_pids_of(p.pid))}
+            time.sleep(3)  # the agents report the command's start, then wait for it: let them settle
+            quiet = 3 if len(ready) == len(procs) else 0
+            samples = [restored_vm_memory(m) for m in (smaps_detail(v) for v in vmms.values()) if m]
+            res["idle_vms"] = {"count": len(samples), "asked": a.snapshot_vms, "idle": quiet >= 3,
+                               **{k: stats([s[k] for s in samples]) for k in (
+                                   "rss_mib", "pss_mib", "private_mib", "guest_rss_mib", "guest_pss_mib", "guest_written_mib",
+                                   "private_beyond_written_mib")}}
+            if samples:
+                iv = res["idle_vms"]
+                log(f"{len(samples)} restored VMs idle: per VM Rss {iv['rss_mib']['median']:.1f} MiB, PSS {iv['pss_mib']['median']:.1f} MiB, "
+                    f"private {iv['private_mib']['median']:.1f} MiB of which the guest wrote {iv['guest_written_mib']['median']:.1f} MiB")
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    rounds = res["rounds"]
+    if rounds:
+        r, c = [x["restored"] for x in rounds], [x["cold"] for x in rounds]
+        res["restored"] = {k: stats([x[k] for x in r]) for k in ("wall_ms", "restore_ms", "check_ms", "vmmStartMs", "agentReadyMs", "commandMs", "totalMs")}
+        res["cold"] = {k: stats([x[k] for x in c]) for k in ("wall_ms", "vmmStartMs", "kernelBootMs", "agentReadyMs", "commandMs", "totalMs")}
+        res["all_restored"] = all(x["restored"] for x in r) and not any(x["restored"] for x in c)
+        res["ratio_wall_per_round"] = stats([x["ratio_wall"] for x in rounds])
+        res["ratio_of_median_walls"] = res["restored"]["wall_ms"]["median"] / res["cold"]["wall_ms"]["median"]
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections (default: all)")
@@ -1236,6 +1425,10 @@ def main():
     ap.add_argument("--build-runs", type=int, default=1, help="C builds in the VM (each boots the toolchain image)")
     ap.add_argument("--build-host-runs", type=int, default=5)
     ap.add_argument("--build-timeout", type=float, default=1800)
+    ap.add_argument("--snapshot-rounds", type=int, default=3, help="restored and cold `airlock run`s, alternating")
+    ap.add_argument("--snapshot-vms", type=int, default=10, help="restored VMs idle at once for the memory figures")
+    ap.add_argument("--snapshot-sizes", type=lambda t: [int(x) for x in t.split(",") if x], default=[128, 512],
+                    help="guest sizes (MiB) whose snapshot size and write time are measured")
     ap.add_argument("--airlock-for-run", help="another airlock binary for the run section (testing the harness)")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import serve_load
@@ -1251,7 +1444,8 @@ def main():
     log(f"{results['host']['cpu_model']}, {results['host']['cores']} cores, {results['host']['memory_gib']} GiB; "
         f"{results['host']['backend']}")
     funcs = {"exits": bench_exits, "start": bench_start, "boot": bench_boot, "run": bench_run, "pv": bench_pv, "ctxswitch": bench_ctxswitch,
-             "blk": bench_blk, "qemu": bench_qemu, "fuzz": bench_fuzz, "workspace": bench_workspace, "build": bench_build, "serve": bench_serve}
+             "blk": bench_blk, "qemu": bench_qemu, "fuzz": bench_fuzz, "workspace": bench_workspace, "build": bench_build, "serve": bench_serve,
+             "snapshot": bench_snapshot}
     for s in SECTIONS:
         if s not in only:
             continue

@@ -132,6 +132,34 @@ def summary(res):
     if cx.get("ratio_of_medians"):
         L.append(f"| guest context switch with XSAVE completed by the VMM / legacy-state switch | **{cx['ratio_of_medians']:.2f}x** "
                  f"(+{cx['added_us_per_switch']:.1f} us) | correctness first: no target | |")
+    sn = res.get("snapshot") or {}
+    own = " (the snapshot section's own run)" if sn.get("separate_run") else ""
+    emulated = res.get("snapshot_pv_off") or {}
+    if emulated.get("restored"):
+        r, c = emulated["restored"], emulated["cold"]
+        L.append(f"| restored / cold, guest kernel emulated (`AIRLOCK_PV=off`, its own run): restore (`restoreMs`) / wall ratio "
+                 f"| {mmm(r['restore_ms'], 1, 'ms')} / **{emulated['ratio_of_median_walls']:.3f}** "
+                 f"({mmm(r['wall_ms'], 2, 's', 1e-3)} vs {mmm(c['wall_ms'], 2, 's', 1e-3)}) | restore instead of boot | |")
+    if sn.get("restored"):
+        r, c = sn["restored"], sn["cold"]
+        hw = (res.get("host") or {}).get("vmx_or_svm")
+        L.append(f"| restore's own cost: VMM building the VM from the snapshot (`restoreMs`), {sn['memory_mib']} MiB{own} "
+                 f"| **{mmm(r['restore_ms'], 1, 'ms')}**; checks before it (`checkMs`) {mmm(r['check_ms'], 1, 'ms')}; "
+                 f"request to first KVM_RUN {mmm(r['vmmStartMs'], 1, 'ms')} | at most 10 ms of VMM work on hardware KVM"
+                 + (f" | {verdict(r['restore_ms']['median'] <= 10)} |" if hw else " (this host: reported, not a target) | |"))
+        L.append(f"| `airlock run -- true` restored / cold (`--no-snapshot`), wall, alternating{own} "
+                 f"| **{sn['ratio_of_median_walls']:.3f}** ({mmm(r['wall_ms'], 2, 's', 1e-3)} vs {mmm(c['wall_ms'], 2, 's', 1e-3)}; "
+                 f"per round {mmm(sn['ratio_wall_per_round'], 3)}) | restore instead of boot | |")
+    iv = sn.get("idle_vms") or {}
+    if iv.get("count"):
+        L.append(f"| {iv['count']} VMs restored from one snapshot, idle: private memory per VM beyond the pages its guest wrote{own} "
+                 f"| **{mmm(iv['private_beyond_written_mib'], 2, 'MiB')}**; PSS {num(iv['pss_mib']['median'], 1)} MiB, "
+                 f"Rss {num(iv['rss_mib']['median'], 1)} MiB, guest wrote {num(iv['guest_written_mib']['median'], 1)} MiB "
+                 f"| under 5 MiB | {verdict(iv['private_beyond_written_mib']['median'] < 5)} |")
+    for cr in sn.get("creates") or []:
+        L.append(f"| snapshot of a {cr['memory_mib']} MiB guest: on disk / write time{own} | **{num(cr['allocated_mib'], 1)} MiB / "
+                 f"{num(cr['write_ms'], 0)} ms** (file {cr['file_mib']} MiB with its holes; {cr['data_pages']} data pages) "
+                 f"| only pages the guest touched | |")
     q = res.get("qemu") or {}
     if q.get("installed"):
         if q.get("booted"):
@@ -680,6 +708,72 @@ def serve_stdin_kib():
     return 1
 
 
+def snapshot_pv_off_md(sn):
+    """The snapshot section again with the guest kernel emulated (`AIRLOCK_PV=off make bench-snapshot`), when measured."""
+    if not sn:
+        return ""
+    return "\n### The same with the guest kernel emulated (`AIRLOCK_PV=off`)\n\n" + snapshot_md(sn)
+
+
+def snapshot_md(sn):
+    err = section_error(sn, "snapshot")
+    if err:
+        return err
+    if not sn.get("available", True):
+        return f"Not measured: {sn.get('reason')}.\n"
+    L = []
+    if sn.get("separate_run"):
+        L += [f"This section was measured on its own (`make bench-snapshot`, {sn['measured_at']}), its figures side by side in that run.", ""]
+    L += ["`airlock snapshot create --json --memory M` with the installed kernel and root filesystem, in a data",
+         "directory of the benchmark's own (jailed, as a user runs it): the VM boots to the agent's hello, is paused,",
+         "and its state and every page it touched that is not all zeros go to the file (the rest are holes);",
+         "the supervisor then checks the file whole (each part's SHA-256) before it enters the store.", "",
+         "| guest | file (with holes) | on disk | data pages | write (VM paused) | write and check | create, boot included |",
+         "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in sn.get("creates") or []:
+        L.append(f"| {c['memory_mib']} MiB | {c['file_mib']} MiB | {num(c['allocated_mib'], 1)} MiB | {c['data_pages']} "
+                 f"| {num(c['write_ms'], 0)} ms | {num(c['save_ms'], 0)} ms | {num(c['create_wall_ms'] / 1e3, 1)} s |")
+    if sn.get("restored"):
+        r, c = sn["restored"], sn["cold"]
+        n = len(sn.get("rounds") or [])
+        L += ["", f"`airlock run --json --memory {sn['memory_mib']} -- true`, restored from that snapshot and cold",
+              f"(`--no-snapshot`), one of each in turn, {n} rounds (wall: the benchmark's, spawn to exit; the rest: the",
+              "run's own JSON). " + ("Every restored run restored and no cold one did." if sn.get("all_restored") else
+                                     "**Not every run did what its kind says** (see the results file)."), "",
+              "| ms, median (min to max) | restored | cold |", "| --- | --- | --- |",
+              f"| wall | {mmm(r['wall_ms'], 0)} | {mmm(c['wall_ms'], 0)} |",
+              f"| checks before any VM (`snapshot.checkMs`: image digests from the cache, header, manifest, state) | {mmm(r['check_ms'], 1)} | |",
+              f"| the VMM's restore (`restoreMs`: KVM objects, RAM mapped from the file, every state set) | {mmm(r['restore_ms'], 1)} | |",
+              f"| request to the first KVM_RUN (`vmmStartMs`) | {mmm(r['vmmStartMs'], 1)} | {mmm(c['vmmStartMs'], 1)} |",
+              f"| guest kernel boot to the agent's hello (`kernelBootMs`) | 0 | {mmm(c['kernelBootMs'], 0)} |",
+              f"| hello (or restore) to the command's start (`agentReadyMs`) | {mmm(r['agentReadyMs'], 0)} | {mmm(c['agentReadyMs'], 0)} |",
+              f"| the command, `true` (`commandMs`) | {mmm(r['commandMs'], 0)} | {mmm(c['commandMs'], 0)} |",
+              f"| `totalMs` | {mmm(r['totalMs'], 0)} | {mmm(c['totalMs'], 0)} |",
+              f"| **restored / cold, wall** | **{sn['ratio_of_median_walls']:.3f}** (per round {mmm(sn['ratio_wall_per_round'], 3)}) | |",
+              "", f"The guests ran in mode `{sn.get('guest_mode') or 'unknown'}`. " + (
+                  "On a PVM host in emulated mode the guest kernel's work is KVM's instruction emulator's, so the restored run's"
+                  " time is the guest's own work after the restore (receiving the request, fork and exec of `true`, reporting,"
+                  " rebooting): the restore itself is the `restoreMs` line." if sn.get("guest_mode") == "pvm-emulated" else
+                  "The restore itself is the `restoreMs` line; the rest of a restored run is the jailed VMM's start and the"
+                  " guest's own work (receiving the request, fork and exec of `true`, reporting, rebooting).")]
+    iv = sn.get("idle_vms") or {}
+    if iv.get("count"):
+        L += ["", f"{iv['count']} `airlock run --memory {sn['memory_mib']} -- sh -c 'echo idle; exec sleep 900'` at once, all restored from the one snapshot, sampled",
+              "from each jailed VMM's `/proc/PID/smaps` once every guest had started its command (it prints a line,",
+              "then sleeps) and 3 s more" + ("" if iv.get("idle") else " (**not every guest got there within the wait; sampled anyway**)") + ".",
+              "The guest's RAM is the snapshot file mapped copy-on-write: pages it only reads are the page cache's,",
+              "shared by every VM; the pages it wrote are its private dirty pages in that mapping.", "",
+              "| MiB per VM, median (min to max) | |", "| --- | --- |",
+              f"| Rss | {mmm(iv['rss_mib'], 2)} |", f"| PSS (shared pages divided among their users) | {mmm(iv['pss_mib'], 2)} |",
+              f"| private (clean and dirty) | {mmm(iv['private_mib'], 2)} |",
+              f"| of the guest RAM: resident / PSS | {mmm(iv['guest_rss_mib'], 2)} / {mmm(iv['guest_pss_mib'], 2)} |",
+              f"| pages the guest wrote | {mmm(iv['guest_written_mib'], 2)} |",
+              f"| **private beyond the pages the guest wrote** | **{mmm(iv['private_beyond_written_mib'], 2)}** (target under 5) |"]
+    if sn.get("failures"):
+        L += ["", f"Failures: {len(sn['failures'])} (in the results file)."]
+    return "\n".join(L) + "\n"
+
+
 def not_measured(res):
     L = []
     host = res.get("host", {})
@@ -766,6 +860,9 @@ the measurements took {res.get('seconds', 0):.0f} s. Parameters: guest memory {p
 ## QEMU on the same kernel and root filesystem
 
 {qemu_md(res)}
+## Snapshots
+
+{snapshot_md(res.get('snapshot'))}{snapshot_pv_off_md(res.get('snapshot_pv_off'))}
 ## virtio fuzzing
 
 {fuzz_md(res.get('fuzz'))}

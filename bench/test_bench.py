@@ -102,6 +102,35 @@ class Memory(unittest.TestCase):
 
 
 @unittest.skipUnless(os.path.exists(os.path.join(TOOLS, "exec-timed")), "make bench-c first")
+class SnapshotMemory(unittest.TestCase):
+    def test_written_guest_pages_are_taken_out_of_the_private_figure(self):
+        maps = [
+            {"size": 128 << 20, "name": "/snapshot.snap", "rss": 11 * 1024, "pss": 3 * 1024, "pc": 0, "pd": 3 * 1024},
+            {"size": 8 << 20, "name": "/proc/self/exe", "rss": 8 * 1024, "pss": 1024, "pc": 0, "pd": 512},
+            {"size": 1 << 20, "name": "", "rss": 512, "pss": 512, "pc": 0, "pd": 512},
+        ]
+        m = bench.restored_vm_memory(maps)
+        self.assertEqual(m["guest_written_mib"], 3)
+        self.assertEqual(m["private_mib"], 4)
+        self.assertEqual(m["private_beyond_written_mib"], 1)
+        self.assertTrue(m["guest_mapped"])
+        self.assertAlmostEqual(m["pss_mib"], 4.5)
+
+    def test_the_snapshot_section_renders(self):
+        s = {"memory_mib": 128, "creates": [{"memory_mib": 128, "allocated_mib": 12.0, "file_mib": 130, "data_pages": 3000,
+                                              "write_ms": 30.0, "save_ms": 70.0, "create_wall_ms": 24000.0}],
+             "rounds": [{}], "all_restored": True, "failures": [],
+             "restored": {k: bench.stats([v]) for k, v in {"wall_ms": 3000, "restore_ms": 2, "check_ms": 5, "vmmStartMs": 20,
+                                                             "agentReadyMs": 1000, "commandMs": 1500, "totalMs": 2900}.items()},
+             "cold": {k: bench.stats([v]) for k, v in {"wall_ms": 24000, "vmmStartMs": 30, "kernelBootMs": 21000,
+                                                         "agentReadyMs": 1000, "commandMs": 1500, "totalMs": 23900}.items()},
+             "ratio_of_median_walls": 0.125, "ratio_wall_per_round": bench.stats([0.125])}
+        text = report.snapshot_md(s)
+        self.assertIn("| 128 MiB | 130 MiB | 12.0 MiB | 3000 |", text)
+        self.assertIn("**0.125**", text)
+        self.assertIn("restore's own cost", report.summary({"snapshot": s, "host": {}}))
+
+
 class RunSectionAgainstTheFake(unittest.TestCase):
     def run_bench(self, env=None):
         out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name

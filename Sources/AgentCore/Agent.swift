@@ -162,6 +162,10 @@ public final class Agent {
 
     /// Runs one command to its end and reports it. Returns true when the agent must stop (channel broken).
     func execute(_ request: RunRequest) -> Bool {
+        // Before anything of the command runs: the host's time, fresh randomness.
+        for problem in Freshness.apply(request, clock: SystemWallClock(), addEntropy: Freshness.addKernelEntropy) {
+            Self.console(problem)
+        }
         switch prepare(request) {
         case let .failure(error):
             return !send(.runFailed(runID: request.runID, reason: error.failure, message: error.description,

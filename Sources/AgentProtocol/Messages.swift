@@ -33,6 +33,8 @@ public enum AgentProtocol {
         public static let stringBytes = 128 << 10
         public static let stdinChunk = 64 << 10
         public static let messageText = 4096
+        /// Random bytes a run request may carry for the guest's pool.
+        public static let entropy = 512
     }
 }
 
@@ -50,9 +52,19 @@ public struct RunRequest: Equatable, Sendable {
     public var hasStdin: Bool
     /// Sync the disks and reboot once this run has been reported.
     public var shutdownAfter: Bool
+    /// The host's wall clock (CLOCK_REALTIME, ns since the epoch) as it sent
+    /// the request, or 0: the agent moves the guest's clock to it before the
+    /// command starts. A guest restored from a snapshot wakes with the clock
+    /// of the moment it was saved, and a fresh one with no clock at all.
+    public var hostTimeNanoseconds: UInt64
+    /// Bytes from the host's CSPRNG (at most `Limits.entropy`): the agent mixes
+    /// them into the guest kernel's pool and reseeds it before the command
+    /// starts, so two VMs restored from one snapshot (which wake with the same
+    /// pool) never hand out the same random numbers.
+    public var entropy: [UInt8]
 
     public init(runID: UInt32, arguments: [String], environment: [String], workingDirectory: String,
-                user: String, hasStdin: Bool, shutdownAfter: Bool) {
+                user: String, hasStdin: Bool, shutdownAfter: Bool, hostTimeNanoseconds: UInt64 = 0, entropy: [UInt8] = []) {
         self.runID = runID
         self.arguments = arguments
         self.environment = environment
@@ -60,6 +72,8 @@ public struct RunRequest: Equatable, Sendable {
         self.user = user
         self.hasStdin = hasStdin
         self.shutdownAfter = shutdownAfter
+        self.hostTimeNanoseconds = hostTimeNanoseconds
+        self.entropy = entropy
     }
 }
 
@@ -135,6 +149,9 @@ public enum HostMessage: Equatable, Sendable {
             w.string(r.user)
             w.bool(r.hasStdin)
             w.bool(r.shutdownAfter)
+            // Added after version 1's first layout, at the end: a body without them still decodes.
+            w.u64(r.hostTimeNanoseconds)
+            w.data(r.entropy)
         case let .stdin(id, data):
             tag = .stdin
             w.u32(id)
@@ -166,8 +183,14 @@ public enum HostMessage: Equatable, Sendable {
             let user = try r.string("user", limit: L.stringBytes)
             let hasStdin = try r.bool("has stdin")
             let shutdownAfter = try r.bool("shutdown after")
+            var clock: UInt64 = 0, entropy: [UInt8] = []
+            if r.remaining > 0 {
+                clock = try r.u64("host time")
+                entropy = try r.data("entropy", limit: L.entropy)
+            }
             message = .run(RunRequest(runID: id, arguments: args, environment: env, workingDirectory: cwd,
-                                      user: user, hasStdin: hasStdin, shutdownAfter: shutdownAfter))
+                                      user: user, hasStdin: hasStdin, shutdownAfter: shutdownAfter,
+                                      hostTimeNanoseconds: clock, entropy: entropy))
         case .stdin:
             let id = try r.u32("run id")
             message = .stdin(runID: id, data: try r.data("stdin chunk", limit: L.stdinChunk))

@@ -23,6 +23,8 @@ public struct RunReport: Encodable, Sendable {
     let timings: RunTimings
     let artifacts: ArtifactsReport?
     let artifactsError: String?
+    /// Whether the VM was restored from a snapshot (and how long that took) or saved one; null when neither.
+    let snapshot: SnapshotUse?
 
     public init(_ r: RunResult) {
         stdout = r.stdoutText
@@ -41,6 +43,7 @@ public struct RunReport: Encodable, Sendable {
         timings = r.timings
         artifacts = r.artifacts.map(ArtifactsReport.init)
         artifactsError = r.artifactsError
+        snapshot = r.snapshot
     }
 
     static func base64UnlessText(_ bytes: [UInt8]) -> String? {
@@ -51,7 +54,7 @@ public struct RunReport: Encodable, Sendable {
     enum CodingKeys: String, CodingKey {
         case stdout, stderr, stdoutBase64, stderrBase64, exitCode, signal, timedOut, outputTruncated, stdoutDroppedBytes,
              stderrDroppedBytes, failure, systemEvent, guestMode, timings
-        case artifacts, artifactsError
+        case artifacts, artifactsError, snapshot
     }
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
@@ -71,6 +74,7 @@ public struct RunReport: Encodable, Sendable {
         try c.encode(timings, forKey: .timings)
         try c.encode(artifacts, forKey: .artifacts)
         try c.encode(artifactsError, forKey: .artifactsError)
+        try c.encode(snapshot, forKey: .snapshot)
     }
 }
 

@@ -29,7 +29,7 @@ import VMM
 public final class Sandbox: Sendable {
     let client: SessionClient
 
-    private init(client: SessionClient) { self.client = client }
+    init(client: SessionClient) { self.client = client }
 
     /// A sandbox dropped without `shutdown` still ends its VM and its VMM.
     deinit { client.terminate() }
@@ -120,6 +120,10 @@ public final class Sandbox: Sendable {
     public static func runBlocking(_ command: Command, config: SandboxConfig, requestedAt: UInt64, logger: Logger,
                                    stop: StopHandle = StopHandle()) throws(SandboxError) -> RunResult {
         try CommandValidation.check(command, config: config)
+        // A build step's disks are no part of any snapshot: it boots cold.
+        if config.snapshots == .automatic && command.workspace == nil && command.artifacts == nil && config.disks.isEmpty {
+            return try runUsingSnapshotStore(command, config: config, requestedAt: requestedAt, logger: logger, stop: stop)
+        }
         let step = try prepareBuildStep(command, config: config)
         defer { step.cleanUp() }
         let client = try bootBlocking(step.config, requestedAt: requestedAt, logger: logger, stop: stop)
@@ -139,10 +143,11 @@ public final class Sandbox: Sendable {
         return try BuildStep.prepare(command, config: config, rootfs: rootfs)
     }
 
-    static func bootBlocking(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger, stop: StopHandle) throws(SandboxError) -> SessionClient {
+    static func bootBlocking(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger, stop: StopHandle,
+                             snapshot: CheckedSnapshot? = nil) throws(SandboxError) -> SessionClient {
         try stop.check()
         // The handle knows the client as soon as its VMM exists: a stop during the boot ends it then.
-        let client = try SessionClient.boot(config, requestedAt: requestedAt, logger: logger, stop: stop)
+        let client = try SessionClient.boot(config, requestedAt: requestedAt, logger: logger, stop: stop, snapshot: snapshot)
         try stop.check()
         return client
     }

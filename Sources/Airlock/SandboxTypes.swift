@@ -24,6 +24,9 @@ public struct SandboxConfig: Sendable, Codable, Equatable {
     /// The host's KVM backend quirks; nil detects them, here in the caller's process (a jailed
     /// VMM could not: /sys is outside its jail).
     public var hostProfile: HostProfile?
+    /// Whether `Sandbox.runBlocking` and `airlock run` restore from (and save
+    /// into) the snapshot store; `Sandbox.restore` and `saveSnapshot` use files directly.
+    public var snapshots: SnapshotPolicy = .none
     /// The KVM device the caller can open; the VMM gets this descriptor, never a node of its own.
     public var kvmPath: String = "/dev/kvm"
     /// Where the VMM runs. `.jailed` (the default) needs root.
@@ -54,6 +57,15 @@ public struct SandboxConfig: Sendable, Codable, Equatable {
     /// default); false forces the emulated path (as `airlock.pv=off` on the kernel command
     /// line or AIRLOCK_PV=off do), for comparison or a host whose interface differs.
     public var pvNative: Bool = true
+
+    /// The host profile a sandbox with this configuration runs under: `hostProfile`, or the
+    /// detected one, with the emulated path when `pvNative` is off. One rule for the boot and
+    /// for the snapshot store's keys and checks.
+    var effectiveHostProfile: HostProfile {
+        var profile = hostProfile ?? .detect()
+        if !pvNative { profile.pv = .off }
+        return profile
+    }
 
     public init(kernelPath: String? = nil, rootfsPath: String? = nil, memoryMiB: Int = 256, cpus: Int = 1) {
         self.kernelPath = kernelPath
@@ -136,6 +148,9 @@ public struct RunResult: Sendable, Codable, Equatable {
     public var systemEvent: String?
     /// How the guest kernel ran: "hardware", "pvm-emulated" or "pvm-native" (`HostProfile.GuestMode`); nil if no VM was built.
     public var guestMode: String?
+    /// What the run did with a snapshot: restored its VM from one, or booted
+    /// and saved one before the command; nil when it used none.
+    public var snapshot: SnapshotUse?
     public var timings = RunTimings()
     /// What came back from the workspace (`Command.artifacts`); nil when nothing was asked or it was refused.
     public var artifacts: ArtifactReport?
@@ -148,12 +163,41 @@ public struct RunResult: Sendable, Codable, Equatable {
     public var stderrText: String { String(decoding: stderr, as: UTF8.self) }
 }
 
+/// A run's use of a snapshot, for `--json`.
+public struct SnapshotUse: Sendable, Codable, Equatable {
+    /// The snapshot file.
+    public var path: String
+    /// True: the VM was restored from it instead of booted. False: the VM
+    /// booted and saved it before the command ran.
+    public var restored: Bool
+    /// The VMM's restore: from building the VM from the snapshot to its being
+    /// ready to run (KVM objects, RAM mapped, every state set; 0 when saved).
+    public var restoreMs: Double = 0
+    /// Pausing the booted VM, writing the snapshot and checking it (0 when restored).
+    public var saveMs: Double = 0
+    /// Of `saveMs`, the write alone: the VM paused while its state and touched pages went to the file.
+    public var writeMs: Double = 0
+    /// Choosing and checking the snapshot before any VM: the images' digests
+    /// (from the cache when unchanged), its header, manifest and state, and its
+    /// RAM image when the file changed since it was last checked.
+    public var checkMs: Double = 0
+    /// The bytes the snapshot takes on disk.
+    public var allocatedBytes: UInt64 = 0
+
+    public init(path: String, restored: Bool, restoreMs: Double = 0, saveMs: Double = 0, checkMs: Double = 0, allocatedBytes: UInt64 = 0) {
+        self.path = path; self.restored = restored; self.restoreMs = restoreMs; self.saveMs = saveMs; self.checkMs = checkMs
+        self.allocatedBytes = allocatedBytes
+    }
+}
+
 /// Where the time of one run went, in milliseconds.
 public struct RunTimings: Sendable, Codable, Equatable {
     /// From the request (process start for the CLI) to the vCPU's first KVM_RUN.
     public var vmmStartMs: Double = 0
-    /// From the first KVM_RUN to the agent's hello: the guest kernel's boot and init's start.
+    /// From the first KVM_RUN to the agent's hello: the guest kernel's boot and init's start (0 when restored).
     public var kernelBootMs: Double = 0
+    /// Building a VM from a snapshot, to ready to run (0 when it booted); `vmmStartMs` then covers the whole start.
+    public var restoreMs: Double = 0
     /// From the hello to the command's start: the run request and the agent's set-up.
     public var agentReadyMs: Double = 0
     /// The command's own run time, as the host saw it (start report to exit report).

@@ -5,6 +5,7 @@ import Jailer
 import KVM
 import Logging
 import SessionProtocol
+import Snapshot
 import Synchronization
 import VMM
 #if canImport(Glibc)
@@ -31,6 +32,13 @@ final class SessionClient: @unchecked Sendable {
     private let state = Mutex(State())
     /// The boot's timings, reported with the first run.
     private(set) var bootReport: BootReport?
+    /// What the VM booted from: the images (the caller's paths), the host profile, and the
+    /// snapshot it was restored from (nil: it booted), with what checking that took.
+    let kernelPath: String, rootfsPath: String
+    let hostProfile: HostProfile
+    let restoredFrom: SnapshotUse?
+    /// The host's wall clock for each run request (the agent sets the guest's clock to it); tests fake it.
+    nonisolated(unsafe) var hostTime: @Sendable () -> UInt64 = SessionClient.realtimeNanoseconds
 
     struct State {
         var ended = false
@@ -54,11 +62,22 @@ final class SessionClient: @unchecked Sendable {
     /// What the VMM allows for output after the command's exit report, and for a reboot.
     static let drainSeconds = 30.0, rebootSeconds = 60.0
 
-    private init(channel: SessionChannel, host: VMMHost, config: SandboxConfig, logger: Logger) {
+    private init(channel: SessionChannel, host: VMMHost, config: SandboxConfig, logger: Logger, kernelPath: String, rootfsPath: String,
+                 hostProfile: HostProfile, restoredFrom: SnapshotUse?) {
         self.channel = channel
         self.host = host
         self.config = config
         self.logger = logger
+        self.kernelPath = kernelPath
+        self.rootfsPath = rootfsPath
+        self.hostProfile = hostProfile
+        self.restoredFrom = restoredFrom
+    }
+
+    static func realtimeNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(max(0, ts.tv_sec)) * 1_000_000_000 + UInt64(max(0, ts.tv_nsec))
     }
 
     deinit {
@@ -68,20 +87,35 @@ final class SessionClient: @unchecked Sendable {
 
     /// Validates `config`, opens what the VM boots from, starts the VMM and boots the VM to
     /// its agent's hello. `stop` can end it from another thread from the moment the VMM exists.
-    static func boot(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger, stop: StopHandle = StopHandle()) throws(SandboxError) -> SessionClient {
+    /// With `snapshot` (opened and checked whole by the caller, before any VM), the VM is
+    /// restored from it instead of booted: its descriptor goes with the boot request.
+    static func boot(_ config: SandboxConfig, requestedAt: UInt64, logger: Logger, stop: StopHandle = StopHandle(),
+                     snapshot: CheckedSnapshot? = nil) throws(SandboxError) -> SessionClient {
         let images = try ImageResolution.resolve(config)
         let disks = try DiskFiles.open(config.disks)  // the workspace and --disk images (BuildStep.swift)
+        if snapshot != nil && !config.disks.isEmpty {
+            throw .invalidConfiguration("a sandbox with disks (a workspace or --disk) cannot be restored from a snapshot: a snapshot holds no disks; boot it cold")
+        }
         try HostMemory.check(guestMiB: config.memoryMiB)
-        var profile = config.hostProfile ?? .detect()  // here, outside the jail: it has no /sys
-        if !config.pvNative { profile.pv = .off }
+        let profile = config.effectiveHostProfile  // here, outside the jail: it has no /sys
         let (ours, theirs): (UnixSocket, UnixSocket)
         do { (ours, theirs) = try UnixSocket.pair() } catch { throw .vmm("cannot create the session socket: \(error)") }
         do { try ours.setSendTimeout(seconds: margins.send) } catch { throw .vmm("\(error)") }
+        // A booted sandbox without disks may be saved as a snapshot: the save file then is the
+        // only regular file its VMM can write (outputs are pipes), and RLIMIT_FSIZE must let
+        // it hold the whole RAM image. A restored one is never saved and keeps the disks' bound.
+        var writable = disks.writableBytes
+        if snapshot == nil && config.disks.isEmpty {
+            writable = max(writable, SnapshotFormat.maximumFileSize(memoryBytes: UInt64(config.memoryMiB) << 20))
+        }
         // The VMM's end must not stay open here as well: its EOF is how a VMM's death shows.
-        let host = try launch(config, socket: consume theirs, writableBytes: disks.writableBytes, logger: logger)
-        let client = SessionClient(channel: SessionChannel(socket: ours), host: host, config: config, logger: logger)
+        let host = try launch(config, socket: consume theirs, writableBytes: writable, logger: logger)
+        let client = SessionClient(channel: SessionChannel(socket: ours), host: host, config: config, logger: logger,
+                                   kernelPath: images.kernelName, rootfsPath: images.rootfsName, hostProfile: profile,
+                                   restoredFrom: snapshot.map { SnapshotUse(path: $0.file.path, restored: true, checkMs: $0.checkMs,
+                                                                            allocatedBytes: $0.allocatedBytes) })
         stop.set(client)
-        try client.start(images: images, disks: disks, profile: profile, requestedAt: requestedAt)
+        try client.start(images: images, disks: disks, profile: profile, requestedAt: requestedAt, snapshot: snapshot?.file)
         return client
     }
 
@@ -106,7 +140,8 @@ final class SessionClient: @unchecked Sendable {
         return host
     }
 
-    private func start(images: ImageResolution.Images, disks: DiskFiles, profile: HostProfile, requestedAt: UInt64) throws(SandboxError) {
+    private func start(images: ImageResolution.Images, disks: DiskFiles, profile: HostProfile, requestedAt: UInt64,
+                       snapshot: SnapshotFile?) throws(SandboxError) {
         busy.wait()
         defer { busy.signal() }
         switch try receive(until: Self.deadline(after: Self.margins.hello), while: "starting") {
@@ -118,12 +153,16 @@ final class SessionClient: @unchecked Sendable {
             kernelCommandLine: [config.extraKernelCommandLine, disks.commandLine].filter { !$0.isEmpty }.joined(separator: " "),
             agentPath: config.agentPath, hostProfile: profile.wireName,
             kernelName: images.kernelName, rootfsName: images.rootfsName, disks: disks.request, copyConsoleToStderr: config.consoleFD != nil,
-            logLevel: config.vmmLogLevel.rawValue, requestedAt: requestedAt)
+            logLevel: config.vmmLogLevel.rawValue, requestedAt: requestedAt, snapshotName: snapshot?.path)
         try send(.boot(request), descriptors: [images.kvm.fileDescriptor, images.kernel.rawValue, images.rootfs.rawValue]
-                    + disks.files.map(\.rawValue), while: "booting")
+                    + disks.files.map(\.rawValue) + (snapshot.map { [$0.file.rawValue] } ?? []),
+                 while: snapshot == nil ? "booting" : "restoring")
         // A margin over the VMM's own boot timeout: it reports that itself.
         switch try receive(until: Self.deadline(after: config.bootTimeoutSeconds + Self.margins.boot), while: "booting") {
         case let .booted(report):
+            guard report.restored == (snapshot != nil) else {
+                throw lost(snapshot == nil ? "reported a restore it was not asked for" : "booted instead of restoring")
+            }
             // Reported, never acted on; still only one of the names this build knows goes into a receipt.
             guard HostProfile.GuestMode(rawValue: report.guestMode) != nil else {
                 throw lost("reported an unknown guest mode '\(report.guestMode)'")
@@ -150,10 +189,15 @@ final class SessionClient: @unchecked Sendable {
         let out = try OutputRoute(command.stdout, limit: command.maxOutputBytes, stream: "stdout", logger: logger)
         let err = try OutputRoute(command.stderr, limit: command.maxOutputBytes, stream: "stderr", logger: logger)
         let input = try InputRoute(command.stdin, logger: logger)
+        // The host's time and fresh randomness go with every request: a restored guest wakes
+        // with the snapshot's clock and random pool (and a fresh one with no wall clock at all).
+        let entropy: [UInt8]
+        do { entropy = try Machine.hostRandomBytes(32) } catch { throw .vmm("cannot draw random bytes for the guest: \(error)") }
         let spec = RunSpec(runID: runID, arguments: command.arguments,
                            environment: command.environment.map { "\($0.name)=\($0.value)" },
                            workingDirectory: command.workingDirectory, user: command.user, timeoutSeconds: command.timeoutSeconds,
-                           maxStdoutBytes: out.limit, maxStderrBytes: err.limit, hasStdin: input != nil, shutdownAfter: shutdownAfter)
+                           maxStdoutBytes: out.limit, maxStderrBytes: err.limit, hasStdin: input != nil, shutdownAfter: shutdownAfter,
+                           hostTimeNanoseconds: hostTime(), entropy: entropy)
         var fds = [out.vmmEnd, err.vmmEnd]
         if let input { fds.append(input.vmmEnd) }
         state.withLock { $0.currentRun = runID }
@@ -215,6 +259,13 @@ final class SessionClient: @unchecked Sendable {
         t.vmmStartMs = o.timings.vmmStartMs; t.kernelBootMs = o.timings.kernelBootMs; t.agentReadyMs = o.timings.agentReadyMs
         t.commandMs = o.timings.commandMs; t.shutdownMs = o.timings.shutdownMs; t.totalMs = o.timings.totalMs
         if !first { t.vmmStartMs = 0; t.kernelBootMs = 0 }
+        if first, let restoredFrom, let boot = bootReport {
+            t.kernelBootMs = 0
+            t.restoreMs = boot.restoreMs
+            var use = restoredFrom
+            use.restoreMs = boot.restoreMs
+            result.snapshot = use
+        }
         result.timings = t
 
         // A run that ended the VM (asked to, timed out, or the guest died) is followed by `ended`.
@@ -222,6 +273,31 @@ final class SessionClient: @unchecked Sendable {
             awaitEnd(seconds: Self.rebootSeconds + Self.margins.exit)
         }
         return result
+    }
+
+    // MARK: - Snapshots
+
+    /// Saves the booted VM, which has run nothing yet, into `file` (an empty regular file
+    /// this side opened for writing, named `save.name`); the VM goes on afterwards. What the
+    /// VMM wrote is not trusted: the caller checks the file whole before it keeps it.
+    func saveSnapshot(_ save: SnapshotSave, into file: Int32) throws(SandboxError) -> SnapshotSaveReport {
+        busy.wait()
+        defer { busy.signal() }
+        if let ended = endedDescription { throw .ended("the sandbox has ended: \(ended)") }
+        guard nextRunID == 1, restoredFrom == nil else {
+            throw .invalidConfiguration("only a sandbox that booted and has run no command can be saved as a snapshot")
+        }
+        try send(.snapshot(save), descriptors: [file], while: "saving a snapshot")
+        // The VMM bounds its pause (30 s) itself; the write is a pass over the guest's RAM.
+        let seconds = 30 + Double(config.memoryMiB) / 16 + Self.margins.run
+        switch try receive(until: Self.deadline(after: seconds), while: "saving a snapshot") {
+        case let .snapshotSaved(report):
+            return report
+        case let .failed(failure):
+            throw finish(failure)
+        case let other:
+            throw lost("sent \(other.name) while saving a snapshot")
+        }
     }
 
     /// Delivers `signal` to the command that is running, if one is.
@@ -364,8 +440,19 @@ extension VMMMessage {
         case .exited: return "exited"
         case .failed: return "failed"
         case .ended: return "ended"
+        case .snapshotSaved: return "snapshotSaved"
         }
     }
+}
+
+/// A snapshot file the supervisor opened and checked whole (SnapshotStore.openChecked),
+/// ready to go to a VMM with its boot request.
+struct CheckedSnapshot: Sendable {
+    let file: SnapshotFile
+    /// Choosing and checking it, in ms (for the receipt).
+    var checkMs: Double
+    /// What it takes on disk.
+    var allocatedBytes: UInt64
 }
 
 // MARK: - Where a run's streams go

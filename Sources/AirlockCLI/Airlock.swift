@@ -13,7 +13,7 @@ struct AirlockCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "airlock",
         abstract: "Run untrusted code in disposable KVM micro-VMs.",
-        subcommands: [Run.self, Serve.self, Boot.self, Doctor.self])
+        subcommands: [Run.self, Serve.self, SnapshotCommand.self, Boot.self, Doctor.self])
 
     /// ArgumentParser's main, except that bad usage exits 125 (as with `docker run`):
     /// 64 could be the command's own status, and scripts test for 125 as "Airlock failed".

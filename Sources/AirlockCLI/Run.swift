@@ -33,6 +33,13 @@ struct Run: ParsableCommand {
             /workspace/out, checked as hostile input; a refused artifact exits 125 and keeps nothing. \
             --image build boots the toolchain image (make rootfs-build). Example: \
             airlock run --image build --workspace ./hello --output ./built -- sh -c 'make && mkdir -p out && cp hello out/'
+
+            Snapshots: the first run with a given kernel, root filesystem, memory size and command line \
+            boots the VM, saves it once the agent is ready (before the command runs) in Airlock's data \
+            directory, and later runs restore it instead of booting; each restored guest gets the host's \
+            time and fresh randomness before the command starts (see 'airlock snapshot --help' and \
+            docs/snapshots.md). --no-snapshot boots cold and saves nothing; a run with --workspace or --disk \
+            always boots cold (a snapshot holds no disks).
             """)
 
     @Option(help: "The guest kernel (vmlinux or bzImage). Default: the installed image (make images).")
@@ -67,7 +74,7 @@ struct Run: ParsableCommand {
     @Option(parsing: .unconditional, help: "Keep at most this many bytes of each of stdout and stderr (K, M, G suffixes allowed); the rest is dropped, and a notice on stderr says which stream and how much. Default: unlimited when streaming, 64M with --json.")
     var maxOutput: String?
 
-    @Flag(help: "Print one JSON document (output, with its exact bytes in base64 where they are not UTF-8; exit code, signal, timeout, truncation, system event, timings) instead of streaming.")
+    @Flag(help: "Print one JSON document (output, with its exact bytes in base64 where they are not UTF-8; exit code, signal, timeout, truncation, system event, timings, the snapshot restored or saved) instead of streaming.")
     var json = false
 
     @Flag(help: "Copy the guest kernel's console to stderr (for debugging a guest that does not boot).")
@@ -75,6 +82,9 @@ struct Run: ParsableCommand {
 
     @Flag(help: "UNSAFE, for debugging: run the VMM in this process, without the jail (seccomp, namespaces, cgroup, dropped privileges).")
     var noJail = false
+
+    @Flag(help: "Boot the VM cold: neither restore a saved snapshot nor save one.")
+    var noSnapshot = false
 
     @Option(help: "Extra kernel command-line parameters.")
     var cmdline: String = ""
@@ -140,6 +150,7 @@ struct Run: ParsableCommand {
         config.extraKernelCommandLine = cmdline
         config.vmmLogLevel = logging.level
         if console { config.consoleFD = 2 }
+        config.snapshots = noSnapshot ? .none : .automatic
         #if DEBUG
         config.testViolation = testViolation
         #endif

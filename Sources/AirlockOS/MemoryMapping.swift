@@ -85,6 +85,16 @@ public final class MemoryMapping: @unchecked Sendable {
         return madvise(base + offset, length, MADV_REMOVE) == 0
     }
 
+    /// One byte per page of the mapping, bit 0 set where the page is resident
+    /// (mincore(2)): for guest RAM, the pages the guest has touched, or that a
+    /// file mapped into it has in the page cache. Nil if the kernel refuses.
+    public func residentPages() -> [UInt8]? {
+        let pages = (length + Self.pageSize - 1) / Self.pageSize
+        var vector = [UInt8](repeating: 0, count: pages)
+        let rc = vector.withUnsafeMutableBufferPointer { mincore(base, length, $0.baseAddress) }
+        return rc == 0 ? vector : nil
+    }
+
     private init(base: UnsafeMutableRawPointer, length: Int) {
         self.base = base
         self.length = length

@@ -107,12 +107,13 @@ enum OpenAPIDocument {
           },
           "Timings": {
             "type": "object",
-            "required": ["vmmStartMs", "kernelBootMs", "agentReadyMs", "commandMs", "shutdownMs", "totalMs", "workspaceMs", "artifactsMs"],
+            "required": ["vmmStartMs", "kernelBootMs", "restoreMs", "agentReadyMs", "commandMs", "shutdownMs", "totalMs", "workspaceMs", "artifactsMs"],
             "properties": {
               "workspaceMs": {"type": "number", "description": "Always 0 here: the service takes no workspace (airlock run --workspace)."},
               "artifactsMs": {"type": "number", "description": "Always 0 here: nothing is copied back (airlock run --output)."},
               "vmmStartMs": {"type": "number"},
               "kernelBootMs": {"type": "number"},
+              "restoreMs": {"type": "number", "description": "Always 0 here: the pool boots its sandboxes (airlock run restores snapshots)."},
               "agentReadyMs": {"type": "number"},
               "commandMs": {"type": "number"},
               "shutdownMs": {"type": "number"},
@@ -122,7 +123,7 @@ enum OpenAPIDocument {
           "Receipt": {
             "type": "object",
             "description": "The document of airlock run --json (docs/run.md), plus id, fromPool, queueMs and sandboxMs.",
-            "required": ["stdout", "stderr", "stdoutBase64", "stderrBase64", "exitCode", "signal", "timedOut", "outputTruncated", "stdoutDroppedBytes", "stderrDroppedBytes", "failure", "systemEvent", "guestMode", "artifacts", "artifactsError", "timings", "id", "fromPool", "queueMs", "sandboxMs"],
+            "required": ["stdout", "stderr", "stdoutBase64", "stderrBase64", "exitCode", "signal", "timedOut", "outputTruncated", "stdoutDroppedBytes", "stderrDroppedBytes", "failure", "systemEvent", "guestMode", "artifacts", "artifactsError", "snapshot", "timings", "id", "fromPool", "queueMs", "sandboxMs"],
             "properties": {
               "stdout": {"type": "string"},
               "stderr": {"type": "string"},
@@ -139,6 +140,7 @@ enum OpenAPIDocument {
               "guestMode": {"enum": ["hardware", "pvm-emulated", "pvm-native", null], "description": "How the guest kernel ran: hardware virtualization, or on a PVM host in KVM's emulator or natively (airlock doctor says why)."},
               "artifacts": {"type": "null", "description": "Always null here: the service takes no workspace, so nothing comes back (airlock run --output)."},
               "artifactsError": {"type": "null"},
+              "snapshot": {"type": "null", "description": "Always null here: the pool boots its sandboxes instead of restoring snapshots (airlock run --json reports its snapshot here)."},
               "timings": {"$ref": "#/components/schemas/Timings"},
               "id": {"type": "string"},
               "fromPool": {"type": "boolean", "description": "The sandbox was ready before the request arrived (no boot on its path)."},

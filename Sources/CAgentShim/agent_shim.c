@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/wait.h>
+#include <string.h>
 #include <unistd.h>
 
 pid_t airlock_spawn(const struct airlock_spawn_spec *spec, int *stage, int *error) {
@@ -74,4 +75,23 @@ __attribute__((constructor(101))) static void airlock_mount_proc_early(void) {
     if (getpid() == 1 && access("/proc/self/exe", F_OK) != 0) {
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     }
+}
+
+#include <linux/random.h>
+#include <sys/ioctl.h>
+
+int airlock_add_entropy(const void *bytes, size_t length) {
+    if (length > 4096) return EINVAL;
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return errno;
+    // struct rand_pool_info ends in a flexible array: room for it on the stack.
+    union { struct rand_pool_info info; unsigned char room[sizeof(struct rand_pool_info) + 4096]; } pool;
+    pool.info.entropy_count = (int)(length * 8);
+    pool.info.buf_size = (int)length;
+    memcpy(pool.info.buf, bytes, length);
+    int rc = 0;
+    if (ioctl(fd, RNDADDENTROPY, &pool.info) != 0) rc = errno;
+    else if (ioctl(fd, RNDRESEEDCRNG) != 0) rc = errno;
+    close(fd);
+    return rc;
 }

@@ -213,3 +213,92 @@ public final class GuestMemory: @unchecked Sendable {
     }
 }
 
+
+/// What a walk over guest RAM's touched pages found (`GuestMemory.forEachDataRun`).
+public struct ResidencyStatistics: Equatable, Sendable {
+    /// Pages of guest RAM in all.
+    public var totalPages = 0
+    /// Pages the host holds for the guest (touched, or mapped from a file and read).
+    public var residentPages = 0
+    /// Resident pages that hold something other than zeros: the guest's data.
+    public var dataPages = 0
+    public init() {}
+}
+
+extension GuestMemory {
+    /// Builds guest RAM whose contents start as a saved image: `fd` holds the
+    /// regions back to back from `imageOffset` (the first region's bytes, then
+    /// the next's), and each region is mapped from it copy-on-write
+    /// (MAP_PRIVATE), so every VM made from one image shares its pages through
+    /// the page cache until it writes them, and the file never changes. The
+    /// caller has checked that the file holds the whole image (a mapped page
+    /// past the end of a file faults when touched).
+    public convenience init(layout: [(start: GuestAddress, size: UInt64)], imageFD fd: Int32, imageOffset: UInt64) throws {
+        try self.init(layout: layout)
+        var offset = imageOffset
+        for region in regions {
+            try mapFile(fd: fd, fileOffset: offset, at: region.start, length: region.size)
+            let (next, overflow) = offset.addingReportingOverflow(region.size)
+            guard !overflow else { throw GuestMemoryError.overflow(address: region.start, length: region.size) }
+            offset = next
+        }
+    }
+
+    /// Lends, in guest-physical order, every run of pages that the guest has
+    /// touched and that holds something other than zeros, with its offset
+    /// into the RAM image (the regions back to back), so that a snapshot
+    /// writes only those: untouched pages are never read (mincore says which
+    /// are resident), zero pages are left as holes. The bytes are valid only
+    /// inside `body`, and the guest must not run meanwhile.
+    public func forEachDataRun(_ body: (_ imageOffset: UInt64, _ bytes: UnsafeRawBufferPointer) throws -> Void) throws -> ResidencyStatistics {
+        let page = MemoryMapping.pageSize
+        var stats = ResidencyStatistics()
+        var imageOffset: UInt64 = 0
+        for region in regions {
+            let mapping = region.mapping
+            let pages = mapping.length / page
+            stats.totalPages += pages
+            guard let resident = mapping.residentPages() else {
+                throw GuestMemoryError.hostMappingFailed(address: region.start, length: region.size, reason: "mincore failed")
+            }
+            var runStart: Int? = nil
+            func flush(_ end: Int) throws {
+                guard let start = runStart else { return }
+                runStart = nil
+                // Sound: [start, end) pages lie inside the mapping (indices from its own page count).
+                try body(imageOffset + UInt64(start * page), UnsafeRawBufferPointer(start: mapping.base + start * page, count: (end - start) * page))
+            }
+            for i in 0..<pages {
+                var data = false
+                if resident[i] & 1 != 0 {
+                    stats.residentPages += 1
+                    // Sound: page i lies inside the mapping.
+                    data = !Self.isZero(UnsafeRawBufferPointer(start: mapping.base + i * page, count: page))
+                }
+                if data {
+                    stats.dataPages += 1
+                    if runStart == nil { runStart = i }
+                } else {
+                    try flush(i)
+                }
+            }
+            try flush(pages)
+            imageOffset += region.size
+        }
+        return stats
+    }
+
+    /// Whether a page-sized buffer is all zeros, eight bytes at a time.
+    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        let words = bytes.count / 8
+        var acc: UInt64 = 0
+        var i = 0
+        while i < words {
+            acc |= bytes.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)
+            // Check now and then rather than every word: most data pages differ early.
+            if i & 63 == 63, acc != 0 { return false }
+            i += 1
+        }
+        return acc == 0
+    }
+}

@@ -36,10 +36,43 @@ public enum SeccompPolicy {
         .getSregs, .getXSAVE, .getXSAVE2, .setXSAVE, .getXCRS,
     ]
 
-    /// KVM requests any thread makes after set-up: the same list. vCPU threads
-    /// inherit this filter, and the threads that deliver host input raise
-    /// interrupts with KVM_IRQ_LINE, which the vCPU list already has.
-    public static let mainKVMRequests: [KVMRequest] = vcpuKVMRequests
+    /// KVM requests any thread makes after set-up: the vCPU list, and saving a
+    /// snapshot. vCPU threads inherit this filter, and the threads that
+    /// deliver host input raise interrupts with KVM_IRQ_LINE, which the vCPU
+    /// list already has.
+    public static let mainKVMRequests: [KVMRequest] = vcpuKVMRequests + snapshotKVMRequests
+
+    // MARK: Snapshots (issue 15)
+    // A sandbox that saves a snapshot gets the session's `snapshot` request after its boot:
+    // the controller (main) thread pauses the VM and reads every piece of KVM state, after
+    // the filters are on, and writes it into the one file the request brought as a
+    // descriptor. Only reads of KVM state: a restore builds its VM and sets its state
+    // while the VMM handles `boot`, before any filter is installed, so snapshots add no
+    // KVM_SET_* request to the filters. The vCPU list needs nothing new (stopping a vCPU
+    // for a save completes its last exit with one more KVM_RUN, which it has). The guest's
+    // fresh clock and randomness come from the supervisor in each run request, so the
+    // VMM draws none itself.
+
+    /// KVM requests the controller makes to save a paused VM, beyond the vCPU
+    /// list's (which already has KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_XSAVE(2),
+    /// KVM_GET_XCRS and KVM_GET_VCPU_EVENTS, read for the XSAVE assist and exits).
+    public static let snapshotKVMRequests: [KVMRequest] = [
+        .getLAPIC,                               // the local APIC's registers
+        .getMPState,                             // runnable or halted
+        .getDebugRegisters,                      // DR0-DR7
+        .getMSRs,                                // every MSR KVM lists, and the host profile's (PVM's VIF)
+        .getTSCKHz,                              // the TSC rate a restore must match
+        .getIRQChip,                             // the PICs and the IOAPIC
+        .getPIT2,                                // the PIT's channels
+        .getClock,                               // kvmclock, which a restore sets back
+    ]
+
+    /// System calls of a snapshot save, beyond the run's (in the main list).
+    static let snapshotRules: [SyscallRule] = [
+        SyscallRule("mincore", "a snapshot save asks which guest pages are resident, so untouched ones are never read or written"),
+        SyscallRule("ftruncate", "a snapshot save sizes its file (the descriptor the supervisor sent with the request) to hold the RAM image as holes"),
+    ]
+    // MARK: end of the snapshot block
 
     static let main: [SyscallRule] = [
         SyscallRule("read", "host input for the guest, read from descriptors the supervisor passed (console ports)"),
@@ -72,7 +105,7 @@ public enum SeccompPolicy {
         SyscallRule("poll", "the stdin feeder waits for input with a timeout, so that it sees the run end; the session socket's reader"),
         SyscallRule("recvmsg", "the supervisor's session requests, and the descriptors a run comes with (its stdin, stdout, stderr)"),
         SyscallRule("sendmsg", "replies to the supervisor on the session socket (never with descriptors)"),
-    ]
+    ] + snapshotRules
 
     static let vcpu: [SyscallRule] = [
         SyscallRule("write", "guest console output (UART, virtio-console) and logs; the SIGSYS report"),
@@ -172,6 +205,15 @@ public enum KVMRequest: String, Sendable, CaseIterable {
     case getXSAVE2 = "KVM_GET_XSAVE2"
     case setXSAVE = "KVM_SET_XSAVE"
     case getXCRS = "KVM_GET_XCRS"
+    // Snapshot saves (see `SeccompPolicy.snapshotKVMRequests`).
+    case getLAPIC = "KVM_GET_LAPIC"
+    case getMPState = "KVM_GET_MP_STATE"
+    case getDebugRegisters = "KVM_GET_DEBUGREGS"
+    case getMSRs = "KVM_GET_MSRS"
+    case getTSCKHz = "KVM_GET_TSC_KHZ"
+    case getIRQChip = "KVM_GET_IRQCHIP"
+    case getPIT2 = "KVM_GET_PIT2"
+    case getClock = "KVM_GET_CLOCK"
 
     public var number: UInt {
         switch self {
@@ -191,6 +233,14 @@ public enum KVMRequest: String, Sendable, CaseIterable {
         case .getXSAVE2: return AIRLOCK_KVM_GET_XSAVE2
         case .setXSAVE: return AIRLOCK_KVM_SET_XSAVE
         case .getXCRS: return AIRLOCK_KVM_GET_XCRS
+        case .getLAPIC: return AIRLOCK_KVM_GET_LAPIC
+        case .getMPState: return AIRLOCK_KVM_GET_MP_STATE
+        case .getDebugRegisters: return AIRLOCK_KVM_GET_DEBUGREGS
+        case .getMSRs: return AIRLOCK_KVM_GET_MSRS
+        case .getTSCKHz: return AIRLOCK_KVM_GET_TSC_KHZ
+        case .getIRQChip: return AIRLOCK_KVM_GET_IRQCHIP
+        case .getPIT2: return AIRLOCK_KVM_GET_PIT2
+        case .getClock: return AIRLOCK_KVM_GET_CLOCK
         }
     }
 }

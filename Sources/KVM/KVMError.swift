@@ -12,6 +12,8 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
     case unsupportedAPIVersion(Int32)
     case missingCapability(String)
     case ioctl(SystemError)
+    /// A saved state (read from a snapshot) that this KVM cannot take back.
+    case invalidState(String)
 
     public var description: String {
         switch self {
@@ -27,6 +29,8 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
             return "KVM lacks \(name), which Airlock needs: use a newer host kernel"
         case let .ioctl(e):
             return "KVM: \(e)"
+        case let .invalidState(why):
+            return "KVM state: \(why)"
         }
     }
 }
@@ -43,4 +47,13 @@ func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String, v
     do {
         return try retryingSyscall(name()) { airlockIoctlVal(fd, request, value) }
     } catch { throw .ioctl(error) }
+}
+
+/// An ioctl whose argument is a byte buffer holding a KVM structure.
+func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: String, bytes: inout [UInt8]) throws(KVMError) -> Int32 {
+    // Array's withUnsafeMutableBytes is rethrows, which erases the error type: carry it in a Result.
+    let result = bytes.withUnsafeMutableBytes { p in
+        Result { () throws(KVMError) -> Int32 in try kvmIoctl(fd, request, name, p.baseAddress) }
+    }
+    return try result.get()
 }

@@ -120,6 +120,11 @@ public final class VCPU: @unchecked Sendable {
         UnsafeMutableRawPointer(runStruct).storeBytes(of: 1, toByteOffset: Int(airlock_kvm_run_immediate_exit_offset()), as: UInt8.self)
     }
 
+    /// Clears immediate_exit again (after `completePendingExit`).
+    func clearImmediateExit() {
+        UnsafeMutableRawPointer(runStruct).storeBytes(of: 0, toByteOffset: Int(airlock_kvm_run_immediate_exit_offset()), as: UInt8.self)
+    }
+
     // MARK: State
 
     public func registers() throws(KVMError) -> Registers {

@@ -3,6 +3,7 @@ import AirlockOS
 import Dispatch
 import Logging
 import SessionProtocol
+import Snapshot
 import Synchronization
 import VMM
 #if canImport(Glibc)
@@ -67,7 +68,9 @@ public final class SessionServer: @unchecked Sendable {
                 return refuse("boot came with \(fds.count) descriptors, not the \(request.descriptorCount) it names")
             }
             boot = request
-            files = BootFiles(kvm: fds[0], kernel: fds[1], rootfs: fds[2], disks: Array(fds[3...]))
+            let diskEnd = 3 + request.disks.count
+            files = BootFiles(kvm: fds[0], kernel: fds[1], rootfs: fds[2], disks: Array(fds[3..<diskEnd]),
+                              snapshot: request.snapshotName == nil ? nil : fds[diskEnd])
         case let .message(other, _)?:
             return refuse("the first request was \(other.name), not boot")
         case let .broken(why)?:
@@ -86,6 +89,9 @@ public final class SessionServer: @unchecked Sendable {
             return 0
         }
         self.session = session
+        // libcrypto sets itself up on its first digest (it may read its configuration files):
+        // done now, before the filters forbid opening anything, so a later snapshot save can hash.
+        SnapshotWriter.prepare()
         do {
             // The machine is built; from here on threads touch guest data.
             try hooks.beforeThreads?()
@@ -111,6 +117,20 @@ public final class SessionServer: @unchecked Sendable {
 
         while true {
             switch nextIncoming() {
+            case let .message(.snapshot(save), fds):
+                guard fds.count == 1 else {
+                    session.destroy()
+                    return refuse("snapshot came with \(fds.count) descriptors, not the 1 it names")
+                }
+                do {
+                    guard send(.snapshotSaved(try session.saveSnapshot(save, into: fds[0]))) else { session.destroy(); return 0 }
+                } catch {
+                    _ = send(.failed(error))
+                    if session.ended {
+                        _ = send(.ended(systemEvent: session.systemEvent))
+                        return 0
+                    }
+                }
             case let .message(.run(spec), fds):
                 guard fds.count == spec.descriptorCount else {
                     session.destroy()
@@ -223,6 +243,7 @@ extension SupervisorMessage {
         case .run: return "run"
         case .signal: return "signal"
         case .shutdown: return "shutdown"
+        case .snapshot: return "snapshot"
         }
     }
 }

@@ -4,6 +4,7 @@ import Dispatch
 import KVM
 import Logging
 import SessionProtocol
+import Snapshot
 import Synchronization
 import Virtio
 import VirtioDevices
@@ -74,12 +75,40 @@ public struct EngineHooks: Sendable {
     }
 }
 
-/// The descriptors `boot` came with, owned: /dev/kvm, the kernel, the root filesystem, the disks.
+/// The descriptors `boot` came with, owned: /dev/kvm, the kernel, the root filesystem, the
+/// disks, and the snapshot to restore (nil: boot the kernel).
 struct BootFiles {
     let kvm: OwnedFileDescriptor
     let kernel: OwnedFileDescriptor
     let rootfs: OwnedFileDescriptor
     let disks: [OwnedFileDescriptor]
+    var snapshot: OwnedFileDescriptor? = nil
+}
+
+/// The kernel command line of a session's guest: one rule, for the VMM that boots it and
+/// for the supervisor that keys and checks snapshots by it before any VM exists.
+public enum SessionCommandLine {
+    /// What a session adds: the root filesystem, the agent as init, where its ports are
+    /// (port n of virtio device k is /dev/vport{k}p{n} in the guest: the agent opens these
+    /// directly instead of scanning sysfs for the names), quiet unless the console is
+    /// shown (the kernel's own messages cost emulated UART work per character; errors still
+    /// show), and the caller's own parameters.
+    public static func sessionPart(agentPath: String, consoleIndex: Int, copyConsole: Bool, extra: String) -> String {
+        let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
+        var cmdline = Machine.rootFilesystemCommandLine(init: agentPath) + " AIRLOCK_PORTS=\(ports)"
+        if !copyConsole { cmdline += " quiet" }
+        if !extra.isEmpty { cmdline += " " + extra }
+        return cmdline
+    }
+
+    /// The whole command line the kernel of a session with `diskCount` disks beside the
+    /// root filesystem boots with (the devices come first, then the console), computed
+    /// without building anything; nil when it would not fit.
+    public static func whole(guestMode: HostProfile.GuestMode, diskCount: Int, agentPath: String, copyConsole: Bool, extra: String) -> String? {
+        let consoleIndex = 1 + diskCount
+        return Machine.kernelCommandLine(guestMode: guestMode, virtioDeviceCount: consoleIndex + 1,
+                                         extra: sessionPart(agentPath: agentPath, consoleIndex: consoleIndex, copyConsole: copyConsole, extra: extra))
+    }
 }
 
 /// One booted VM with its agent: the engine behind a session. Its methods
@@ -126,15 +155,34 @@ final class VMSession: @unchecked Sendable {
 
     private var helloAt: UInt64 = 0
     private var firstRunDone = false
+    /// Where the machine thread waits while the VM is paused for a snapshot.
+    private let pauseGate = PauseGate()
+    /// The snapshot this VM was restored from (nil: it booted), and what building it took (ms).
+    private(set) var restoredFrom: String?
+    private var restoreMs = 0.0
     private(set) var exit: MachineExit?
     private(set) var endError: String?
 
-    /// Builds the machine (KVM objects, memory, devices, kernel) without starting it.
+    /// Builds the machine (KVM objects, memory, devices, kernel) without starting it. With a
+    /// snapshot among `files`, the machine is built from it instead: guest RAM mapped
+    /// copy-on-write from its memory image, the same devices bound to this session's root
+    /// filesystem and console ports, the saved state restored (all before any filter).
     init(_ request: BootRequest, files: BootFiles, hostProfile: HostProfile, logger: Logger,
          vcpuThreadSetup: (@Sendable (UInt32) throws -> Void)?) throws(SessionFailure) {
         self.request = request
         self.logger = logger
         consoleLog = ConsoleLog(copyTo: request.copyConsoleToStderr ? 2 : nil)
+        let initStarted = monotonicNanoseconds()
+        // The supervisor checked the file whole; this process trusts no file all the same, and
+        // reads the header, manifest and state again (not the RAM image: the supervisor
+        // verified its digest, and the mapping is private, so nothing here can change it).
+        var snapshot: SnapshotFile?
+        if let fd = files.snapshot {
+            let name = request.snapshotName ?? "the snapshot"
+            do throws(SnapshotError) { snapshot = try SnapshotFile(file: fd, path: name) } catch {
+                throw SessionFailure(kind: .invalidConfiguration, message: error.description, vmEnded: true)
+            }
+        }
 
         var mc = MachineConfig()
         mc.memoryBytes = UInt64(request.memoryMiB) << 20
@@ -143,6 +191,7 @@ final class VMSession: @unchecked Sendable {
         mc.logger = logger
         mc.vcpuThreadSetup = vcpuThreadSetup
         mc.hostProfile = hostProfile
+        mc.memoryImage = snapshot?.memoryImage
 
         let inputSpace = self.inputSpace
         let events = self.events
@@ -169,16 +218,33 @@ final class VMSession: @unchecked Sendable {
             ])
             console = added.console
             transport = added.transport
-            // Port n of virtio device k is /dev/vport{k}p{n} in the guest: the agent opens these
-            // directly instead of scanning sysfs for the names.
-            let ports = (0..<AgentProtocol.portNames.count).map { "vport\(consoleIndex)p\($0)" }.joined(separator: ",")
-            var cmdline = Machine.rootFilesystemCommandLine(init: request.agentPath) + " AIRLOCK_PORTS=\(ports)"
-            // The kernel's own messages cost emulated UART work per character; errors still show.
-            if !request.copyConsoleToStderr { cmdline += " quiet" }
-            if !request.kernelCommandLine.isEmpty { cmdline += " " + request.kernelCommandLine }
-            try machine.loadLinux(kernel: kernel, initrd: nil, extraCommandLine: cmdline)
+            let cmdline = SessionCommandLine.sessionPart(agentPath: request.agentPath, consoleIndex: consoleIndex,
+                                                         copyConsole: request.copyConsoleToStderr, extra: request.kernelCommandLine)
+            if let snapshot {
+                // The snapshot's guest booted with the command line this session would have
+                // given it, or its devices and agent ports are not where this session puts them.
+                guard let mode = HostProfile.GuestMode(rawValue: snapshot.manifest.guestMode) else {
+                    throw VMMError.invalidConfiguration(SnapshotError.foreign(
+                        path: snapshot.path, detail: "its guest ran in mode '\(snapshot.manifest.guestMode)', which this Airlock does not know").description)
+                }
+                let expected = Machine.kernelCommandLine(guestMode: mode, virtioDeviceCount: machine.virtioDeviceCount, extra: cmdline)
+                guard snapshot.manifest.commandLine == expected else {
+                    throw VMMError.invalidConfiguration(SnapshotError.foreign(
+                        path: snapshot.path, detail: "its guest booted with '\(snapshot.manifest.commandLine)', this sandbox's would boot with '\(expected ?? "")'").description)
+                }
+                try machine.restore(snapshot.state, guestMode: mode)
+            } else {
+                try machine.loadLinux(kernel: kernel, initrd: nil, extraCommandLine: cmdline)
+            }
         } catch {
+            if let snapshot {
+                throw SessionFailure(kind: .invalidConfiguration, message: "snapshot \(snapshot.path) cannot be restored here: \(error.description)", vmEnded: true)
+            }
             throw SessionFailure(kind: .vmm, message: error.description, vmEnded: true)
+        }
+        if let snapshot {
+            restoredFrom = snapshot.path
+            restoreMs = Double(monotonicNanoseconds() &- initStarted) / 1e6
         }
         // Weak: the transport reaches the pumps through the console's ports, so a strong capture
         // would be a cycle that keeps the machine (its guest RAM, the VM and /dev/kvm descriptors)
@@ -224,23 +290,20 @@ final class VMSession: @unchecked Sendable {
 
     /// Starts the vCPUs and waits for the agent's hello. The caller has locked the process
     /// down (seccomp) by now: every thread started here touches guest data.
+    /// A VM restored from a snapshot is started and reported at once: its agent said hello
+    /// before the snapshot was taken and waits for a run request.
     func boot() throws(SessionFailure) -> BootReport {
         busy.wait()
         defer { busy.signal() }
-        do {
-            try stdoutPump.start()
-            try stderrPump.start()
-            let machine = self.machine
-            let events = self.events, finished = self.vmFinished
-            try startDetachedThread {
-                let result: Result<MachineExit, VMMError>
-                do throws(VMMError) { result = .success(try machine.run()) } catch { result = .failure(error) }
-                finished.set()
-                events.post(.vmEnded(result), always: true)
-            }
-        } catch {
-            throw SessionFailure(kind: .vmm, message: "cannot start the VM's threads: \(error)", vmEnded: true)
+        func ms(_ from: UInt64, _ to: UInt64) -> Double { to > from ? Double(to - from) / 1e6 : 0 }
+        if let restoredFrom {
+            helloAt = monotonicNanoseconds()
+            try startThreads()
+            return BootReport(vmmStartMs: ms(request.requestedAt, monotonicNanoseconds()), kernelBootMs: 0, agent: restoredFrom,
+                              guestMode: machine.guestMode.rawValue,
+                              restored: true, restoreMs: restoreMs)
         }
+        try startThreads()
         let rootfs = request.rootfsName, agentPath = request.agentPath
         let deadline = Self.deadline(after: request.bootTimeoutSeconds)
         while true {
@@ -252,7 +315,6 @@ final class VMSession: @unchecked Sendable {
             case let .guest(.hello(version, agent)):
                 helloAt = monotonicNanoseconds()
                 logger.debug("agent ready: \(agent), protocol \(version)")
-                func ms(_ from: UInt64, _ to: UInt64) -> Double { to > from ? Double(to - from) / 1e6 : 0 }
                 let firstKVMRun = machine.firstRunNanoseconds
                 return BootReport(vmmStartMs: ms(request.requestedAt, firstKVMRun), kernelBootMs: ms(firstKVMRun, helloAt), agent: agent,
                                   guestMode: machine.guestMode.rawValue)
@@ -268,6 +330,79 @@ final class VMSession: @unchecked Sendable {
             case .progress:
                 continue
             }
+        }
+    }
+
+    /// Starts the output pumps and the machine's thread. The machine thread runs the vCPUs
+    /// until the VM ends; while a snapshot is taken it waits, paused, at the gate, and then
+    /// runs them on.
+    private func startThreads() throws(SessionFailure) {
+        do {
+            try stdoutPump.start()
+            try stderrPump.start()
+            let machine = self.machine
+            let events = self.events, finished = self.vmFinished, gate = self.pauseGate
+            try startDetachedThread {
+                while true {
+                    let result: Result<MachineExit, VMMError>
+                    do throws(VMMError) { result = .success(try machine.run()) } catch { result = .failure(error) }
+                    if case let .success(e) = result, e.paused {
+                        gate.pausedAndWait()
+                        continue
+                    }
+                    gate.ended()
+                    finished.set()
+                    events.post(.vmEnded(result), always: true)
+                    return
+                }
+            }
+        } catch {
+            throw SessionFailure(kind: .vmm, message: "cannot start the VM's threads: \(error)", vmEnded: true)
+        }
+    }
+
+    // MARK: - Snapshots
+
+    /// Pauses this VM, writes a snapshot of it into `file` (an empty file opened for
+    /// writing by the supervisor), and lets it run on. Only a VM that has booted to its
+    /// agent's hello and run nothing yet is saved: its guest holds nothing of any command,
+    /// and its agent waits for the first request, which is where every restore takes over.
+    func saveSnapshot(_ save: SnapshotSave, into file: OwnedFileDescriptor) throws(SessionFailure) -> SnapshotSaveReport {
+        busy.wait()
+        defer { busy.signal() }
+        guard !ended else { throw failure(.ended, "the sandbox has ended: \(endDescription)") }
+        guard helloAt != 0, !firstRunDone, restoredFrom == nil else {
+            throw failure(.invalidConfiguration, "only a sandbox that booted and has run no command can be saved as a snapshot")
+        }
+        let pausedAt = monotonicNanoseconds()
+        machine.pause()
+        guard pauseGate.waitUntilPaused(seconds: 30) else {
+            destroy()
+            throw failure(.vmm, "the VM did not pause within 30 s to be saved; it was stopped")
+        }
+        defer { pauseGate.resume() }
+        do throws(SnapshotError) {
+            let state: MachineState
+            do { state = try machine.captureState() } catch { throw SnapshotError.cannotSave(error.description) }
+            guard let vcpu = state.vcpus.first else { throw SnapshotError.cannotSave("the VM has no vCPU to save") }
+            let profile = machine.config.hostProfile
+            let manifest = SnapshotManifest(
+                createdAt: save.createdAt, kernelSHA256: save.kernelSHA256, rootfsSHA256: save.rootfsSHA256,
+                commandLine: machine.commandLine, hostBackend: profile.snapshotBackendName,
+                guestMode: machine.guestMode.rawValue, memoryBytes: state.memoryBytes, vcpuCount: state.vcpus.count,
+                tscKHz: vcpu.tscKHz, xsaveSize: machine.xsaveSize, cpuid: vcpu.cpuid, dataPages: 0)
+            let written = try SnapshotWriter.write(fd: file.rawValue, path: save.name, manifest: manifest, state: state, memory: machine.memory)
+            var report = SnapshotSaveReport()
+            report.fileSize = written.fileSize
+            report.allocatedBytes = written.allocatedBytes
+            report.dataPages = UInt64(written.dataPages)
+            report.residentPages = UInt64(written.residentPages)
+            report.totalPages = UInt64(written.totalPages)
+            report.writeMs = written.seconds * 1000
+            report.pausedMs = Double(monotonicNanoseconds() &- pausedAt) / 1e6
+            return report
+        } catch {
+            throw failure(.vmm, "the VM could not be saved to \(save.name): \(error)")
         }
     }
 
@@ -388,6 +523,49 @@ final class EventQueue: Sendable {
                 signal.wait()
             }
         }
+    }
+}
+
+/// Where the machine thread waits while its VM is paused for a snapshot,
+/// and how the controller knows it has stopped there (or that the VM ended).
+final class PauseGate: Sendable {
+    private let state = Mutex<(paused: Bool, ended: Bool, resumeSent: Bool)>((false, false, false))
+    private let changed = DispatchSemaphore(value: 0)
+    private let resumeSignal = DispatchSemaphore(value: 0)
+
+    /// Machine thread: `run` returned paused; waits until `resume`.
+    func pausedAndWait() {
+        state.withLock { $0.paused = true; $0.resumeSent = false }
+        changed.signal()
+        resumeSignal.wait()
+        state.withLock { $0.paused = false }
+    }
+
+    /// Machine thread: the VM has ended for good.
+    func ended() {
+        state.withLock { $0.ended = true }
+        changed.signal()
+    }
+
+    /// Controller: waits until the machine thread is paused (true) or the VM ended or time ran out (false).
+    func waitUntilPaused(seconds: Double) -> Bool {
+        let deadline = DispatchTime.now() + .nanoseconds(Int(seconds * 1e9))
+        while true {
+            let (paused, ended) = state.withLock { ($0.paused, $0.ended) }
+            if paused { return true }
+            if ended { return false }
+            if changed.wait(timeout: deadline) == .timedOut { return state.withLock { $0.paused } }
+        }
+    }
+
+    /// Lets a paused machine thread go on; nothing when it is not paused.
+    func resume() {
+        let send = state.withLock { s -> Bool in
+            guard s.paused, !s.resumeSent else { return false }
+            s.resumeSent = true
+            return true
+        }
+        if send { resumeSignal.signal() }
     }
 }
 
@@ -539,7 +717,7 @@ extension VMSession {
         let firstKVMRun = machine.firstRunNanoseconds
         if firstRun {
             result.timings.vmmStartMs = ms(self.request.requestedAt, firstKVMRun)
-            result.timings.kernelBootMs = ms(firstKVMRun, helloAt)
+            result.timings.kernelBootMs = restoredFrom == nil ? ms(firstKVMRun, helloAt) : 0
         }
         result.timings.agentReadyMs = ms(requested, startedAt)
         result.timings.commandMs = ms(startedAt, exitedAt)
@@ -596,6 +774,7 @@ extension VMSession {
     /// Stops the vCPUs now (the guest gets no say) and waits for the machine's thread.
     func destroy() {
         machine.stop(with: nil)
+        pauseGate.resume()
         if !waitForEnd(seconds: 30) { logger.error("the vCPU threads did not stop within 30 s") }
         closePumps()
     }
@@ -604,11 +783,13 @@ extension VMSession {
     /// sees the VM end and returns.
     func stop() {
         machine.stop(with: nil)
+        pauseGate.resume()
     }
 
     /// Stops the VM without waiting (the owner is gone); the machine's and the pumps' threads then end.
     func abandon() {
         machine.stop(with: nil)
+        pauseGate.resume()
         closePumps()
     }
 

@@ -6,15 +6,17 @@ import AgentProtocol
 /// It runs over a Unix stream socket (a socketpair made by the supervisor) with the agent
 /// protocol's framing (`Frame`: u32 length, u8 type, body; bounded, and a lying length ends
 /// the stream). Descriptors travel with the frame that names them (SCM_RIGHTS on the same
-/// sendmsg): `boot` carries /dev/kvm, the kernel, the root filesystem and any extra disks,
-/// opened by the supervisor; `run` carries the run's stdout, stderr and (when it has one)
-/// stdin. No other descriptor crosses, and a message that arrives with the wrong number is an
-/// error. The VMM never sends descriptors.
+/// sendmsg): `boot` carries /dev/kvm, the kernel, the root filesystem, any extra disks and,
+/// for a restore, the snapshot file, opened (and the snapshot checked whole) by the
+/// supervisor; `snapshot` carries the empty file a save writes; `run` carries the run's
+/// stdout, stderr and (when it has one) stdin. No other descriptor crosses, and a message
+/// that arrives with the wrong number is an error. The VMM never sends descriptors.
 ///
 /// A session, supervisor (S) and VMM (V):
 ///
 ///     V: hello(version)          as soon as the VMM is in its jail
 ///     S: boot(request) + fds     V: booted(report)        or failed(...)
+///     S: snapshot(save) + fd     V: snapshotSaved(report) or failed(...)  (optional: booted, no run yet)
 ///     S: run(spec) + fds         V: started, exited(...)  or failed(...), once per run
 ///     S: signal(run, signo)      (any time during a run: delivered to the command)
 ///     S: shutdown                V: ended(event)          and the VMM exits
@@ -24,7 +26,7 @@ import AgentProtocol
 /// of the socket closes.
 public enum SessionProtocol {
     /// Bumped whenever a message's layout changes; `hello` keeps its layout forever.
-    public static let version: UInt16 = 2
+    public static let version: UInt16 = 3
 
     public enum Limits {
         /// Names (paths, for messages), log levels, profile names, the system event.
@@ -33,8 +35,10 @@ public enum SessionProtocol {
         public static let text = 64 << 10
         /// Extra disks beyond the root filesystem.
         public static let disks = 16
-        /// Descriptors any one message may carry.
-        public static let descriptors = 3 + disks
+        /// Descriptors any one message may carry (boot's: /dev/kvm, kernel, rootfs, disks, snapshot).
+        public static let descriptors = 4 + disks
+        /// A SHA-256 in hex.
+        public static let digest = 64
     }
 }
 
@@ -63,6 +67,11 @@ public struct BootRequest: Equatable, Sendable {
     public var logLevel: String
     /// When the caller's request began (CLOCK_MONOTONIC ns, the same clock in the jail).
     public var requestedAt: UInt64
+    /// Restore the VM from a snapshot instead of booting it: the user's name for the file (for
+    /// messages); its descriptor follows the disks'. The supervisor has checked the file whole
+    /// (docs/snapshots.md); the VMM reads its header, manifest and state again and maps its
+    /// RAM image copy-on-write. nil: boot the kernel.
+    public var snapshotName: String?
 
     public struct Disk: Equatable, Sendable {
         public var name: String
@@ -70,12 +79,13 @@ public struct BootRequest: Equatable, Sendable {
         public init(name: String, readOnly: Bool) { self.name = name; self.readOnly = readOnly }
     }
 
-    /// The descriptors `boot` carries, in order: /dev/kvm, the kernel, the root filesystem, the disks.
-    public var descriptorCount: Int { 3 + disks.count }
+    /// The descriptors `boot` carries, in order: /dev/kvm, the kernel, the root filesystem, the
+    /// disks, and the snapshot when restoring.
+    public var descriptorCount: Int { 3 + disks.count + (snapshotName == nil ? 0 : 1) }
 
     public init(memoryMiB: UInt32, cpus: UInt32 = 1, bootTimeoutSeconds: Double, kernelCommandLine: String = "",
                 agentPath: String, hostProfile: String, kernelName: String, rootfsName: String, disks: [Disk] = [],
-                copyConsoleToStderr: Bool = false, logLevel: String = "warning", requestedAt: UInt64) {
+                copyConsoleToStderr: Bool = false, logLevel: String = "warning", requestedAt: UInt64, snapshotName: String? = nil) {
         self.memoryMiB = memoryMiB
         self.cpus = cpus
         self.bootTimeoutSeconds = bootTimeoutSeconds
@@ -88,7 +98,44 @@ public struct BootRequest: Equatable, Sendable {
         self.copyConsoleToStderr = copyConsoleToStderr
         self.logLevel = logLevel
         self.requestedAt = requestedAt
+        self.snapshotName = snapshotName
     }
+}
+
+/// What `snapshot` asks for: save the booted, idle VM (no run yet) into the file that comes
+/// with it (empty, opened for writing by the supervisor, which checks what was written before
+/// it keeps it). The VM pauses while it is written and then goes on.
+public struct SnapshotSave: Equatable, Sendable {
+    /// The user's name for the file, for messages.
+    public var name: String
+    /// The images' SHA-256 (hex) for the manifest: the supervisor hashed them (the VMM has
+    /// only descriptors, and trusts nothing it would hash for itself anyway).
+    public var kernelSHA256: String
+    public var rootfsSHA256: String
+    /// The host's wall clock (seconds since 1970) for the manifest.
+    public var createdAt: UInt64
+
+    public init(name: String, kernelSHA256: String, rootfsSHA256: String, createdAt: UInt64) {
+        self.name = name
+        self.kernelSHA256 = kernelSHA256
+        self.rootfsSHA256 = rootfsSHA256
+        self.createdAt = createdAt
+    }
+}
+
+/// What `snapshotSaved` reports (the supervisor reads the file itself before it trusts it).
+public struct SnapshotSaveReport: Equatable, Sendable {
+    /// The file's length (holes included) and the bytes its data takes.
+    public var fileSize: UInt64 = 0
+    public var allocatedBytes: UInt64 = 0
+    /// Guest pages written (touched and not all zeros), resident, and in all.
+    public var dataPages: UInt64 = 0
+    public var residentPages: UInt64 = 0
+    public var totalPages: UInt64 = 0
+    /// The VM's pause, from its stop to its going on (the write inside it), in ms.
+    public var pausedMs: Double = 0
+    public var writeMs: Double = 0
+    public init() {}
 }
 
 /// One command: what `run` asks for. Its stdout and stderr descriptors (and stdin's, when
@@ -108,12 +155,19 @@ public struct RunSpec: Equatable, Sendable {
     public var hasStdin: Bool
     /// End the VM after this run.
     public var shutdownAfter: Bool
+    /// The host's wall clock (CLOCK_REALTIME ns) and fresh bytes from the host's CSPRNG, both
+    /// from the supervisor: the agent sets the guest's clock and reseeds its random pool with
+    /// them before the command starts, so a guest restored from a snapshot never keeps the
+    /// snapshot's clock or shares another restore's random numbers (at most
+    /// `AgentProtocol.Limits.entropy` bytes).
+    public var hostTimeNanoseconds: UInt64
+    public var entropy: [UInt8]
 
     public var descriptorCount: Int { hasStdin ? 3 : 2 }
 
     public init(runID: UInt32, arguments: [String], environment: [String] = [], workingDirectory: String = "/",
                 user: String = "", timeoutSeconds: Double? = nil, maxStdoutBytes: UInt64? = nil, maxStderrBytes: UInt64? = nil,
-                hasStdin: Bool = false, shutdownAfter: Bool = false) {
+                hasStdin: Bool = false, shutdownAfter: Bool = false, hostTimeNanoseconds: UInt64 = 0, entropy: [UInt8] = []) {
         self.runID = runID
         self.arguments = arguments
         self.environment = environment
@@ -124,12 +178,15 @@ public struct RunSpec: Equatable, Sendable {
         self.maxStderrBytes = maxStderrBytes
         self.hasStdin = hasStdin
         self.shutdownAfter = shutdownAfter
+        self.hostTimeNanoseconds = hostTimeNanoseconds
+        self.entropy = entropy
     }
 
     /// The agent's request for this run.
     public var agentRequest: RunRequest {
         RunRequest(runID: runID, arguments: arguments, environment: environment, workingDirectory: workingDirectory,
-                   user: user, hasStdin: hasStdin, shutdownAfter: shutdownAfter)
+                   user: user, hasStdin: hasStdin, shutdownAfter: shutdownAfter,
+                   hostTimeNanoseconds: hostTimeNanoseconds, entropy: entropy)
     }
 }
 
@@ -163,16 +220,23 @@ public struct BootReport: Equatable, Sendable {
     /// From the request to the first KVM_RUN, and from it to the agent's hello.
     public var vmmStartMs: Double
     public var kernelBootMs: Double
-    /// The agent's own name for itself (its hello).
+    /// The agent's own name for itself (its hello; for a restore, the snapshot's name).
     public var agent: String
     /// How the guest kernel runs (`HostProfile.GuestMode`'s raw value): the VMM decides it
-    /// at the first instruction, from its own probe of the host's paravirtual interface.
+    /// at the first instruction, from its own probe of the host's paravirtual interface; a
+    /// restored guest runs in the mode its snapshot was made in.
     public var guestMode: String
-    public init(vmmStartMs: Double, kernelBootMs: Double, agent: String, guestMode: String) {
+    /// Restored from the snapshot the boot request named (then `kernelBootMs` is 0), and the
+    /// restore's own cost: building the VM from it (KVM objects, RAM mapped, every state set).
+    public var restored: Bool
+    public var restoreMs: Double
+    public init(vmmStartMs: Double, kernelBootMs: Double, agent: String, guestMode: String, restored: Bool = false, restoreMs: Double = 0) {
         self.vmmStartMs = vmmStartMs
         self.kernelBootMs = kernelBootMs
         self.agent = agent
         self.guestMode = guestMode
+        self.restored = restored
+        self.restoreMs = restoreMs
     }
 }
 
@@ -209,14 +273,16 @@ public enum SupervisorMessage: Equatable, Sendable {
     case run(RunSpec)
     case signal(runID: UInt32, signal: Int32)
     case shutdown
+    case snapshot(SnapshotSave)
 
-    enum Tag: UInt8 { case boot = 1, run = 2, signal = 3, shutdown = 4 }
+    enum Tag: UInt8 { case boot = 1, run = 2, signal = 3, shutdown = 4, snapshot = 5 }
 
     /// How many descriptors must arrive with this message.
     public var descriptorCount: Int {
         switch self {
         case let .boot(b): return b.descriptorCount
         case let .run(r): return r.descriptorCount
+        case .snapshot: return 1
         case .signal, .shutdown: return 0
         }
     }
@@ -240,6 +306,7 @@ public enum SupervisorMessage: Equatable, Sendable {
             w.bool(b.copyConsoleToStderr)
             w.string(b.logLevel)
             w.u64(b.requestedAt)
+            w.optionalString(b.snapshotName)
         case let .run(r):
             tag = .run
             w.u32(r.runID)
@@ -251,12 +318,20 @@ public enum SupervisorMessage: Equatable, Sendable {
             for limit in [r.maxStdoutBytes, r.maxStderrBytes] { w.bool(limit != nil); w.u64(limit ?? 0) }
             w.bool(r.hasStdin)
             w.bool(r.shutdownAfter)
+            w.u64(r.hostTimeNanoseconds)
+            w.data(r.entropy)
         case let .signal(id, signo):
             tag = .signal
             w.u32(id)
             w.i32(signo)
         case .shutdown:
             tag = .shutdown
+        case let .snapshot(save):
+            tag = .snapshot
+            w.string(save.name)
+            w.string(save.kernelSHA256)
+            w.string(save.rootfsSHA256)
+            w.u64(save.createdAt)
         }
         return Frame.encode(type: tag.rawValue, body: w.bytes)
     }
@@ -286,9 +361,10 @@ public enum SupervisorMessage: Equatable, Sendable {
             let copy = try r.bool("console copy")
             let level = try r.string("log level", limit: L.name)
             let requestedAt = try r.u64("requested at")
+            let snapshot = try r.optionalString("snapshot name", limit: L.name)
             message = .boot(BootRequest(memoryMiB: memory, cpus: cpus, bootTimeoutSeconds: bootTimeout, kernelCommandLine: cmdline,
                                         agentPath: agent, hostProfile: profile, kernelName: kernel, rootfsName: rootfs, disks: disks,
-                                        copyConsoleToStderr: copy, logLevel: level, requestedAt: requestedAt))
+                                        copyConsoleToStderr: copy, logLevel: level, requestedAt: requestedAt, snapshotName: snapshot))
         case .run:
             let id = try r.u32("run id")
             let args = try r.strings("arguments", count: A.arguments, each: A.stringBytes)
@@ -304,9 +380,12 @@ public enum SupervisorMessage: Equatable, Sendable {
             let errLimit = try r.u64("stderr limit")
             let hasStdin = try r.bool("has stdin")
             let shutdownAfter = try r.bool("shutdown after")
+            let hostTime = try r.u64("host time")
+            let entropy = try r.data("entropy", limit: A.entropy)
             message = .run(RunSpec(runID: id, arguments: args, environment: env, workingDirectory: cwd, user: user,
                                    timeoutSeconds: timeout, maxStdoutBytes: hasOutLimit ? outLimit : nil,
-                                   maxStderrBytes: hasErrLimit ? errLimit : nil, hasStdin: hasStdin, shutdownAfter: shutdownAfter))
+                                   maxStderrBytes: hasErrLimit ? errLimit : nil, hasStdin: hasStdin, shutdownAfter: shutdownAfter,
+                                   hostTimeNanoseconds: hostTime, entropy: entropy))
         case .signal:
             let id = try r.u32("run id")
             let signo = try r.i32("signal")
@@ -314,6 +393,14 @@ public enum SupervisorMessage: Equatable, Sendable {
             message = .signal(runID: id, signal: signo)
         case .shutdown:
             message = .shutdown
+        case .snapshot:
+            let name = try r.string("snapshot name", limit: L.name)
+            let kernel = try r.string("kernel digest", limit: L.digest)
+            let rootfs = try r.string("rootfs digest", limit: L.digest)
+            for (what, digest) in [("kernel", kernel), ("rootfs", rootfs)] where !SnapshotSave.isDigest(digest) {
+                throw .malformed("the \(what) digest '\(digest)' is not a SHA-256 in lowercase hex")
+            }
+            message = .snapshot(SnapshotSave(name: name, kernelSHA256: kernel, rootfsSHA256: rootfs, createdAt: try r.u64("created at")))
         case nil:
             throw .malformed("unknown supervisor message type \(type)")
         }
@@ -330,8 +417,9 @@ public enum VMMMessage: Equatable, Sendable {
     case exited(runID: UInt32, RunOutcome)
     case failed(SessionFailure)
     case ended(systemEvent: String?)
+    case snapshotSaved(SnapshotSaveReport)
 
-    enum Tag: UInt8 { case hello = 0x81, booted = 0x82, started = 0x83, exited = 0x84, failed = 0x85, ended = 0x86 }
+    enum Tag: UInt8 { case hello = 0x81, booted = 0x82, started = 0x83, exited = 0x84, failed = 0x85, ended = 0x86, snapshotSaved = 0x87 }
 
     public func encoded() -> [UInt8] {
         var w = WireWriter()
@@ -347,6 +435,8 @@ public enum VMMMessage: Equatable, Sendable {
             w.f64(b.kernelBootMs)
             w.string(Self.clip(b.agent, L.name))
             w.string(Self.clip(b.guestMode, L.name))
+            w.bool(b.restored)
+            w.f64(b.restoreMs)
         case let .started(id):
             tag = .started
             w.u32(id)
@@ -372,6 +462,11 @@ public enum VMMMessage: Equatable, Sendable {
         case let .ended(event):
             tag = .ended
             w.optionalString(event.map { Self.clip($0, L.name) })
+        case let .snapshotSaved(s):
+            tag = .snapshotSaved
+            for v in [s.fileSize, s.allocatedBytes, s.dataPages, s.residentPages, s.totalPages] { w.u64(v) }
+            w.f64(s.pausedMs)
+            w.f64(s.writeMs)
         }
         return Frame.encode(type: tag.rawValue, body: w.bytes)
     }
@@ -391,8 +486,12 @@ public enum VMMMessage: Equatable, Sendable {
         case .booted:
             let start = try r.f64("vmm start")
             let boot = try r.f64("kernel boot")
+            let agent = try r.string("agent", limit: L.name)
+            let guestMode = try r.string("guest mode", limit: L.name)
+            let restored = try r.bool("restored")
+            let restore = try Self.duration(try r.f64("restore"), "restore")
             message = .booted(BootReport(vmmStartMs: try Self.duration(start, "vmm start"), kernelBootMs: try Self.duration(boot, "kernel boot"),
-                                         agent: try r.string("agent", limit: L.name), guestMode: try r.string("guest mode", limit: L.name)))
+                                         agent: agent, guestMode: guestMode, restored: restored, restoreMs: restore))
         case .started:
             message = .started(runID: try r.u32("run id"))
         case .exited:
@@ -424,6 +523,16 @@ public enum VMMMessage: Equatable, Sendable {
                                              console: try r.string("console", limit: L.text), vmEnded: try r.bool("vm ended")))
         case .ended:
             message = .ended(systemEvent: try r.optionalString("system event", limit: L.name))
+        case .snapshotSaved:
+            var s = SnapshotSaveReport()
+            s.fileSize = try r.u64("file size"); s.allocatedBytes = try r.u64("allocated bytes")
+            s.dataPages = try r.u64("data pages"); s.residentPages = try r.u64("resident pages"); s.totalPages = try r.u64("total pages")
+            guard s.dataPages <= s.residentPages, s.residentPages <= s.totalPages else {
+                throw .malformed("a snapshot of \(s.totalPages) pages with \(s.residentPages) resident and \(s.dataPages) written does not add up")
+            }
+            s.pausedMs = try Self.duration(try r.f64("paused"), "paused")
+            s.writeMs = try Self.duration(try r.f64("write"), "write")
+            message = .snapshotSaved(s)
         case nil:
             throw .malformed("unknown VMM message type 0x\(String(type, radix: 16))")
         }
@@ -446,6 +555,13 @@ public enum VMMMessage: Equatable, Sendable {
             out.append(c)
         }
         return out
+    }
+}
+
+extension SnapshotSave {
+    /// 64 lowercase hex digits.
+    public static func isDigest(_ s: String) -> Bool {
+        s.utf8.count == 64 && s.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
     }
 }
 

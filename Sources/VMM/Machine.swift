@@ -38,6 +38,8 @@ public struct MachineExit: Sendable {
     public let event: SystemEvent?
     public let timedOut: Bool
     public let timings: MachineTimings
+    /// The vCPUs stopped because `pause` asked: the machine is whole and `run` goes on with it.
+    public var paused: Bool = false
     /// How the guest kernel ran (the mode the VMM set it up in).
     public var guestMode: HostProfile.GuestMode = .hardware
 }
@@ -63,7 +65,21 @@ public struct MachineConfig: Sendable {
     /// Runs first on each vCPU thread, before its first KVM_RUN (the jailer
     /// installs the vCPU seccomp filter here); an error fails that vCPU.
     public var vcpuThreadSetup: (@Sendable (_ vcpu: UInt32) throws -> Void)?
+    /// Guest RAM from a saved image instead of zeros (a snapshot's): the
+    /// machine is then built without boot-time CPU state, and `restore` gives
+    /// it the saved one.
+    public var memoryImage: MemoryImage?
     public init() {}
+}
+
+/// A file that holds a saved guest RAM image: the regions back to back from `offset`.
+public struct MemoryImage: Sendable {
+    public let file: OwnedFileDescriptor
+    public let offset: UInt64
+    public init(file: OwnedFileDescriptor, offset: UInt64) {
+        self.file = file
+        self.offset = offset
+    }
 }
 
 /// One virtual machine: KVM objects, guest memory, devices and vCPU threads.
@@ -79,6 +95,13 @@ public final class Machine: @unchecked Sendable {
     public let vm: VirtualMachine
     public let kvm: KVMSystem
     let vcpus: [VCPU]
+    /// The CPUID table each vCPU was given (snapshots record it; a restore sets the saved one).
+    var guestCPUIDs: [CPUIDTable]
+    /// What a snapshot of this machine needs from KVM, asked at set-up so that
+    /// saving makes no system-wide KVM requests once the jail's filters are on:
+    /// the MSRs to save (or why KVM cannot save a VM) and the XSAVE size.
+    let snapshotSupport: Result<[UInt32], KVMError>
+    public let xsaveSize: Int
     public private(set) var portBus = Bus(name: "port I/O")
     public private(set) var mmioBus = Bus(name: "MMIO")
     public let serial: Serial16550
@@ -89,10 +112,13 @@ public final class Machine: @unchecked Sendable {
 
     /// virtio-mmio devices added so far, announced on the kernel command line.
     private var virtioDevices: [(base: UInt64, irq: UInt32)] = []
+    /// Their transports and device models, in the same order (snapshots save and restore them).
+    private(set) var virtioEntries: [(transport: MMIOTransport, device: any VirtioDevice)] = []
+    let i8042: I8042
     /// The block devices, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
     public private(set) var blockDevices: [BlockDevice] = []
     /// How the guest kernel runs; decided when the kernel is loaded (`loadLinux`).
-    public private(set) var guestMode: HostProfile.GuestMode
+    public internal(set) var guestMode: HostProfile.GuestMode
     /// Whether the host answered the paravirtual interface's signature MSR, on a CPU
     /// the guest kernel's PV mode runs on (`PVInterface.cpuSuitsGuestKernel`).
     public let pvInterfacePresent: Bool
@@ -101,6 +127,12 @@ public final class Machine: @unchecked Sendable {
     private let deviceEvent = Mutex<SystemEvent?>(nil)
     private let runners = Mutex<[VCPURunner]>([])
     private let stopRequested = Atomic<Bool>(false)
+    /// `pause` was asked for and the current (or next) `run` has not yet returned for it.
+    private let pauseRequested = Atomic<Bool>(false)
+    /// Inside `run`: vCPU threads may be in the guest.
+    private let running = Atomic<Bool>(false)
+    /// The first KVM_RUN of the machine's first `run` (monotonic ns), kept across pauses.
+    private let firstEntry = Atomic<UInt64>(0)
 
     public init(_ config: MachineConfig) throws(VMMError) {
         self.config = config
@@ -126,7 +158,12 @@ public final class Machine: @unchecked Sendable {
         } catch { throw .kvm(error) }
 
         do {
-            memory = try GuestMemory(layout: Layout.ramRegions(memory: config.memoryBytes))
+            if let image = config.memoryImage {
+                memory = try GuestMemory(layout: Layout.ramRegions(memory: config.memoryBytes),
+                                         imageFD: image.file.rawValue, imageOffset: image.offset)
+            } else {
+                memory = try GuestMemory(layout: Layout.ramRegions(memory: config.memoryBytes))
+            }
         } catch let e as GuestMemoryError { throw .memory(e) } catch {
             throw .invalidConfiguration("cannot allocate \(config.memoryBytes >> 20) MiB of guest memory: \(error)")
         }
@@ -145,13 +182,19 @@ public final class Machine: @unchecked Sendable {
         serial = Serial16550(interrupt: KVMInterruptLine(vm: vm, irq: LegacyPorts.com1IRQ, logger: logger),
                              output: config.console)
         var vcpus: [VCPU] = []
+        var cpuids: [CPUIDTable] = []
+        let restoring = config.memoryImage != nil
         let supported: CPUIDTable
         do { supported = try kvm.supportedCPUID() } catch { throw .kvm(error) }
         xsaveLayout = XSaveLayout(cpuid: supported)
         do {
             for id in 0..<UInt32(config.vcpuCount) {
                 let vcpu = try vm.createVCPU(id: id)
-                try vcpu.setCPUID(CPUSetup.guestCPUID(supported, vcpuID: id, vcpuCount: UInt32(config.vcpuCount)))
+                // A restored vCPU gets its whole state (CPUID included) from `restore`.
+                if restoring { vcpus.append(vcpu); continue }
+                let cpuid = CPUSetup.guestCPUID(supported, vcpuID: id, vcpuCount: UInt32(config.vcpuCount))
+                try vcpu.setCPUID(cpuid)
+                cpuids.append(cpuid)
                 let msrs = CPUSetup.bootMSRs()
                 let set = try vcpu.setMSRs(msrs)
                 if set < msrs.count { logger.debug("KVM accepted \(set) of \(msrs.count) boot MSRs") }
@@ -162,27 +205,68 @@ public final class Machine: @unchecked Sendable {
             }
         } catch { throw .kvm(error) }
         self.vcpus = vcpus
+        self.guestCPUIDs = cpuids
+        let kvm = self.kvm, profile = config.hostProfile
+        snapshotSupport = Result { () throws(KVMError) -> [UInt32] in
+            try kvm.checkSnapshotCapabilities()
+            var indices = try kvm.msrIndexList()
+            for extra in profile.snapshotMSRs where !indices.contains(extra) { indices.append(extra) }
+            return indices
+        }
+        xsaveSize = kvm.xsaveSize
         // One KVM_GET_MSRS on the machine's own vCPU: costs microseconds, no extra VM.
         pvInterfacePresent = config.hostProfile.backend == .pvm && PVInterface.probe(vcpus[0])
             && PVInterface.cpuSuitsGuestKernel()
         guestMode = config.hostProfile.guestMode(interfacePresent: false, kernelStartsInPVMode: false)
 
-        do {
-            try CPUSetup.writeDescriptorTables(memory)
-            try CPUSetup.writeIdentityPageTables(memory)
-        } catch { throw .memory(error) }
+        if !restoring {
+            do {
+                try CPUSetup.writeDescriptorTables(memory)
+                try CPUSetup.writeIdentityPageTables(memory)
+            } catch { throw .memory(error) }
+        }
 
+        let stopBox = WeakMachine()
+        i8042 = I8042(onReset: {
+            stopBox.machine?.stop(with: SystemEvent(kind: .reset, cause: .i8042Reset, vcpu: 0))
+        })
         do {
             try portBus.insert(serial, name: "16550A UART (COM1)", base: LegacyPorts.com1, length: LegacyPorts.com1Length)
-            let i8042 = I8042(onReset: { [weak self] in
-                self?.stop(with: SystemEvent(kind: .reset, cause: .i8042Reset, vcpu: 0))
-            })
             try portBus.insert(i8042, name: "i8042", base: LegacyPorts.i8042, length: LegacyPorts.i8042Length)
         } catch { throw .bus(error) }
+        stopBox.machine = self
     }
 
     /// The kernel command line every Airlock guest gets, before the host profile's and the user's.
     public static let baseCommandLine = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1"
+
+    /// The whole command line `loadLinux` gave the kernel ("" before it ran): a snapshot records it.
+    public private(set) var commandLine = ""
+
+    /// The command line a machine whose guest runs in `guestMode` gives its kernel with
+    /// these virtio devices: Airlock's base, the mode's, one virtio_mmio.device= per
+    /// device, then `extra`.
+    static func kernelCommandLine(guestMode: HostProfile.GuestMode, virtioDevices: [(base: UInt64, irq: UInt32)],
+                                  extra: String) throws(LinuxBootError) -> KernelCommandLine {
+        var cmdline = try KernelCommandLine(baseCommandLine, capacity: Layout.commandLineCapacity)
+        for p in HostProfile.commandLineParameters(for: guestMode) { try cmdline.append(p) }
+        for d in virtioDevices {
+            try cmdline.append("virtio_mmio.device=4K@0x\(String(d.base, radix: 16)):\(d.irq)")
+        }
+        if !extra.isEmpty { try cmdline.append(extra) }
+        return cmdline
+    }
+
+    /// The command line `loadLinux` would use in `guestMode` on a machine with
+    /// `virtioDeviceCount` devices added, computed without building one (to key and
+    /// check a snapshot against the boot it stands for); nil when it would not fit.
+    public static func kernelCommandLine(guestMode: HostProfile.GuestMode, virtioDeviceCount: Int, extra: String) -> String? {
+        guard virtioDeviceCount <= Layout.virtioIRQs.count else { return nil }
+        let devices = (0..<virtioDeviceCount).map {
+            (base: Layout.virtioMMIOBase + UInt64($0) * MMIOTransport.windowSize, irq: Layout.virtioIRQs[$0])
+        }
+        return try? kernelCommandLine(guestMode: guestMode, virtioDevices: devices, extra: extra).string
+    }
 
     /// What boots a root filesystem on /dev/vda (the first disk), read-only, with `init` as
     /// PID 1 when given: one place for the rule, for `airlock boot` and the agent's sessions.
@@ -207,16 +291,15 @@ public final class Machine: @unchecked Sendable {
 
     /// `loadLinux` with the kernel (and initrd) already open: messages name their `path`s.
     public func loadLinux(kernel image: MappedFile, initrd: MappedFile?, extraCommandLine: String) throws(VMMError) {
+        guard config.memoryImage == nil else {
+            throw .invalidConfiguration("a machine built from a snapshot's memory image is restored, not booted: use restore")
+        }
         let kernelPath = image.path
         do {
             let kernel = try KernelLoader.load(image, into: memory)
             try selectGuestMode(kernelStartsInPVMode: kernel.startsInPVMode, extraCommandLine: extraCommandLine)
-            var cmdline = try KernelCommandLine(Self.baseCommandLine, capacity: Layout.commandLineCapacity)
-            for p in HostProfile.commandLineParameters(for: guestMode) { try cmdline.append(p) }
-            for d in virtioDevices {
-                try cmdline.append("virtio_mmio.device=4K@0x\(String(d.base, radix: 16)):\(d.irq)")
-            }
-            if !extraCommandLine.isEmpty { try cmdline.append(extraCommandLine) }
+            let cmdline = try Self.kernelCommandLine(guestMode: guestMode, virtioDevices: virtioDevices, extra: extraCommandLine)
+            commandLine = cmdline.string
 
             var params = BootParams(kernel: kernel)
             // The guest's random pool is seeded from the host before any driver runs: without
@@ -249,6 +332,9 @@ public final class Machine: @unchecked Sendable {
         timings.loaded = monotonicNanoseconds()
     }
 
+    /// Marks the machine as ready to run (the load time in its timings).
+    func markLoaded() { timings.loaded = monotonicNanoseconds() }
+
     /// Native mode on a PVM host: the boot page tables get the user bit and the VMM
     /// registers the first VIF page, so the kernel's first instruction already runs
     /// natively. A host that refuses the registration leaves the guest emulated.
@@ -269,7 +355,7 @@ public final class Machine: @unchecked Sendable {
     }
 
     /// Bytes from the host's kernel CSPRNG (getrandom blocks only before the host's own pool is ready).
-    static func hostRandomBytes(_ count: Int) throws(VMMError) -> [UInt8] {
+    public static func hostRandomBytes(_ count: Int) throws(VMMError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         var filled = 0
         while filled < count {
@@ -285,6 +371,9 @@ public final class Machine: @unchecked Sendable {
 
     /// Copies raw 64-bit code to `address` and points vCPU 0 at it (tests, benchmarks).
     public func loadPayload(_ code: [UInt8], at address: GuestAddress) throws(VMMError) {
+        guard config.memoryImage == nil else {
+            throw .invalidConfiguration("a machine built from a snapshot's memory image is restored, not booted: use restore")
+        }
         do { try memory.write(code, at: address) } catch { throw .memory(error) }
         try setEntry(CPUSetup.entryRegisters(entry: address))
         timings.loaded = monotonicNanoseconds()
@@ -356,6 +445,7 @@ public final class Machine: @unchecked Sendable {
         try addMMIODevice(VirtioMMIODevice(transport), name: "virtio-mmio \(device.deviceID) #\(index)",
                           base: base, length: MMIOTransport.windowSize)
         virtioDevices.append((base, irq))
+        virtioEntries.append((transport, device))
         return transport
     }
 
@@ -372,13 +462,32 @@ public final class Machine: @unchecked Sendable {
         for r in runners.withLock({ $0 }) { r.requestStop() }
     }
 
-    /// When the first vCPU entered KVM_RUN (monotonic ns), 0 before it has.
+    /// When the first vCPU first entered KVM_RUN (monotonic ns), 0 before it has;
+    /// the first `run`'s, when a pause made the machine run again with new threads.
     public var firstRunNanoseconds: UInt64 {
-        runners.withLock { $0.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0 }
+        let kept = firstEntry.load(ordering: .relaxed)
+        if kept != 0 { return kept }
+        let now: UInt64 = runners.withLock { r -> UInt64 in r.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0 }
+        if now != 0 { _ = firstEntry.compareExchange(expected: 0, desired: now, ordering: .relaxed) }
+        return firstEntry.load(ordering: .relaxed)
     }
 
-    /// Runs the vCPUs until the guest ends, a vCPU fails, or `timeout` seconds pass.
+    /// Stops every vCPU at its next exit without ending the machine: `run`
+    /// returns with `paused`, the state can be saved (`captureState`), and a
+    /// later `run` goes on from there. Safe from any thread.
+    public func pause() {
+        pauseRequested.store(true, ordering: .sequentiallyConsistent)
+        for r in runners.withLock({ $0 }) { r.requestStop() }
+    }
+
+    /// Whether vCPU threads may be running the guest now.
+    public var isRunning: Bool { running.load(ordering: .sequentiallyConsistent) }
+
+    /// Runs the vCPUs until the guest ends, a vCPU fails, `pause` is asked for,
+    /// or `timeout` seconds pass. After a pause it may be called again.
     public func run(timeout: Double? = nil) throws(VMMError) -> MachineExit {
+        running.store(true, ordering: .sequentiallyConsistent)
+        defer { running.store(false, ordering: .sequentiallyConsistent) }
         installKickHandler()
         let finished = DispatchSemaphore(value: 0)
         let emulated = config.hostProfile.startsEmulated(in: guestMode)
@@ -397,8 +506,10 @@ public final class Machine: @unchecked Sendable {
             }
             started.append(r)
         }
-        // A stop that came before the runners were published would have found none to stop.
-        if stopRequested.load(ordering: .sequentiallyConsistent) { for r in built { r.requestStop() } }
+        // A stop or pause that came before the runners were published would have found none to stop.
+        if stopRequested.load(ordering: .sequentiallyConsistent) || pauseRequested.load(ordering: .sequentiallyConsistent) {
+            for r in built { r.requestStop() }
+        }
 
         var timedOut = false
         if let timeout {
@@ -411,7 +522,7 @@ public final class Machine: @unchecked Sendable {
         for r in built { r.requestStop() }
         for r in built { r.join() }
         timings.stopped = monotonicNanoseconds()
-        timings.firstRun = built.map { $0.firstRunAt.load(ordering: .relaxed) }.filter { $0 > 0 }.min() ?? 0
+        timings.firstRun = firstRunNanoseconds
 
         var event = deviceEvent.withLock { $0 }
         for r in built {
@@ -425,6 +536,11 @@ public final class Machine: @unchecked Sendable {
             }
         }
         var exit = MachineExit(event: event, timedOut: timedOut && event == nil, timings: timings)
+        // A pause is taken (and cleared) only when nothing else ended the run.
+        if event == nil, !stopRequested.load(ordering: .sequentiallyConsistent),
+           pauseRequested.exchange(false, ordering: .sequentiallyConsistent) {
+            exit.paused = true
+        }
         exit.guestMode = guestMode
         return exit
     }
@@ -432,4 +548,11 @@ public final class Machine: @unchecked Sendable {
     private func installKickHandler() {
         _ = airlock_install_kick_handler(kickSignal)
     }
+}
+
+/// The i8042's way back to its machine, set once the machine exists (the
+/// device is built inside `Machine.init`, before `self` may be captured).
+private final class WeakMachine: @unchecked Sendable {
+    // @unchecked: written once in Machine.init before any vCPU runs, read after.
+    weak var machine: Machine?
 }

@@ -55,4 +55,31 @@ public enum PVInterface {
         let page = first.value & ~0xFFF
         return page == 0 ? nil : page
     }
+
+    /// The selectors the host reports for each mode (KVM_GET_SREGS): kernel mode 0x10/0x18 with
+    /// DPL 0, user mode 0x33/0x2b with DPL 3 (../shared/docs/kvm-on-this-host.md).
+    static let kernelCS: UInt16 = 0x10, kernelSS: UInt16 = 0x18
+
+    /// A saved vCPU of a PV-mode guest, with the mode the host will take from its
+    /// segments made right. The host reports a vCPU stopped inside the halt hypercall
+    /// (the guest's idle loop, where every snapshot is taken: the agent waits in a read)
+    /// with the user-mode selectors, 0x33/0x2b, though it runs kernel code; a restore
+    /// that sets those makes the host deliver the next interrupt as one from user mode,
+    /// which the guest kernel takes for a return to user mode from its idle task (a
+    /// warning in fpregs_restore_userregs, then often a crash). Linux runs user code
+    /// only in the lower half of the address space, so a RIP in the upper half is
+    /// kernel mode: CS and SS get the kernel's selectors and DPL 0 (every other
+    /// attribute is the same for both).
+    public static func settleKernelMode(_ state: inout VCPUState) {
+        guard state.regs.count >= 144, state.sregs.count >= 144 else { return }
+        let rip = (0..<8).reduce(UInt64(0)) { $0 | UInt64(state.regs[128 + $1]) << (8 * $1) }
+        guard rip >> 63 == 1 else { return }
+        // struct kvm_sregs starts with cs, ds, es, fs, gs, ss (struct kvm_segment, 24 bytes
+        // each: base u64, limit u32, selector u16, type, present, dpl, ...).
+        for (offset, selector) in [(0, kernelCS), (5 * 24, kernelSS)] {
+            state.sregs[offset + 12] = UInt8(selector & 0xFF)
+            state.sregs[offset + 13] = UInt8(selector >> 8)
+            state.sregs[offset + 16] = 0
+        }
+    }
 }

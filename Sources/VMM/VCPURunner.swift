@@ -112,7 +112,12 @@ final class VCPURunner: @unchecked Sendable {
             }
             firstRunAt.store(monotonicNanoseconds(), ordering: .relaxed)
             while true {
-                if state.withLock({ $0 }) == .stopping { return .stopped }
+                if state.withLock({ $0 }) == .stopping {
+                    // The last exit may be a port or MMIO read KVM completes only on the
+                    // next KVM_RUN: let it complete now, so a saved state holds the value.
+                    try vcpu.completePendingExit()
+                    return .stopped
+                }
                 let exit = try vcpu.run()
                 let action = try vcpu.withExitData { (data) throws(VMMError) -> ExitAction in
                     try handler.handle(exit, data: data, vcpu: vcpu)

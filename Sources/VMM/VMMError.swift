@@ -18,6 +18,8 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
     case internalError(vcpu: UInt32, suberror: UInt32, data: [UInt64], rip: UInt64?)
     case entryFailed(vcpu: UInt32, hardwareReason: UInt64, rip: UInt64?)
     case thread(String)
+    /// A saved machine state (from a snapshot) this machine cannot take back.
+    case invalidState(String)
 
     static func hex(_ v: UInt64?) -> String { v.map { "0x" + String($0, radix: 16) } ?? "unknown" }
 
@@ -41,6 +43,7 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
         case let .entryFailed(vcpu, reason, rip):
             return "vCPU \(vcpu): KVM could not enter the guest (hardware reason 0x\(String(reason, radix: 16))) at RIP \(Self.hex(rip))"
         case let .thread(m): return m
+        case let .invalidState(m): return "the saved machine state does not fit: \(m)"
         }
     }
 }

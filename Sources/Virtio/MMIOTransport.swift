@@ -230,3 +230,99 @@ public final class MMIOTransport: @unchecked Sendable {
     }
 }
 
+
+/// A transport and its queues as a plain value, for snapshots.
+public struct TransportState: Equatable, Sendable {
+    public var status: UInt32
+    public var deviceFeaturesSel: UInt32
+    public var driverFeaturesSel: UInt32
+    public var driverFeatures: UInt64
+    public var queueSel: UInt32
+    public var queues: [QueueState]
+    public var interruptStatus: UInt32
+    public var configGeneration: UInt32
+    public var queueErrors: Int
+
+    public init(status: UInt32, deviceFeaturesSel: UInt32, driverFeaturesSel: UInt32, driverFeatures: UInt64, queueSel: UInt32,
+                queues: [QueueState], interruptStatus: UInt32, configGeneration: UInt32, queueErrors: Int) {
+        self.status = status; self.deviceFeaturesSel = deviceFeaturesSel; self.driverFeaturesSel = driverFeaturesSel
+        self.driverFeatures = driverFeatures; self.queueSel = queueSel; self.queues = queues
+        self.interruptStatus = interruptStatus; self.configGeneration = configGeneration
+        self.queueErrors = queueErrors
+    }
+}
+
+extension MMIOTransport {
+    /// Every status bit a driver or the device can set (virtio 1.2 section 2.1).
+    static let knownStatusBits = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.driverOK
+        | VirtioStatus.featuresOK | VirtioStatus.deviceNeedsReset | VirtioStatus.failed
+    /// InterruptStatus: used buffer (bit 0) and configuration change (bit 1).
+    static let knownInterruptBits: UInt32 = 0x3
+
+    /// Saves the transport and, under the same lock (so no queue moves in
+    /// between), whatever `device` returns: the device's own state.
+    public func captureState<D>(device capture: () -> D) -> (transport: TransportState, device: D) {
+        state.withLock { s in
+            let t = TransportState(status: s.status, deviceFeaturesSel: s.deviceFeaturesSel, driverFeaturesSel: s.driverFeaturesSel,
+                                   driverFeatures: s.driverFeatures, queueSel: s.queueSel, queues: s.queues.map(\.state),
+                                   interruptStatus: s.interruptStatus, configGeneration: s.configGeneration,
+                                   queueErrors: s.queueErrors)
+            return (t, capture())
+        }
+    }
+
+    /// Replaces the transport's state with a saved one after checking it
+    /// against this device the way the transport checks a driver: known status
+    /// bits only, DRIVER_OK only after FEATURES_OK, accepted features only
+    /// ones offered (with VERSION_1), one queue per device queue, each ready
+    /// queue valid in this guest's RAM. `device` restores the device's own
+    /// state under the same lock, after the checks; if it throws, nothing of
+    /// the transport changes. The interrupt line is then driven to the saved level.
+    public func restoreState(_ saved: TransportState, name: String, device restore: () throws(StateError) -> Void) throws(StateError) {
+        let offered = device.offeredFeatures
+        guard saved.status & ~Self.knownStatusBits == 0 else {
+            throw StateError("\(name): saved status 0x\(String(saved.status, radix: 16)) has bits virtio does not define")
+        }
+        if saved.status & VirtioStatus.driverOK != 0, saved.status & VirtioStatus.featuresOK == 0 {
+            throw StateError("\(name): saved status 0x\(String(saved.status, radix: 16)) has DRIVER_OK without FEATURES_OK")
+        }
+        if saved.status & VirtioStatus.featuresOK != 0 {
+            guard saved.driverFeatures & ~offered == 0, saved.driverFeatures & VirtioFeature.version1 != 0 else {
+                throw StateError("\(name): saved features 0x\(String(saved.driverFeatures, radix: 16)) are not ones this device offers (0x\(String(offered, radix: 16)), VERSION_1 required)")
+            }
+        }
+        guard saved.interruptStatus & ~Self.knownInterruptBits == 0 else {
+            throw StateError("\(name): saved interrupt status 0x\(String(saved.interruptStatus, radix: 16)) has undefined bits")
+        }
+        let maxSizes = device.queueMaxSizes
+        guard saved.queues.count == maxSizes.count else {
+            throw StateError("\(name): the snapshot has \(saved.queues.count) queues, this device \(maxSizes.count)")
+        }
+        var queues: [SplitQueue] = []
+        for (i, q) in saved.queues.enumerated() {
+            if q.indirectAllowed, saved.driverFeatures & VirtioFeature.ringIndirectDescriptors == 0 {
+                throw StateError("\(name) queue \(i): indirect descriptors allowed without VIRTIO_F_INDIRECT_DESC")
+            }
+            queues.append(try SplitQueue(restoring: q, maxSize: maxSizes[i], memory: memory, name: "\(name) queue \(i)"))
+        }
+        guard saved.queueErrors >= 0 else { throw StateError("\(name): saved queue error count \(saved.queueErrors) is negative") }
+        let result: Result<Void, StateError> = state.withLock { s in
+            do throws(StateError) { try restore() } catch { return .failure(error) }
+            s = State(queues: queues)
+            s.status = saved.status
+            s.deviceFeaturesSel = saved.deviceFeaturesSel
+            s.driverFeaturesSel = saved.driverFeaturesSel
+            s.driverFeatures = saved.driverFeatures
+            s.queueSel = saved.queueSel
+            s.interruptStatus = saved.interruptStatus
+            s.configGeneration = saved.configGeneration
+            s.queueErrors = saved.queueErrors
+            // The line's level follows InterruptStatus. The irqchip was restored with the
+            // level in it, KVM's per-source line state was not: drive it once more from here.
+            s.lineHigh = s.interruptStatus != 0
+            interrupt.setLevel(s.lineHigh)
+            return .success(())
+        }
+        try result.get()
+    }
+}

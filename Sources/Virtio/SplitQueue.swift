@@ -193,3 +193,65 @@ public struct SplitQueue: Sendable {
         } catch { throw .ringOutsideMemory }
     }
 }
+
+/// A split virtqueue as a plain value, for snapshots: what the device side
+/// knows of the queue (the rings themselves are in guest RAM).
+public struct QueueState: Equatable, Sendable {
+    public var maxSize: UInt16
+    public var size: UInt16
+    public var ready: Bool
+    public var descriptorTable: UInt64
+    public var availableRing: UInt64
+    public var usedRing: UInt64
+    public var indirectAllowed: Bool
+    public var nextAvailable: UInt16
+    public var nextUsed: UInt16
+
+    public init(maxSize: UInt16, size: UInt16, ready: Bool, descriptorTable: UInt64, availableRing: UInt64, usedRing: UInt64,
+                indirectAllowed: Bool, nextAvailable: UInt16, nextUsed: UInt16) {
+        self.maxSize = maxSize; self.size = size; self.ready = ready
+        self.descriptorTable = descriptorTable; self.availableRing = availableRing; self.usedRing = usedRing
+        self.indirectAllowed = indirectAllowed; self.nextAvailable = nextAvailable; self.nextUsed = nextUsed
+    }
+}
+
+/// A saved device state that cannot be taken back: which field, which value,
+/// why. State read from a snapshot file is untrusted input, checked like a
+/// descriptor chain before any of it is used.
+public struct StateError: Error, Equatable, Sendable, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+extension SplitQueue {
+    public var state: QueueState {
+        QueueState(maxSize: maxSize, size: size, ready: ready, descriptorTable: descriptorTable.raw,
+                   availableRing: availableRing.raw, usedRing: usedRing.raw, indirectAllowed: indirectAllowed,
+                   nextAvailable: nextAvailable, nextUsed: nextUsed)
+    }
+
+    /// Rebuilds a queue from `state`, for a device whose queue holds at most
+    /// `maxSize` entries: the same rules the transport applies to a driver
+    /// (a ready queue has a power-of-two size within the maximum and aligned
+    /// rings wholly inside `memory`), so a restored queue is one the driver
+    /// could have set up.
+    public init(restoring state: QueueState, maxSize: UInt16, memory: GuestMemory, name: String) throws(StateError) {
+        guard state.maxSize == maxSize else {
+            throw StateError("\(name): the saved queue holds at most \(state.maxSize) entries, this device's \(maxSize)")
+        }
+        self.init(maxSize: maxSize)
+        size = state.size
+        descriptorTable = GuestAddress(state.descriptorTable)
+        availableRing = GuestAddress(state.availableRing)
+        usedRing = GuestAddress(state.usedRing)
+        if state.ready {
+            guard isValid(memory: memory) else {
+                throw StateError("\(name): the saved ready queue (size \(state.size), rings at 0x\(String(state.descriptorTable, radix: 16)), 0x\(String(state.availableRing, radix: 16)), 0x\(String(state.usedRing, radix: 16))) is not one a driver could set up in this guest's RAM")
+            }
+        }
+        ready = state.ready
+        indirectAllowed = state.indirectAllowed
+        nextAvailable = state.nextAvailable
+        nextUsed = state.nextUsed
+    }
+}

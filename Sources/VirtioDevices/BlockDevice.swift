@@ -83,6 +83,8 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     /// Requests served and requests that ended in an error, for tests and diagnostics.
     public var statistics: (requests: Int, errors: Int) { counters.withLock { $0 } }
 
+    func restoreCounters(requests: Int, errors: Int) { counters.withLock { $0 = (requests, errors) } }
+
     public func readConfig(offset: Int, size: Int) -> UInt64 {
         // struct virtio_blk_config: capacity (le64) at 0, size_max at 8, seg_max at 12,
         // geometry at 16, blk_size at 20.
@@ -218,5 +220,37 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     private func retryFsync() -> Bool {
         while fsync(file.rawValue) != 0 { if errno != EINTR { return false } }
         return true
+    }
+}
+
+/// What a block device holds beyond its file, for snapshots: its geometry
+/// (checked against the disk a restored VM gets) and its counters.
+public struct BlockDeviceState: Equatable, Sendable {
+    public var sectors: UInt64
+    public var readOnly: Bool
+    public var requests: Int
+    public var errors: Int
+    public init(sectors: UInt64, readOnly: Bool, requests: Int, errors: Int) {
+        self.sectors = sectors; self.readOnly = readOnly; self.requests = requests; self.errors = errors
+    }
+}
+
+extension BlockDevice {
+    public func captureState() -> BlockDeviceState {
+        let c = statistics
+        return BlockDeviceState(sectors: sectors, readOnly: readOnly, requests: c.requests, errors: c.errors)
+    }
+
+    /// Takes over a saved state: the guest's driver knows the disk's size and
+    /// whether it may write, so the disk behind this device must agree.
+    public func restoreState(_ s: BlockDeviceState, name: String) throws(StateError) {
+        guard s.sectors == sectors else {
+            throw StateError("\(name): the snapshot's disk had \(s.sectors) sectors, \(path) has \(sectors): restore with the disk the snapshot was made with")
+        }
+        guard s.readOnly == readOnly else {
+            throw StateError("\(name): the snapshot's disk was \(s.readOnly ? "read-only" : "writable"), \(path) is attached \(readOnly ? "read-only" : "writable")")
+        }
+        guard s.requests >= 0, s.errors >= 0 else { throw StateError("\(name): negative request counters") }
+        restoreCounters(requests: s.requests, errors: s.errors)
     }
 }

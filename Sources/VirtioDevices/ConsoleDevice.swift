@@ -318,3 +318,86 @@ public final class ConsoleDevice: VirtioDevice, @unchecked Sendable {
         return out
     }
 }
+
+/// A console device's state as a plain value, for snapshots: what each port
+/// knows of the guest's side, host input not yet delivered, control messages
+/// waiting for the driver's buffers.
+public struct ConsoleDeviceState: Equatable, Sendable {
+    public struct Port: Equatable, Sendable {
+        public var name: String
+        public var input: [UInt8]
+        public var droppedInput: Int
+        public var guestReady: Bool
+        public var guestOpen: Bool
+        public init(name: String, input: [UInt8], droppedInput: Int, guestReady: Bool, guestOpen: Bool) {
+            self.name = name; self.input = input; self.droppedInput = droppedInput
+            self.guestReady = guestReady; self.guestOpen = guestOpen
+        }
+    }
+    public var ports: [Port]
+    public var control: [[UInt8]]
+    public var droppedControl: Int
+    public var driverReady: Bool
+    public var malformedControl: Int
+    public var oversizedTransmitBytes: UInt64
+
+    public init(ports: [Port], control: [[UInt8]], droppedControl: Int, driverReady: Bool, malformedControl: Int,
+                oversizedTransmitBytes: UInt64) {
+        self.ports = ports; self.control = control; self.droppedControl = droppedControl
+        self.driverReady = driverReady; self.malformedControl = malformedControl; self.oversizedTransmitBytes = oversizedTransmitBytes
+    }
+}
+
+extension ConsoleDevice {
+    /// The longest control message the device itself sends: PORT_NAME with a name.
+    public static let maxControlMessage = 8 + 4096
+
+    public func captureState() -> ConsoleDeviceState {
+        state.withLock { s in
+            ConsoleDeviceState(
+                ports: zip(ports, s.ports).map { spec, p in
+                    ConsoleDeviceState.Port(name: spec.name, input: p.input, droppedInput: p.droppedInput,
+                                            guestReady: p.guestReady, guestOpen: p.guestOpen)
+                },
+                control: s.control, droppedControl: s.droppedControl, driverReady: s.driverReady,
+                malformedControl: s.malformedControl, oversizedTransmitBytes: s.oversizedTransmitBytes)
+        }
+    }
+
+    /// Takes over a saved state. The ports must be the same, by name and in
+    /// order (the guest has opened them by number); what waits in them is held
+    /// to the limits the device keeps while it runs.
+    public func restoreState(_ saved: ConsoleDeviceState, name: String) throws(StateError) {
+        guard saved.ports.map(\.name) == ports.map(\.name) else {
+            throw StateError("\(name): the snapshot's console ports are \(saved.ports.map(\.name)), this device's \(ports.map(\.name))")
+        }
+        for p in saved.ports {
+            guard p.input.count <= Self.inputCapacity else {
+                throw StateError("\(name) port \(p.name): \(p.input.count) bytes of saved input, more than the \(Self.inputCapacity) a port holds")
+            }
+            guard p.droppedInput >= 0 else { throw StateError("\(name) port \(p.name): negative dropped-input count") }
+        }
+        guard saved.control.count <= Self.controlBacklogLimit else {
+            throw StateError("\(name): \(saved.control.count) saved control messages, more than the \(Self.controlBacklogLimit) the device queues")
+        }
+        for m in saved.control where m.count < 8 || m.count > Self.maxControlMessage {
+            throw StateError("\(name): a saved control message of \(m.count) bytes (they are 8 to \(Self.maxControlMessage))")
+        }
+        guard saved.droppedControl >= 0, saved.malformedControl >= 0 else { throw StateError("\(name): negative counters") }
+        state.withLock { s in
+            s.ports = saved.ports.map { p in
+                var st = PortState()
+                st.input = p.input
+                st.droppedInput = p.droppedInput
+                st.guestReady = p.guestReady
+                st.guestOpen = p.guestOpen
+                return st
+            }
+            s.control = saved.control
+            s.droppedControl = saved.droppedControl
+            s.driverReady = saved.driverReady
+            s.malformedControl = saved.malformedControl
+            s.oversizedTransmitBytes = saved.oversizedTransmitBytes
+        }
+    }
+}

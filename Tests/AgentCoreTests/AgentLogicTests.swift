@@ -1,4 +1,6 @@
+import Glibc
 import Testing
+import AgentProtocol
 @testable import AgentCore
 import AgentProtocol
 
@@ -85,5 +87,68 @@ struct CommandLookupTests {
         #expect(CommandLookup.searchPath(in: env) == "/x")
         let defaults = CommandLookup.environment([], home: "/root")
         #expect(defaults == ["PATH=\(CommandLookup.defaultPath)", "HOME=/root"])
+    }
+}
+
+/// The clock and entropy a run request brings, applied against a fake clock:
+/// a guest restored an hour after its snapshot was taken wakes an hour slow.
+struct FreshnessTests {
+    final class FakeClock: WallClock {
+        var time: UInt64
+        var sets: [UInt64] = []
+        var failWith: Int32 = 0
+        init(_ time: UInt64) { self.time = time }
+        func now() -> UInt64 { time }
+        func set(_ nanoseconds: UInt64) -> Int32 {
+            guard failWith == 0 else { return failWith }
+            sets.append(nanoseconds)
+            time = nanoseconds
+            return 0
+        }
+    }
+
+    static let snapshotTime: UInt64 = 1_764_590_000 * 1_000_000_000
+    static let hour: UInt64 = 3600 * 1_000_000_000
+
+    static func request(host: UInt64, entropy: [UInt8] = []) -> RunRequest {
+        RunRequest(runID: 1, arguments: ["date"], environment: [], workingDirectory: "/", user: "", hasStdin: false,
+                   shutdownAfter: true, hostTimeNanoseconds: host, entropy: entropy)
+    }
+
+    @Test func aGuestRestoredAnHourLaterIsMovedToTheHostsTime() {
+        // The guest's clock stopped at the snapshot; the host's has gone on by an hour.
+        let clock = FakeClock(Self.snapshotTime + 2_000_000)
+        let problems = Freshness.apply(Self.request(host: Self.snapshotTime + Self.hour), clock: clock, addEntropy: { _ in 0 })
+        #expect(problems.isEmpty)
+        #expect(clock.sets == [Self.snapshotTime + Self.hour])
+        #expect(clock.now() == Self.snapshotTime + Self.hour)
+    }
+
+    @Test func aClockAheadOfTheHostIsMovedBackToo() {
+        let clock = FakeClock(Self.snapshotTime + Self.hour)
+        _ = Freshness.apply(Self.request(host: Self.snapshotTime), clock: clock, addEntropy: { _ in 0 })
+        #expect(clock.sets == [Self.snapshotTime])
+    }
+
+    @Test func aClockWithinTheToleranceIsLeftAlone() {
+        let clock = FakeClock(Self.snapshotTime + Freshness.clockTolerance)
+        _ = Freshness.apply(Self.request(host: Self.snapshotTime), clock: clock, addEntropy: { _ in 0 })
+        #expect(clock.sets.isEmpty)
+        // An older host that sends no time (0) changes nothing either.
+        _ = Freshness.apply(Self.request(host: 0), clock: clock, addEntropy: { _ in 0 })
+        #expect(clock.sets.isEmpty)
+    }
+
+    @Test func theHostsEntropyGoesToThePoolAndFailuresAreReported() {
+        let clock = FakeClock(Self.snapshotTime)
+        clock.failWith = EPERM
+        var received: [[UInt8]] = []
+        let problems = Freshness.apply(Self.request(host: Self.snapshotTime + Self.hour, entropy: [1, 2, 3]), clock: clock,
+                                       addEntropy: { received.append($0); return ENOTTY })
+        #expect(received == [[1, 2, 3]])
+        #expect(problems.count == 2)
+        // No entropy, no call.
+        _ = Freshness.apply(Self.request(host: 0), clock: clock, addEntropy: { received.append($0); return 0 })
+        #expect(received.count == 1)
     }
 }

@@ -8,8 +8,12 @@ struct ProtocolTests {
     static let run = RunRequest(runID: 7, arguments: ["sh", "-c", "echo ü; exit 3"], environment: ["A=1", "B="],
                                 workingDirectory: "/tmp", user: "airlock:airlock", hasStdin: true, shutdownAfter: false)
 
+    static let freshRun = RunRequest(runID: 8, arguments: ["true"], environment: [], workingDirectory: "/", user: "",
+                                     hasStdin: false, shutdownAfter: true, hostTimeNanoseconds: 1_764_590_000_123_456_789,
+                                     entropy: Array(0..<64))
+
     static let hostMessages: [HostMessage] = [
-        .run(run), .stdin(runID: 7, data: Array(0...255)), .stdin(runID: 1, data: []), .stdinEOF(runID: 7), .shutdown,
+        .run(run), .run(freshRun), .stdin(runID: 7, data: Array(0...255)), .stdin(runID: 1, data: []), .stdinEOF(runID: 7), .shutdown,
     ]
     static let guestMessages: [GuestMessage] = [
         .hello(version: AgentProtocol.version, agent: "airlock-init 1"),
@@ -31,6 +35,21 @@ struct ProtocolTests {
         }
         #expect(d.pendingBytes == 0)
         return out
+    }
+
+    @Test func aRunRequestWithoutTheClockAndEntropyFieldsStillDecodes() throws {
+        // The layout before they were added: the same body with its last two fields cut off.
+        let (_, body) = HostMessage.run(Self.run).tagAndBody()
+        let old = Array(body.dropLast(8 + 4))
+        guard case let .run(r) = try HostMessage.decode(type: 1, body: old) else { Issue.record("not a run request"); return }
+        #expect(r.hostTimeNanoseconds == 0 && r.entropy.isEmpty && r.arguments == Self.run.arguments)
+    }
+
+    @Test func entropyOverTheLimitIsRefused() {
+        var r = Self.freshRun
+        r.entropy = [UInt8](repeating: 7, count: AgentProtocol.Limits.entropy + 1)
+        let (_, body) = HostMessage.run(r).tagAndBody()
+        #expect(throws: ProtocolError.self) { try HostMessage.decode(type: 1, body: body) }
     }
 
     @Test(arguments: [1, 2, 3, 5, 64, 100_000])

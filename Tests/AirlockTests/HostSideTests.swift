@@ -93,17 +93,22 @@ struct ConfigurationTests {
         let object = try JSONSerialization.jsonObject(with: Data(r.jsonDocument().utf8)) as! [String: Any]
         #expect(Set(object.keys) == ["stdout", "stderr", "stdoutBase64", "stderrBase64", "exitCode", "signal", "timedOut",
                                      "outputTruncated", "stdoutDroppedBytes", "stderrDroppedBytes", "failure", "systemEvent", "guestMode", "timings",
-                                     "artifacts", "artifactsError"])
+                                     "artifacts", "artifactsError", "snapshot"])
         #expect(object["stdout"] as? String == "out\n" && object["exitCode"] as? Int == 7)
         #expect(object["signal"] is NSNull && object["stdoutBase64"] is NSNull && object["stderrBase64"] is NSNull)
         #expect(object["guestMode"] is NSNull)
+        #expect(object["snapshot"] is NSNull, "no snapshot used: null, not missing")
         r.guestMode = "pvm-native"
         let again = try JSONSerialization.jsonObject(with: Data(r.jsonDocument().utf8)) as! [String: Any]
         #expect(again["guestMode"] as? String == "pvm-native")
         let timings = try #require(object["timings"] as? [String: Any])
-        #expect(Set(timings.keys) == ["vmmStartMs", "kernelBootMs", "agentReadyMs", "commandMs", "shutdownMs", "totalMs",
+        #expect(Set(timings.keys) == ["vmmStartMs", "kernelBootMs", "restoreMs", "agentReadyMs", "commandMs", "shutdownMs", "totalMs",
                                       "workspaceMs", "artifactsMs"])
         #expect(object["artifacts"] is NSNull && object["artifactsError"] is NSNull)
+        r.snapshot = SnapshotUse(path: "/s.snap", restored: true, restoreMs: 2.5)
+        let restored = try JSONSerialization.jsonObject(with: Data(r.jsonDocument().utf8)) as! [String: Any]
+        let snapshot = try #require(restored["snapshot"] as? [String: Any])
+        #expect(snapshot["restored"] as? Bool == true && snapshot["restoreMs"] as? Double == 2.5 && snapshot["path"] as? String == "/s.snap")
     }
 }
 

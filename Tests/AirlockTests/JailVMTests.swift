@@ -134,7 +134,7 @@ struct SeccompInTheVMMTests {
 
     func aForbiddenCallEndsTheVMMWithTheSandboxStatusBlocking(role: String, call: (name: String, reported: String)) throws {
         try JailProbe.requireRoot()
-        let (p, out, err) = try JailProbe.start(["run", "--test-violation", "\(role):\(call.name)", "--", "true"])
+        let (p, out, err) = try JailProbe.start(["run", "--no-snapshot", "--test-violation", "\(role):\(call.name)", "--", "true"])
         _ = out.readDataToEndOfFile()
         let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
@@ -161,7 +161,8 @@ struct JailedVMMTests {
 
     func aRunningVMMIsConfinedAndAKilledOneLeavesNothingBlocking() throws {
         try JailProbe.requireRoot()
-        let (p, out, err) = try JailProbe.start(["run", "--memory", "128", "--", "sleep", "60"])
+        // --no-snapshot: a cold boot's jail (a restored one's: SnapshotCLIVMTests).
+        let (p, out, err) = try JailProbe.start(["run", "--no-snapshot", "--memory", "128", "--", "sleep", "60"])
         let supervisor = p.processIdentifier
         defer { if p.isRunning { p.terminate() } }
         // Found once its vCPU thread exists (a thread set up after the machine: main, pumps, vCPU).
@@ -253,9 +254,9 @@ struct JailedVMMTests {
         for i in 0..<200 {
             let arguments: [String]
             switch i % 4 {
-            case 0: arguments = ["run", "--test-violation", "main:execve", "--", "true"]
-            case 1: arguments = ["run", "--test-violation", "vcpu:socket", "--", "true"]
-            default: arguments = ["run", "--", "sleep", "60"]
+            case 0: arguments = ["run", "--no-snapshot", "--test-violation", "main:execve", "--", "true"]
+            case 1: arguments = ["run", "--no-snapshot", "--test-violation", "vcpu:socket", "--", "true"]
+            default: arguments = ["run", "--no-snapshot", "--", "sleep", "60"]
             }
             let (p, out, err) = try JailProbe.start(arguments)
             supervisors.append(p.processIdentifier)

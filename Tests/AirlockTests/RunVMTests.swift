@@ -24,10 +24,11 @@ enum VMTests {
     }
 
     /// Runs the CLI with `arguments`, feeding `stdin`; returns status, stdout and stderr.
-    static func airlock(_ arguments: [String], stdin: Data? = nil) throws -> (status: Int32, stdout: String, stderr: String, pid: Int32) {
+    static func airlock(_ arguments: [String], stdin: Data? = nil, environment: [String: String] = [:]) throws -> (status: Int32, stdout: String, stderr: String, pid: Int32) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try airlockExecutable())
         p.arguments = arguments
+        if !environment.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let out = Pipe(), err = Pipe(), input = Pipe()
         p.standardOutput = out
         p.standardError = err

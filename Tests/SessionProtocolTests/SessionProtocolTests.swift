@@ -14,7 +14,10 @@ import Glibc
                                   copyConsoleToStderr: true, logLevel: "debug", requestedAt: 123_456_789)
     static let run = RunSpec(runID: 7, arguments: ["sh", "-c", "echo hi"], environment: ["A=1"], workingDirectory: "/tmp",
                              user: "airlock:airlock", timeoutSeconds: 2.5, maxStdoutBytes: 1000, maxStderrBytes: nil,
-                             hasStdin: true, shutdownAfter: true)
+                             hasStdin: true, shutdownAfter: true, hostTimeNanoseconds: 1_700_000_000_123_456_789,
+                             entropy: Array(0..<32))
+    static let save = SnapshotSave(name: "/var/lib/airlock/snapshots/.k.tmp", kernelSHA256: String(repeating: "a", count: 64),
+                                   rootfsSHA256: String(repeating: "0", count: 64), createdAt: 1_700_000_000)
 
     func roundTrip(_ m: SupervisorMessage) throws -> SupervisorMessage {
         var d = FrameDecoder()
@@ -31,7 +34,9 @@ import Glibc
     }
 
     @Test func everyMessageRoundTrips() throws {
-        for m: SupervisorMessage in [.boot(Self.boot), .run(Self.run), .signal(runID: 7, signal: 2), .shutdown] {
+        var restore = Self.boot
+        restore.snapshotName = "/snapshots/k.snap"
+        for m: SupervisorMessage in [.boot(Self.boot), .boot(restore), .run(Self.run), .signal(runID: 7, signal: 2), .shutdown, .snapshot(Self.save)] {
             #expect(try roundTrip(m) == m)
         }
         var o = RunOutcome()
@@ -40,13 +45,24 @@ import Glibc
         o.systemEvent = "reset on vCPU 0"; o.timings.totalMs = 12.5; o.timings.commandMs = 3
         let failure = SessionFailure(kind: .agentDidNotStart, message: "no hello", console: "last lines", vmEnded: true)
         for m: VMMMessage in [.hello(version: SessionProtocol.version), .booted(BootReport(vmmStartMs: 9.5, kernelBootMs: 1000, agent: "airlock-init 1", guestMode: "pvm-native")),
+                              .booted(BootReport(vmmStartMs: 3, kernelBootMs: 0, agent: "/k.snap", guestMode: "pvm-emulated", restored: true, restoreMs: 4.5)),
+                              .snapshotSaved(Self.saved),
                               .started(runID: 7), .exited(runID: 7, o), .exited(runID: 8, RunOutcome()), .failed(failure),
                               .ended(systemEvent: nil), .ended(systemEvent: "shutdown")] {
             #expect(try roundTrip(m) == m)
         }
         #expect(SupervisorMessage.boot(Self.boot).descriptorCount == 4)
+        #expect(SupervisorMessage.boot(restore).descriptorCount == 5, "the snapshot's descriptor follows the disks'")
+        #expect(SupervisorMessage.snapshot(Self.save).descriptorCount == 1)
         #expect(SupervisorMessage.run(Self.run).descriptorCount == 3)
         #expect(SupervisorMessage.shutdown.descriptorCount == 0)
+    }
+
+    static var saved: SnapshotSaveReport {
+        var s = SnapshotSaveReport()
+        s.fileSize = 130 << 20; s.allocatedBytes = 12 << 20; s.dataPages = 3000; s.residentPages = 5000; s.totalPages = 32768
+        s.pausedMs = 140; s.writeMs = 130
+        return s
     }
 
     @Test func valuesThatCannotBeRightAreRefused() {
@@ -80,6 +96,15 @@ import Glibc
         b = Self.boot
         b.disks = Array(repeating: .init(name: "/d", readOnly: false), count: SessionProtocol.Limits.disks + 1)
         refused(body(.boot(b)).0, body(.boot(b)).1, mentions: "disks")
+        // A save's digests go into a manifest: 64 lowercase hex digits or nothing.
+        for digest in ["abc", String(repeating: "A", count: 64), String(repeating: "g", count: 64)] {
+            var save = Self.save
+            save.kernelSHA256 = digest
+            refused(body(.snapshot(save)).0, body(.snapshot(save)).1, mentions: "not a SHA-256")
+        }
+        r = Self.run
+        r.entropy = [UInt8](repeating: 1, count: AgentProtocol.Limits.entropy + 1)
+        refused(body(.run(r)).0, body(.run(r)).1, mentions: "entropy")
     }
 
     @Test func theSupervisorRefusesAVMMThatLies() {
@@ -97,6 +122,14 @@ import Glibc
         refused(.hello(version: SessionProtocol.version + 1), mentions: "version")
         refused(.booted(BootReport(vmmStartMs: -1, kernelBootMs: 0, agent: "", guestMode: "hardware")), mentions: "not a duration")
         refused(.booted(BootReport(vmmStartMs: .infinity, kernelBootMs: 0, agent: "", guestMode: "hardware")), mentions: "not a duration")
+        refused(.booted(BootReport(vmmStartMs: 1, kernelBootMs: 0, agent: "", guestMode: "hardware", restored: true, restoreMs: .nan)),
+                mentions: "not a duration")
+        var lying = Self.saved
+        lying.dataPages = lying.totalPages + 1
+        refused(.snapshotSaved(lying), mentions: "does not add up")
+        lying = Self.saved
+        lying.writeMs = -1
+        refused(.snapshotSaved(lying), mentions: "not a duration")
         var o = RunOutcome()
         o.signal = 9
         // The signal field sits after the run id and exit code.
@@ -118,11 +151,12 @@ import Glibc
         for _ in 0..<20_000 {
             let count = rng.below(64)
             let body = (0..<count).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-            _ = try? SupervisorMessage.decode(type: UInt8(1 + rng.below(5)), body: body)
-            _ = try? VMMMessage.decode(type: UInt8(0x81 + rng.below(7)), body: body)
+            _ = try? SupervisorMessage.decode(type: UInt8(1 + rng.below(6)), body: body)
+            _ = try? VMMMessage.decode(type: UInt8(0x81 + rng.below(8)), body: body)
         }
         // Valid frames with single bytes flipped: decoded or refused, nothing else.
-        let frames = [SupervisorMessage.boot(Self.boot).encoded(), SupervisorMessage.run(Self.run).encoded()]
+        let frames = [SupervisorMessage.boot(Self.boot).encoded(), SupervisorMessage.run(Self.run).encoded(),
+                      SupervisorMessage.snapshot(Self.save).encoded()]
         for _ in 0..<5_000 {
             var f = frames[rng.below(frames.count)]
             f[5 + rng.below(f.count - 5)] ^= UInt8(truncatingIfNeeded: 1 << rng.below(8))

@@ -30,6 +30,15 @@ final class MockDriver {
         transport = MMIOTransport(device: device, memory: self.memory, interrupt: line)
     }
 
+    /// The same driver (rings, indices) talking to another transport: a restored one.
+    init(continuing other: MockDriver, on transport: MMIOTransport) {
+        memory = other.memory
+        queueSize = other.queueSize
+        self.transport = transport
+        availIndex = other.availIndex
+        usedSeen = other.usedSeen
+    }
+
     func r(_ offset: UInt64, size: Int = 4) -> UInt64 { transport.read(offset: offset, size: size) }
     func w(_ offset: UInt64, _ value: UInt64, size: Int = 4) { transport.write(offset: offset, size: size, value: value) }
     var status: UInt32 { UInt32(r(0x70)) }

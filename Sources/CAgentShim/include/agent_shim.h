@@ -42,4 +42,10 @@ struct airlock_spawn_spec {
 // the pid, or -1 with *stage and *error saying which step failed and why.
 pid_t airlock_spawn(const struct airlock_spawn_spec *spec, int *stage, int *error);
 
+// Mixes `length` bytes into the kernel's random pool, credited as full
+// entropy (RNDADDENTROPY on /dev/urandom), then makes the kernel's CRNG reseed
+// from the pool at once (RNDRESEEDCRNG). Both need CAP_SYS_ADMIN (PID 1 has it).
+// Returns 0, or the errno of the step that failed.
+int airlock_add_entropy(const void *bytes, size_t length);
+
 #endif

@@ -59,6 +59,20 @@ static const unsigned long AIRLOCK_KVM_SET_XSAVE = KVM_SET_XSAVE;
 static const unsigned long AIRLOCK_KVM_GET_XCRS = KVM_GET_XCRS;
 static const unsigned long AIRLOCK_KVM_ENABLE_CAP = KVM_ENABLE_CAP;
 
+// State save and restore (snapshots). Each has a line in Sources/KVM saying what it moves.
+static const unsigned long AIRLOCK_KVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long AIRLOCK_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
+static const unsigned long AIRLOCK_KVM_SET_MP_STATE = KVM_SET_MP_STATE;
+static const unsigned long AIRLOCK_KVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long AIRLOCK_KVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long AIRLOCK_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+static const unsigned long AIRLOCK_KVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+static const unsigned long AIRLOCK_KVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+static const unsigned long AIRLOCK_KVM_GET_PIT2 = KVM_GET_PIT2;
+static const unsigned long AIRLOCK_KVM_SET_PIT2 = KVM_SET_PIT2;
+static const unsigned long AIRLOCK_KVM_GET_CLOCK = KVM_GET_CLOCK;
+static const unsigned long AIRLOCK_KVM_SET_CLOCK = KVM_SET_CLOCK;
+
 // Capabilities Airlock checks (enum values in linux/kvm.h are #defines).
 static const int AIRLOCK_KVM_CAP_IRQCHIP = KVM_CAP_IRQCHIP;
 static const int AIRLOCK_KVM_CAP_USER_MEMORY = KVM_CAP_USER_MEMORY;
@@ -74,6 +88,13 @@ static const int AIRLOCK_KVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
 static const int AIRLOCK_KVM_CAP_XSAVE2 = KVM_CAP_XSAVE2;
 static const int AIRLOCK_KVM_CAP_EXCEPTION_PAYLOAD = KVM_CAP_EXCEPTION_PAYLOAD;
 static const unsigned int AIRLOCK_KVM_VCPUEVENT_VALID_PAYLOAD = KVM_VCPUEVENT_VALID_PAYLOAD;
+static const int AIRLOCK_KVM_CAP_XSAVE = KVM_CAP_XSAVE;
+static const int AIRLOCK_KVM_CAP_XCRS = KVM_CAP_XCRS;
+static const int AIRLOCK_KVM_CAP_DEBUGREGS = KVM_CAP_DEBUGREGS;
+static const int AIRLOCK_KVM_CAP_MP_STATE = KVM_CAP_MP_STATE;
+static const int AIRLOCK_KVM_CAP_PIT_STATE2 = KVM_CAP_PIT_STATE2;
+static const int AIRLOCK_KVM_CAP_ADJUST_CLOCK = KVM_CAP_ADJUST_CLOCK;
+static const int AIRLOCK_KVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
 
 // Exit reasons.
 static const uint32_t AIRLOCK_KVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN;

@@ -102,3 +102,35 @@ public final class I8042: BusDevice {
         if reset { onReset() }
     }
 }
+
+/// The i8042's few bits as a plain value, for snapshots.
+public struct I8042State: Equatable, Sendable {
+    public var commandByte: UInt8
+    public var awaitingParameterFor: UInt8?
+    public var output: UInt8?
+    public var resetReported: Bool
+    public init(commandByte: UInt8, awaitingParameterFor: UInt8?, output: UInt8?, resetReported: Bool) {
+        self.commandByte = commandByte; self.awaitingParameterFor = awaitingParameterFor
+        self.output = output; self.resetReported = resetReported
+    }
+}
+
+extension I8042 {
+    public func captureState() -> I8042State {
+        state.withLock { I8042State(commandByte: $0.commandByte, awaitingParameterFor: $0.awaitingParameterFor,
+                                    output: $0.output, resetReported: $0.resetReported) }
+    }
+
+    /// Takes over a saved state; the only parameter-taking command it models is 0x60.
+    public func restoreState(_ saved: I8042State) throws(VMMError) {
+        if let c = saved.awaitingParameterFor, c != Command.writeCommandByte {
+            throw .invalidState("i8042: saved as waiting for the parameter of command 0x\(String(c, radix: 16)), which takes none")
+        }
+        state.withLock { s in
+            s.commandByte = saved.commandByte
+            s.awaitingParameterFor = saved.awaitingParameterFor
+            s.output = saved.output
+            s.resetReported = saved.resetReported
+        }
+    }
+}

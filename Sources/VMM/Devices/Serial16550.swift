@@ -293,3 +293,66 @@ struct ByteRing {
         count = 0
     }
 }
+
+/// The UART's registers and receive queue as a plain value, for snapshots.
+public struct SerialState: Equatable, Sendable {
+    public var divisorLow: UInt8
+    public var divisorHigh: UInt8
+    public var ier: UInt8
+    public var lcr: UInt8
+    public var mcr: UInt8
+    public var scratch: UInt8
+    public var fifosEnabled: Bool
+    public var transmitEmptyPending: Bool
+    /// Host input the guest has not read yet, oldest first.
+    public var receive: [UInt8]
+    public var droppedInput: Int
+
+    public init(divisorLow: UInt8, divisorHigh: UInt8, ier: UInt8, lcr: UInt8, mcr: UInt8, scratch: UInt8,
+                fifosEnabled: Bool, transmitEmptyPending: Bool, receive: [UInt8], droppedInput: Int) {
+        self.divisorLow = divisorLow; self.divisorHigh = divisorHigh; self.ier = ier; self.lcr = lcr; self.mcr = mcr
+        self.scratch = scratch; self.fifosEnabled = fifosEnabled; self.transmitEmptyPending = transmitEmptyPending
+        self.receive = receive; self.droppedInput = droppedInput
+    }
+}
+
+extension Serial16550 {
+    public func captureState() -> SerialState {
+        state.withLock { s in
+            var ring = s.receive
+            var bytes: [UInt8] = []
+            while let b = ring.pop() { bytes.append(b) }
+            return SerialState(divisorLow: s.divisorLow, divisorHigh: s.divisorHigh, ier: s.ier, lcr: s.lcr, mcr: s.mcr,
+                               scratch: s.scratch, fifosEnabled: s.fifosEnabled, transmitEmptyPending: s.transmitEmptyPending,
+                               receive: bytes, droppedInput: s.droppedInput)
+        }
+    }
+
+    /// Takes over a saved state: registers as the chip can hold them (IER's
+    /// four bits, MCR's five), at most `inputCapacity` bytes of input; the
+    /// interrupt line is then driven to what that state asks.
+    public func restoreState(_ saved: SerialState) throws(VMMError) {
+        guard saved.ier & ~IER.implemented == 0, saved.mcr & ~MCR.implemented == 0 else {
+            throw .invalidState("UART: saved IER 0x\(String(saved.ier, radix: 16)) or MCR 0x\(String(saved.mcr, radix: 16)) has bits a 16550A does not have")
+        }
+        guard saved.receive.count <= Self.inputCapacity, saved.droppedInput >= 0 else {
+            throw .invalidState("UART: \(saved.receive.count) bytes of saved input, more than the \(Self.inputCapacity) it holds")
+        }
+        state.withLock { s in
+            s.divisorLow = saved.divisorLow
+            s.divisorHigh = saved.divisorHigh
+            s.ier = saved.ier
+            s.lcr = saved.lcr
+            s.mcr = saved.mcr
+            s.scratch = saved.scratch
+            s.fifosEnabled = saved.fifosEnabled
+            s.transmitEmptyPending = saved.transmitEmptyPending
+            s.receive.removeAll()
+            for b in saved.receive { _ = s.receive.push(b) }
+            s.droppedInput = saved.droppedInput
+            // KVM's line state is not in the irqchip's saved state: drive it from here.
+            s.lineHigh = s.lineShouldBeHigh
+            interrupt.setLevel(s.lineHigh)
+        }
+    }
+}
