@@ -10,7 +10,7 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible {
         switch self {
         case let .malformed(why): return "malformed protocol frame: \(why)"
         case let .versionMismatch(theirs, ours):
-            return "the guest agent speaks protocol version \(theirs), this Airlock speaks \(ours): rebuild the root filesystem with this Airlock's agent (make rootfs)"
+            return "the guest agent speaks protocol version \(theirs), this Airlock speaks \(ours): rebuild the root filesystem with this Airlock's agent (make images; make rootfs-build for the toolchain image)"
         }
     }
 }

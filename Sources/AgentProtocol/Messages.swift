@@ -18,7 +18,9 @@
 /// `run` or a `shutdown`.
 public enum AgentProtocol {
     /// Bumped whenever a message's layout changes. `hello` keeps its layout forever.
-    public static let version: UInt16 = 1
+    /// 2: `run` carries the host's clock and entropy for the guest's pool (snapshots), which
+    /// an agent of version 1 refuses as trailing bytes: the host names the image to rebuild.
+    public static let version: UInt16 = 2
 
     public static let controlPortName = "airlock.control"
     public static let stdoutPortName = "airlock.stdout"
@@ -149,7 +151,7 @@ public enum HostMessage: Equatable, Sendable {
             w.string(r.user)
             w.bool(r.hasStdin)
             w.bool(r.shutdownAfter)
-            // Added after version 1's first layout, at the end: a body without them still decodes.
+            // Added in version 2, at the end (a body without them still decodes).
             w.u64(r.hostTimeNanoseconds)
             w.data(r.entropy)
         case let .stdin(id, data):

@@ -713,7 +713,8 @@ extension VMSession {
         result.systemEvent = systemEvent
         if let endError, result.failure == nil { result.failure = "the VMM failed: \(endError)" }
 
-        func ms(_ from: UInt64, _ to: UInt64) -> Double { to > from ? Double(to - from) / 1e6 : 0 }
+        // 0 for a phase that never began (a guest that ended before the command started).
+        func ms(_ from: UInt64, _ to: UInt64) -> Double { from != 0 && to > from ? Double(to - from) / 1e6 : 0 }
         let firstKVMRun = machine.firstRunNanoseconds
         if firstRun {
             result.timings.vmmStartMs = ms(self.request.requestedAt, firstKVMRun)
