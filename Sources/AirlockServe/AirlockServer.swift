@@ -107,16 +107,19 @@ public final class AirlockServer: Sendable {
             throw ServeSetupError.invalid("the pool's sandboxes cannot boot: \(error)")
         }
         let bind: BindAddress
-        let previousUmask: mode_t?
+        // A Unix socket is bound in a new directory only this user can enter, given its
+        // --socket-mode there, and renamed into place: nobody can connect before the mode is
+        // set, and the process umask (which every thread shares) is never changed.
+        let privateDirectory: String?
         switch configuration.listen {
         case let .tcp(host, port):
             bind = .hostname(host, port: port)
-            previousUmask = nil
+            privateDirectory = nil
         case let .unix(path):
             try Self.checkSocketPath(path)
-            bind = .unixDomainSocket(path: path)
-            // The socket is created with no access for others; --socket-mode opens it up after the bind.
-            previousUmask = umask(0o177)
+            let directory = try Self.privateDirectory(beside: path)
+            privateDirectory = directory
+            bind = .unixDomainSocket(path: directory + "/s")
         }
         let app = Application(
             router: makeRouter(),
@@ -125,7 +128,6 @@ public final class AirlockServer: Sendable {
             configuration: .init(address: bind, serverName: nil,
                                  availableConnectionsDelegate: MaximumAvailableConnections(configuration.maxConnections, logger: logger)),
             onServerRunning: { [self] channel in
-                if let previousUmask { umask(previousUmask) }
                 let address: String
                 switch configuration.listen {
                 case .tcp:
@@ -133,7 +135,13 @@ public final class AirlockServer: Sendable {
                     let host = channel.localAddress?.ipAddress ?? "127.0.0.1"
                     address = host.contains(":") ? "http://[\(host)]:\(port)" : "http://\(host):\(port)"
                 case let .unix(path):
-                    chmod(path, mode_t(configuration.socketMode))
+                    if let privateDirectory {
+                        let bound = privateDirectory + "/s"
+                        if chmod(bound, mode_t(configuration.socketMode)) != 0 || rename(bound, path) != 0 {
+                            logger.error("cannot put the socket at \(path): \(String(cString: strerror(errno)))")
+                        }
+                        rmdir(privateDirectory)
+                    }
                     var st = stat()
                     if stat(path, &st) == 0 { state.withLock { $0.socket = (UInt64(st.st_dev), UInt64(st.st_ino)) } }
                     address = "unix:\(path)"
@@ -155,7 +163,10 @@ public final class AirlockServer: Sendable {
         let group = ServiceGroup(configuration: groupConfiguration)
         state.withLock { $0.group = group }
         defer {
-            if let previousUmask { umask(previousUmask) }
+            if let privateDirectory {
+                unlink(privateDirectory + "/s")  // only if it never got renamed into place
+                rmdir(privateDirectory)
+            }
             removeOwnSocket()
             state.withLock { s in
                 s.deadline?.cancel()
@@ -213,6 +224,20 @@ public final class AirlockServer: Sendable {
         if connected == 0 {
             throw .invalid("--listen unix:\(path): another server is listening on it; stop it or choose another path")
         }
+    }
+
+    /// A new directory (mode 0700) in the socket's own directory, so that the rename into
+    /// place stays on one file system.
+    static func privateDirectory(beside path: String) throws(ServeSetupError) -> String {
+        let parent = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+        var template = Array((parent.isEmpty ? "/" : parent + "/") .utf8CString.dropLast()) + Array(".airlock-serve-XXXXXX".utf8CString)
+        guard template.count - 1 + 2 < 108 else {
+            throw .invalid("--listen unix:\(path): the socket's directory is too long a path for a Unix socket (bound first in a new directory there, the directory path must be under 84 bytes); choose a shorter path")
+        }
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw .invalid("--listen unix:\(path): cannot create a directory in \(parent) (\(String(cString: strerror(errno)))); choose a directory this user can write")
+        }
+        return String(cString: made)
     }
 
     /// Removes the socket file if it is still the one this service bound.

@@ -499,6 +499,8 @@ import Testing
         #expect(bound == 0)
         close(stale)
 
+        let umaskAtStart = umask(0o022)
+        umask(umaskAtStart)
         var c = ServeConfiguration(listen: .unix(path: path), token: nil, pool: TestServer.settings(pool: 0))
         let s = try TestServer(c, provider: ScriptedSandboxProvider())
         try await s.start()
@@ -512,6 +514,12 @@ import Testing
         await #expect(throws: ServeSetupError.self) { try await second.run(handlingSignals: false) }
         try await s.stop()
         #expect(!FileManager.default.fileExists(atPath: path))
+        // Bound in a private directory and renamed: none is left, and the umask every thread
+        // shares was never changed (it once was, for the bind, under the pool's first boots).
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: (path as NSString).deletingLastPathComponent)) ?? []).filter { $0.hasPrefix(".airlock-serve-") }.isEmpty)
+        let umaskNow = umask(0o022)
+        umask(umaskNow)
+        #expect(umaskNow == umaskAtStart)
     }
 
     @Test(arguments: [

@@ -19,6 +19,7 @@ import Testing
         if (try? String(contentsOfFile: script, encoding: .utf8)) == text { return script }
         let fd = open(script + ".new", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o755)
         guard fd >= 0 else { throw TestFailure("cannot write \(script).new: errno \(errno)") }
+        fchmod(fd, 0o755)  // the mode whatever the umask (a test elsewhere sets 077 for a while)
         let written = text.utf8CString.withUnsafeBytes { write(fd, $0.baseAddress, $0.count - 1) }
         close(fd)
         guard written == text.utf8.count, rename(script + ".new", script) == 0 else { throw TestFailure("cannot write \(script)") }
