@@ -108,7 +108,7 @@ struct SnapshotRestoreVMTests {
         let made = try await SharedSnapshot.made.value
         let copy = SharedSnapshot.directory.appendingPathComponent("corrupt-\(part.replacingOccurrences(of: " ", with: "-")).snap").path
         try? FileManager.default.removeItem(atPath: copy)
-        #expect(copyfile(made.path, copy))
+        #expect(try await offThread { copyfile(made.path, copy) })
         defer { try? FileManager.default.removeItem(atPath: copy) }
         let file = try SnapshotFile.open(copy)
         let offset: UInt64
@@ -142,7 +142,7 @@ struct SnapshotRestoreVMTests {
         // A copy of its own: the other tests restore the shared file at the same time.
         let path = SharedSnapshot.directory.appendingPathComponent("cycles.snap").path
         try? FileManager.default.removeItem(atPath: path)
-        #expect(copyfile(made.path, path))
+        #expect(try await offThread { copyfile(made.path, path) })
         defer { try? FileManager.default.removeItem(atPath: path) }
         // A warm-up cycle first, so one-time allocations (the digest cache, libcrypto) are not counted.
         let warm = try await Sandbox.restore(from: path, config: SharedSnapshot.config)
@@ -177,6 +177,12 @@ struct SnapshotRestoreVMTests {
 /// time: each waits on a child process, and the others need the threads.
 @Suite(.serialized, .enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct SnapshotCLIVMTests {
+    /// `airlock` as a child process, waited for on a thread of its own: the cooperative pool
+    /// has a thread per core, and a test that holds one stalls every async test.
+    static func airlock(_ arguments: [String], environment: [String: String]) async throws -> (status: Int32, stdout: String, stderr: String, pid: Int32) {
+        try await offThread { try VMTests.airlock(arguments, environment: environment) }
+    }
+
     /// A data directory whose store has the shared snapshot for `airlock run --memory 128`.
     static func home() async throws -> (home: String, environment: [String: String], arguments: [String], key: String) {
         let made = try await SharedSnapshot.made.value
@@ -185,7 +191,8 @@ struct SnapshotCLIVMTests {
         try store.makeDirectory()
         let (kernel, rootfs) = SharedSnapshot.images
         let inputs = try store.inputs(for: SharedSnapshot.config, kernelPath: kernel, rootfsPath: rootfs, hostProfile: .detect())
-        #expect(copyfile(made.path, store.path(forKey: inputs.key)))
+        let target = store.path(forKey: inputs.key)
+        #expect(try await offThread { copyfile(made.path, target) })
         return (home, ["AIRLOCK_HOME": home], ["--memory", "128", "--kernel", kernel, "--rootfs", rootfs], inputs.key)
     }
 
@@ -194,7 +201,7 @@ struct SnapshotCLIVMTests {
         try JailProbe.requireRoot()
         let (home, env, images, key) = try await Self.home()
         defer { try? FileManager.default.removeItem(atPath: home) }
-        let r = try VMTests.airlock(["run", "--json"] + images + ["--", "sh", "-c", "echo from a snapshot; exit 5"], environment: env)
+        let r = try await Self.airlock(["run", "--json"] + images + ["--", "sh", "-c", "echo from a snapshot; exit 5"], environment: env)
         #expect(r.status == 5, "\(r.stderr)")
         let receipt = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
         #expect(receipt?["stdout"] as? String == "from a snapshot\n")
@@ -204,11 +211,11 @@ struct SnapshotCLIVMTests {
         #expect((snapshot?["path"] as? String)?.hasSuffix("/snapshots/\(key).snap") == true)
         #expect(JailProbe.leftovers(of: r.pid).isEmpty)
 
-        let list = try VMTests.airlock(["snapshot", "list"], environment: env)
+        let list = try await Self.airlock(["snapshot", "list"], environment: env)
         #expect(list.status == 0 && list.stdout.hasPrefix(key) && list.stdout.contains("128 MiB guest"), "\(list.stdout)")
-        let removed = try VMTests.airlock(["snapshot", "rm", String(key.prefix(6))], environment: env)
+        let removed = try await Self.airlock(["snapshot", "rm", String(key.prefix(6))], environment: env)
         #expect(removed.status == 0 && removed.stdout.contains(key), "\(removed.stderr)")
-        #expect(try VMTests.airlock(["snapshot", "list"], environment: env).stdout.hasPrefix("no snapshots"))
+        #expect(try await Self.airlock(["snapshot", "list"], environment: env).stdout.hasPrefix("no snapshots"))
     }
 
     /// The save inside the jail (its filters on: KVM's state requests, mincore,
@@ -222,7 +229,7 @@ struct SnapshotCLIVMTests {
         let env = ["AIRLOCK_HOME": home]
         let (kernel, rootfs) = SharedSnapshot.images
         let images = ["--memory", "128", "--kernel", kernel, "--rootfs", rootfs]
-        let created = try VMTests.airlock(["snapshot", "create"] + images, environment: env)
+        let created = try await Self.airlock(["snapshot", "create"] + images, environment: env)
         #expect(created.status == 0, "\(created.stderr)")
         let path = created.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(path.hasPrefix(home + "/snapshots/") && path.hasSuffix(".snap"), "\(created.stdout)")
@@ -230,12 +237,12 @@ struct SnapshotCLIVMTests {
         let strays = ((try? FileManager.default.contentsOfDirectory(atPath: home + "/snapshots")) ?? []).filter { $0.hasSuffix(".tmp") }
         #expect(strays.isEmpty, "\(strays)")
 
-        let restored = try VMTests.airlock(["run", "--json"] + images + ["--", "echo", "restored"], environment: env)
+        let restored = try await Self.airlock(["run", "--json"] + images + ["--", "echo", "restored"], environment: env)
         let receipt = try JSONSerialization.jsonObject(with: Data(restored.stdout.utf8)) as? [String: Any]
         #expect(receipt?["stdout"] as? String == "restored\n", "\(restored.stderr)")
         #expect((receipt?["snapshot"] as? [String: Any])?["path"] as? String == path)
 
-        let cold = try VMTests.airlock(["run", "--json", "--no-snapshot"] + images + ["--", "true"], environment: env)
+        let cold = try await Self.airlock(["run", "--json", "--no-snapshot"] + images + ["--", "true"], environment: env)
         let coldReceipt = try JSONSerialization.jsonObject(with: Data(cold.stdout.utf8)) as? [String: Any]
         #expect(coldReceipt?["snapshot"] is NSNull, "\(cold.stdout)")
         #expect(((coldReceipt?["timings"] as? [String: Any])?["kernelBootMs"] as? Double ?? 0) > 0)
@@ -249,6 +256,10 @@ struct SnapshotCLIVMTests {
         try JailProbe.requireRoot()
         let (home, env, images, _) = try await Self.home()
         defer { try? FileManager.default.removeItem(atPath: home) }
+        try await offThread { try Self.checkARestoredJailedVMM(environment: env, images: images) }
+    }
+
+    static func checkARestoredJailedVMM(environment env: [String: String], images: [String]) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try VMTests.airlockExecutable())
         p.arguments = ["run"] + images + ["--", "sleep", "60"]
