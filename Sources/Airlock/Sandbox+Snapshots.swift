@@ -88,6 +88,24 @@ extension Sandbox {
         }
     }
 
+    /// The snapshot store's file for `config`, made now (one boot, saved, shut down, as
+    /// `airlock snapshot create` does) when the store has none that `config` can restore:
+    /// what a service restores its sandboxes from. Blocking; throws, naming what to do, when
+    /// the images are missing or the VM cannot boot.
+    public static func storedSnapshot(for config: SandboxConfig, logger: Logger) throws(SandboxError) -> String {
+        var c = config
+        c.hostProfile = config.effectiveHostProfile
+        c.snapshots = .none
+        let store = SnapshotStore()
+        let paths = ImagePaths(c)
+        _ = try ImageResolution.resolve(c)
+        let inputs = try store.inputs(for: c, kernelPath: paths.kernel, rootfsPath: paths.rootfs, hostProfile: c.hostProfile!)
+        let path = store.path(forKey: inputs.key)
+        if (try? checkSnapshot(path, config: c, store: store)) != nil { return path }
+        logger.notice("no usable snapshot for this configuration: booting one VM to save \(path)")
+        return try createSnapshotBlocking(config: c, requestedAt: monotonicNanoseconds(), logger: logger).path
+    }
+
     /// Boots a VM, saves it into the snapshot store for its inputs (replacing
     /// what is there) and shuts it down: `airlock snapshot create`. Jailed or
     /// not as `config.isolation` says.

@@ -45,8 +45,11 @@ struct Serve: ParsableCommand {
     @Flag(help: "Listen on TCP without a token: anyone who can reach the address can run VMs.")
     var allowNoToken = false
 
-    @Option(help: "Sandboxes kept booted and ready (each serves one request, then the pool refills).")
+    @Option(help: "Sandboxes kept ready (each serves one request, then the pool refills): restored from the snapshot store's file for --memory and the images, saved at the start when there is none.")
     var pool: Int = 1
+
+    @Flag(help: "Boot every sandbox from the kernel instead of restoring a snapshot.")
+    var noSnapshot = false
 
     @Option(help: "VMs alive at once, in every state (booting, ready, running).")
     var maxConcurrent: Int = 4
@@ -154,8 +157,9 @@ struct Serve: ParsableCommand {
         configuration.maxConnections = maxConnections
         configuration.socketMode = UInt32(socketMode, radix: 8) ?? 0o600
 
-        let provider: any SandboxProvider = testProvider == "scripted"
-            ? ScriptedSandboxProvider(bootDelay: .milliseconds(1)) : BootingSandboxProvider(logger: Logger(label: "airlock.sandbox"))
+        let sandboxLogger = Logger(label: "airlock.sandbox")
+        let provider: any SandboxProvider = testProvider == "scripted" ? ScriptedSandboxProvider(bootDelay: .milliseconds(1))
+            : noSnapshot ? BootingSandboxProvider(logger: sandboxLogger) as any SandboxProvider : RestoringSandboxProvider(logger: sandboxLogger)
         let server: AirlockServer
         do {
             server = try AirlockServer(configuration: configuration, provider: provider)

@@ -137,6 +137,38 @@ final class KillableProvider: SandboxProvider, @unchecked Sendable {
 @Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct ServeVMTests {
 
+    /// The default provider: the pool's sandboxes are restores of one snapshot (made at the
+    /// start when the store has none), each with its own random numbers; none is left after
+    /// the drain.
+    @Test(.timeLimit(.minutes(15)))
+    func thePoolRestoresSnapshotsWithFreshRandomNumbers() async throws {
+        guard getuid() == 0 else { throw TestFailure("the jailed sandboxes need root: run the suite as root, or AIRLOCK_SKIP_VM_TESTS=1") }
+        var configuration = ServeConfiguration(listen: .tcp(host: "127.0.0.1", port: 0), token: nil,
+                                               pool: TestServer.settings(pool: 2, maxConcurrent: 3, queueTimeout: 600))
+        configuration.pool.config.bootTimeoutSeconds = 300
+        configuration.pool.config.jailTag = VMMProcesses.tag
+        let s = try TestServer(configuration, provider: RestoringSandboxProvider())
+        try await s.start()
+        try await s.use { s in
+            #expect(await TestServer.eventually(400, every: .milliseconds(250)) { await s.poolCount("ready") == 2 })
+            var seen: Set<String> = []
+            for _ in 0..<3 {
+                let r = try await s.run(#"{"argv": ["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"]}"#).json()
+                #expect(r["exitCode"] as? Int == 0, "\(r)")
+                #expect((r["snapshot"] as? [String: Any])?["restored"] as? Bool == true, "\(r)")
+                #expect(((r["timings"] as? [String: Double])?["restoreMs"] ?? 0) > 0, "\(r)")
+                seen.insert(r["stdout"] as? String ?? "")
+            }
+            #expect(seen.count == 3, "two restores of one snapshot drew the same numbers: \(seen)")
+            #expect(await TestServer.eventually(60, every: .milliseconds(250)) {
+                (try? await s.metric(#"airlock_serve_restores_total{result="ok"}"#)) ?? 0 >= 5
+            })
+            #expect(try await s.metric(#"airlock_serve_boots_total{result="ok"}"#) == 0)
+        }
+        #expect(await TestServer.eventually(30, every: .milliseconds(250)) { VMMProcesses.all().isEmpty }, "\(VMMProcesses.all())")
+        #expect(await TestServer.eventually(30, every: .milliseconds(250)) { VMMProcesses.leftovers().isEmpty }, "\(VMMProcesses.leftovers())")
+    }
+
     @Test(.timeLimit(.minutes(15)))
     func realSandboxesServeStreamFailAndEndWithTheirClients() async throws {
         guard getuid() == 0 else { throw TestFailure("the jailed sandboxes need root: run the suite as root, or AIRLOCK_SKIP_VM_TESTS=1") }
