@@ -665,9 +665,10 @@ def serve_md(sv):
          "over keep-alive connections, one per concurrent client. `true` is `{\"argv\": [\"true\"]}`; `stdin` is "
          f"`cat` fed {serve_stdin_kib()} KiB of stdin, checked byte for byte in the answer. *pool*: `--pool 4`, each round of "
          "`concurrency` requests finds warm sandboxes, and the refill between rounds is not counted (the warm path's "
-         "rate, which a sustained load keeps only while boots keep up); *no pool*: `--pool 0`, every request boots its "
-         "VM, requests back to back. The service's share is, per request, the client's latency minus the receipt's "
-         "`queueMs` (waiting for a sandbox, its boot included when none was ready) and `sandboxMs` (the command handed "
+         "rate, which a sustained load keeps only while restores keep up); *no pool*: `--pool 0`, every request waits for "
+         "its own sandbox, requests back to back. Both restore their sandboxes from one snapshot (the default; the "
+         "service saved it at its start). The service's share is, per request, the client's latency minus the receipt's "
+         "`queueMs` (waiting for a sandbox, its restore included when none was ready) and `sandboxMs` (the command handed "
          "to the sandbox until its VM ended). *scripted*: the same against `--test-provider scripted` (no VM): the "
          "service's cost alone.",
          "",
