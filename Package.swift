@@ -149,7 +149,9 @@ let package = Package(
 
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "AirlockOS"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "AirlockOS", "SeededRandom"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices"]),
+        // What the VM test targets share: running a blocking test off the cooperative pool, /proc status.
+        .target(name: "AirlockTestSupport", path: "Tests/AirlockTestSupport"),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Virtio", "VirtioDevices", "AirlockTestSupport"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioDevices", "GuestMemory"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol", "SeededRandom"]),
         .testTarget(name: "SessionProtocolTests", dependencies: ["SessionProtocol", "AgentProtocol", "AirlockOS", "SeededRandom"]),
@@ -158,8 +160,8 @@ let package = Package(
         .testTarget(name: "WorkspaceDisksTests", dependencies: ["WorkspaceDisks", "RootFS", "SeededRandom"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer", "AirlockOS", "CJailShim", "airlock-jail-probe"]),
         .testTarget(name: "SandboxEngineTests", dependencies: ["SandboxEngine", "AgentProtocol", "AirlockOS", "SessionProtocol", "VMM"]),
-        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices", "RootFS", "Snapshot"]),
-        .testTarget(name: "AirlockServeTests", dependencies: ["AirlockServe", "Airlock"]),
+        .testTarget(name: "AirlockTests", dependencies: ["Airlock", "AgentProtocol", "SessionProtocol", "SandboxEngine", "VMM", "VirtioDevices", "RootFS", "Snapshot", "AirlockTestSupport"]),
+        .testTarget(name: "AirlockServeTests", dependencies: ["AirlockServe", "Airlock", "AirlockTestSupport"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "VMM", "KVM", "GuestMemory", "Virtio", "VirtioDevices", "AirlockOS", "SeededRandom"]),
     ],
     swiftLanguageModes: [.v6]

@@ -674,8 +674,10 @@ def host_seconds(argv, stdin_bytes=None, repeats=5):
 
 
 def airlock_run_json(a, env, command, stdin_bytes=None, timeout=None):
-    """One `airlock run --json` in the mode `env` selects: its JSON document and wall ms."""
-    argv = [os.path.join(a.bin, "airlock"), "run", "--json", "--memory", str(a.memory_mib), "--", *command]
+    """One `airlock run --json` in the mode `env` selects, booted cold (`--no-snapshot`:
+    these sections time the boot and the guest kernel's work; restores are the snapshot
+    section's): its JSON document and wall ms."""
+    argv = [os.path.join(a.bin, "airlock"), "run", "--json", "--no-snapshot", "--memory", str(a.memory_mib), "--", *command]
     t = time.monotonic()
     p = subprocess.run(argv, input=stdin_bytes, capture_output=True, env=dict(os.environ, **env),
                        timeout=timeout or a.boot_timeout + 1800)
@@ -829,7 +831,7 @@ def bench_ctxswitch(a):
     failures = []
     for rnd in range(a.ctx_rounds):
         for mode, _, extra, pv in CTX_MODES:
-            argv = [airlock, "run", "--json", "--timeout", "1200", *extra, "--", "sh", "-c", script]
+            argv = [airlock, "run", "--json", "--no-snapshot", "--timeout", "1200", *extra, "--", "sh", "-c", script]
             env = dict(os.environ)
             if pv:
                 env["AIRLOCK_PV"] = pv

@@ -1,3 +1,4 @@
+import AirlockTestSupport
 @testable import Airlock
 import Foundation
 import Testing
@@ -24,21 +25,9 @@ enum VMMProcesses {
         return found
     }
 
-    static func descends(_ pid: Int32, from ancestor: Int32) -> Bool {
-        var current = pid
-        for _ in 0..<8 {
-            guard let status = try? String(contentsOfFile: "/proc/\(current)/status", encoding: .utf8),
-                  let ppid = field("PPid", in: status).flatMap({ Int32($0) }) else { return false }
-            if ppid == ancestor { return true }
-            current = ppid
-        }
-        return false
-    }
+    static func descends(_ pid: Int32, from ancestor: Int32) -> Bool { ProcStatus.descends(pid, from: ancestor) }
 
-    static func field(_ name: String, in status: String) -> String? {
-        status.split(separator: "\n").first { $0.hasPrefix(name + ":") }
-            .map { $0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces) }
-    }
+    static func field(_ name: String, in status: String) -> String? { ProcStatus.field(name, in: status) }
 
     /// Jail directories and cgroups this process's sandboxes made (named vm-<pid>-...).
     static func leftovers() -> [String] {

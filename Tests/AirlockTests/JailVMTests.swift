@@ -1,3 +1,4 @@
+import AirlockTestSupport
 import Foundation
 import Testing
 @testable import Airlock
@@ -37,21 +38,9 @@ enum JailProbe {
         return nil
     }
 
-    static func descends(_ pid: Int32, from ancestor: Int32) -> Bool {
-        var current = pid
-        for _ in 0..<8 {
-            guard let status = try? String(contentsOfFile: "/proc/\(current)/status", encoding: .utf8),
-                  let ppid = field("PPid", in: status).flatMap({ Int32($0) }) else { return false }
-            if ppid == ancestor { return true }
-            current = ppid
-        }
-        return false
-    }
+    static func descends(_ pid: Int32, from ancestor: Int32) -> Bool { ProcStatus.descends(pid, from: ancestor) }
 
-    static func field(_ name: String, in status: String) -> String? {
-        status.split(separator: "\n").first { $0.hasPrefix(name + ":") }
-            .map { $0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces) }
-    }
+    static func field(_ name: String, in status: String) -> String? { ProcStatus.field(name, in: status) }
 
     static func waitFor<T>(seconds: Double, _ poll: () -> T?) -> T? {
         let deadline = Date().addingTimeInterval(seconds)

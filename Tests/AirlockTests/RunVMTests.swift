@@ -1,3 +1,4 @@
+import AirlockTestSupport
 import Foundation
 import Synchronization
 import Testing

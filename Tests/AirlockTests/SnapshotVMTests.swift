@@ -1,3 +1,4 @@
+import AirlockTestSupport
 import AirlockOS
 import Foundation
 import Logging

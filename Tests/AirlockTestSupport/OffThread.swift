@@ -7,7 +7,7 @@ import Foundation
 /// its expectations are recorded against its test. At most one such test per core runs at
 /// once, as when they held the pool's threads: more VMs at once than cores only make every
 /// timing in the suite a matter of luck.
-func offThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+public func offThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
     await BlockingSlots.shared.acquire()
     let executor = ThreadExecutor()
     defer {
