@@ -548,6 +548,17 @@ def pv_md(pv):
     return "\n".join(L) + "\n"
 
 
+def rerun_md(res):
+    """Sections measured again after the run, each in a run of its own (`reruns` in the
+    results: section, when, why), so that the page never claims one run for them."""
+    reruns = res.get("reruns") or []
+    if not reruns:
+        return ""
+    items = "".join(f"\n- `{r['section']}`: {r['why']} ({r['date']})" for r in reruns)
+    return ("\nMeasured again, each section in a `make bench` run of its own (`BENCH_ONLY`), and "
+            "replaced here; every ratio in them is still from one run:" + items + "\n")
+
+
 def ctxswitch_md(cx):
     err = section_error(cx, "ctxswitch")
     if err:
@@ -826,7 +837,7 @@ Load average {' '.join(h.get('loadavg_at_start', []))} at the start and {' '.joi
 the measurements took {res.get('seconds', 0):.0f} s. Parameters: guest memory {p.get('memory_mib')} MiB,
 {p.get('exit_rounds')} exit rounds, {p.get('start_runs')} start runs, {p.get('boot_runs')} boots, {p.get('run_runs')} `airlock run`s,
 {p.get('blk_mib')} MiB read {p.get('blk_passes')} times (the Makefile's `BENCH_*` variables change them).
-
+{rerun_md(res)}
 ## Against the targets
 
 {summary(res)}
