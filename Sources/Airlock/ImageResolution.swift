@@ -33,6 +33,11 @@ enum ImageResolution {
     }
 
     static func validate(_ config: SandboxConfig) throws(SandboxError) {
+        // HostProfile.detect would quietly take a value it does not know as `auto`.
+        if let raw = getenv("AIRLOCK_PV").map({ String(cString: $0) }), !raw.isEmpty,
+           HostProfile.PVPreference(rawValue: raw) == nil {
+            throw .invalidConfiguration("AIRLOCK_PV='\(raw)' is not auto, off or kernel: unset it, or set AIRLOCK_PV=off to force the emulated guest kernel")
+        }
         let minimum = Int(Layout.minimumMemory >> 20)
         guard config.memoryMiB >= minimum else {
             throw .invalidConfiguration("--memory \(config.memoryMiB) MiB is too small: give at least \(minimum) MiB")

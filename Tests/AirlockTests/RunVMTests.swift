@@ -221,6 +221,13 @@ struct RunCLIInputTests {
         #expect(r.stdout.isEmpty)
     }
 
+    /// The guest mode's environment variable: a value it does not know is refused, not taken as `auto`.
+    @Test func anUnknownAIRLOCK_PVIsRefused() throws {
+        let r = try VMTests.airlock(["run", "--", "true"], environment: ["AIRLOCK_PV": "native"])
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains("AIRLOCK_PV='native' is not auto, off or kernel"), "\(r.stderr)")
+    }
+
     /// A root filesystem without the agent, or one that is not ext4 at all, is
     /// refused from the image itself, before a boot.
     @Test func aRootFilesystemWithoutTheAgentIsRefusedBeforeBooting() throws {
