@@ -36,6 +36,8 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
         var sink: Sink?
         var throttled = false
         var delivering = false
+        /// Bytes the writer took and is writing now: still behind the consumer.
+        var inFlight = 0
         var closed = false
     }
 
@@ -92,7 +94,8 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
 
     var acceptsMore: Bool {
         state.withLock { s in
-            if s.buffer.count < Self.highWater { return true }
+            // What the writer is blocked on counts too: the consumer has not taken it yet.
+            if s.buffer.count + s.inFlight < Self.highWater { return true }
             s.throttled = true
             return false
         }
@@ -121,6 +124,7 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
                     let c = s.buffer
                     s.buffer.removeAll(keepingCapacity: true)
                     s.delivering = !c.isEmpty
+                    s.inFlight = c.count
                     return (c, s.sink?.descriptor, s.closed)
                 }
                 if chunk.isEmpty {
@@ -131,6 +135,7 @@ final class OutputPump: ConsoleOutput, @unchecked Sendable {
                 if let fd { chunk.withUnsafeBytes { try? fd.writeAll($0) } }
                 let wasThrottled = state.withLock { s -> Bool in
                     s.delivering = false
+                    s.inFlight = 0
                     if s.sink != nil && fd != nil {
                         s.sink!.delivered += UInt64(chunk.count)
                         s.sink!.lastByte = chunk.last
