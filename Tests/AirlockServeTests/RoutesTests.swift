@@ -388,7 +388,8 @@ import Testing
         let s = try await TestServer.scripted(pool: 0, maxConcurrent: 1, provider: provider) { $0.pool.queueTimeoutSeconds = 0.3 }
         try await s.use { s in
             let first = try BackgroundCurl(s.address, #"{"argv": ["hold", "first"]}"#)
-            #expect(await TestServer.eventually { await s.poolCount("busy") == 1 })
+            // A minute: curl's start beside the whole suite's VMs on two cores took over 10 s once.
+            try #require(await TestServer.eventually(60) { await s.poolCount("busy") == 1 })
             let late = try await s.run(#"{"argv": ["true"]}"#)
             #expect(late.status == 503)
             #expect((try late.json()["error"] as? String)?.contains("--queue-timeout") == true)

@@ -123,7 +123,8 @@ final class KillableProvider: SandboxProvider, @unchecked Sendable {
 /// whole suite costs six boots: a run with its receipt, a streamed run, a VMM killed
 /// mid-run (500, and the pool refills), and a client that goes away (its VM ends), then
 /// the drain, after which no VMM process, jail or cgroup of this process is left.
-@Suite(.enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
+/// One test at a time: both count this suite's VMM processes (by jail tag).
+@Suite(.serialized, .enabled(if: VMTests.enabled, "AIRLOCK_SKIP_VM_TESTS=1 leaves VM tests out"))
 struct ServeVMTests {
 
     /// The default provider: the pool's sandboxes are restores of one snapshot (made at the
